@@ -1,0 +1,41 @@
+# moejax: `make train` and `make test` set everything up themselves (a .venv on Python >= 3.12).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CPU_MESH := XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu
+DATA := data/shakespeare
+
+# A Python >= 3.12: $(PYTHON), then PATH, then pyenv's installed versions.
+FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
+  $$( (ls -d "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3 2>/dev/null || true) | sort -rV); do \
+  "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
+
+.PHONY: setup data train test test-slow bench clean
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	@py=$$($(FIND_PYTHON)); \
+	[ -n "$$py" ] || { echo "moejax needs Python >= 3.12: install one (e.g. 'pyenv install 3.12') or run make PYTHON=/path/to/python3.12"; exit 1; }; \
+	echo "setting up $(VENV) with $$py"; \
+	"$$py" -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -r requirements.txt
+	@touch $@
+
+data: setup
+	$(PY) $(DATA)/fetch.py
+	$(PY) -m moejax.data.prepare --raw=$(DATA)/raw --out=$(DATA)/prepared --vocab_size=4096
+
+train: data
+	$(PY) -m moejax.train --config=experiments/default.py --workdir=runs/default
+	$(PY) -m moejax.sample --workdir=runs/default --prompt="ROMEO:" --max_new_tokens=60
+
+test: setup
+	$(CPU_MESH) $(PY) -m pytest -q -m "not slow" tests
+
+test-slow: data
+	$(CPU_MESH) $(PY) -m pytest -q -m slow tests
+
+bench: data
+	$(PY) -m moejax.bench --out=docs/perf.md
+
+clean:
+	rm -rf runs data/*/prepared

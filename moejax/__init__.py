@@ -1,0 +1,1 @@
+"""moejax: a small JAX trainer for DeepSeek-style Mixture-of-Experts language models."""

@@ -1,0 +1,1 @@
+"""Data preparation (`prepare`) and the grain training input pipeline (`pipeline`)."""

@@ -1,0 +1,42 @@
+"""Model FLOPs per token (active parameters only) and per-device peak FLOP/s, for MFU."""
+import os
+
+import jax
+
+from moejax.attention import ATTENTIONS
+
+# Dense bf16 peak per chip (vendor figures); f32 matmuls on these run on the same units or slower.
+PEAK_FLOPS = {
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5p': 459e12,
+    'TPU v6 lite': 918e12, 'H100': 989e12, 'H200': 989e12, 'A100': 312e12, 'B200': 2250e12,
+}
+# CPU: cores x 3 GHz x 32 f32 FLOP/cycle (two 256-bit FMA pipes): an estimate, override with
+# --config.train.peak_flops_per_device for a measured figure.
+CPU_FLOPS_PER_CORE = 3e9 * 32
+
+
+def peak_flops_per_device(override: float = 0.0) -> float:
+  if override:
+    return override
+  device = jax.devices()[0]
+  if device.platform == 'cpu':
+    return CPU_FLOPS_PER_CORE * (os.cpu_count() or 1) / jax.device_count()
+  for name, flops in PEAK_FLOPS.items():
+    if name.lower() in device.device_kind.lower():
+      return flops
+  return float('nan')
+
+
+def forward_flops_per_token(cfg, seq_len: int) -> float:
+  """2 x active matmul parameters + attention scores; routed experts count top_k of them."""
+  D = cfg.d_model
+  attention = ATTENTIONS[cfg.attention].flops_per_token(cfg, seq_len)
+  dense_ffn = 2 * 3 * D * cfg.dense_ffn_dim
+  moe_ffn = 2 * (D * cfg.num_experts + 3 * D * cfg.expert_ffn_dim * (cfg.top_k + cfg.num_shared_experts))
+  head = 2 * D * cfg.vocab_size
+  num_moe = cfg.num_layers - cfg.num_dense_layers
+  return cfg.num_layers * attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
+
+
+def train_flops_per_token(cfg, seq_len: int) -> float:
+  return 3 * forward_flops_per_token(cfg, seq_len)   # forward + backward (2x)

@@ -1,0 +1,149 @@
+"""The decoder: embedding -> dense blocks -> MoE blocks -> norm -> head, as pure functions.
+
+Blocks of each kind are stacked along a leading 'layers' axis and run with `lax.scan`, so compile
+time does not grow with depth. Axis letters: B batch, T sequence, D model, V vocab, E experts,
+L layers, F FFN.
+"""
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from moejax import moe
+from moejax.attention import ATTENTIONS, rms_norm
+from moejax.params import ParamSpec, stacked
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+# Parameters that stay float32 whatever the compute dtype (norm scales and the router).
+FLOAT32_PARAMS = ('norm', 'router')
+
+
+def swiglu_specs(d_model: int, ffn_dim: int, cfg, axis: str = 'mlp'):
+  s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+  return {
+      'w_gate': ParamSpec((d_model, ffn_dim), ('embed', axis), scale=s),
+      'w_up': ParamSpec((d_model, ffn_dim), ('embed', axis), scale=s),
+      'w_down': ParamSpec((ffn_dim, d_model), (axis, 'embed'), scale=out),
+  }
+
+
+def moe_specs(cfg):
+  D, E, F = cfg.d_model, cfg.num_experts, cfg.expert_ffn_dim
+  s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+  specs = {
+      'router': ParamSpec((D, E), ('embed', None), scale=s),
+      'w_gate': ParamSpec((E, D, F), ('expert', 'embed', 'expert_mlp'), scale=s),
+      'w_up': ParamSpec((E, D, F), ('expert', 'embed', 'expert_mlp'), scale=s),
+      'w_down': ParamSpec((E, F, D), ('expert', 'expert_mlp', 'embed'), scale=out),
+  }
+  if cfg.num_shared_experts:
+    specs['shared'] = swiglu_specs(D, cfg.num_shared_experts * F, cfg)
+  return specs
+
+
+def block_specs(cfg, ffn: str):
+  D = cfg.d_model
+  specs = {
+      'attn_norm': ParamSpec((D,), ('embed',), init='ones'),
+      'attn': ATTENTIONS[cfg.attention].specs(cfg),
+      'ffn_norm': ParamSpec((D,), ('embed',), init='ones'),
+  }
+  specs['ffn'] = swiglu_specs(D, cfg.dense_ffn_dim, cfg) if ffn == 'dense' else moe_specs(cfg)
+  return specs
+
+
+def model_specs(cfg):
+  D, V = cfg.d_model, cfg.vocab_size
+  specs = {'embed': ParamSpec((V, D), ('vocab', 'embed'), scale=1.0),
+           'final_norm': ParamSpec((D,), ('embed',), init='ones')}
+  if cfg.num_dense_layers:
+    specs['dense_blocks'] = stacked(block_specs(cfg, 'dense'), cfg.num_dense_layers)
+  if cfg.num_layers > cfg.num_dense_layers:
+    specs['moe_blocks'] = stacked(block_specs(cfg, 'moe'), cfg.num_layers - cfg.num_dense_layers)
+  if not cfg.tie_embeddings:
+    specs['head'] = ParamSpec((D, V), ('embed', 'vocab'), scale=D ** -0.5)
+  return specs
+
+
+def num_moe_layers(cfg) -> int:
+  return cfg.num_layers - cfg.num_dense_layers
+
+
+def swiglu(p, x_BTD):
+  h = jax.nn.silu(jnp.einsum('btd,df->btf', x_BTD, p['w_gate']))
+  h = h * jnp.einsum('btd,df->btf', x_BTD, p['w_up'])
+  return jnp.einsum('btf,fd->btd', h, p['w_down'])
+
+
+def moe_ffn(p, bias_E, x_BTD, cfg, mesh, batch_axes):
+  """Routed + shared experts. Returns y_BTD and this layer's aux values (explicit, not collected)."""
+  B, T, D = x_BTD.shape
+  x_TD = x_BTD.reshape(B * T, D)
+  routing = moe.route(x_TD, p['router'], bias_E, cfg, seq_len=T)
+  y_TD, dropped = moe.routed_experts(x_TD, routing, p['w_gate'], p['w_up'], p['w_down'], cfg, mesh,
+                                     batch_axes)
+  y_BTD = y_TD.reshape(B, T, D)
+  if 'shared' in p:
+    y_BTD = y_BTD + swiglu(p['shared'], x_BTD)
+  aux = {'load_E': routing.load_E, 'balance_loss': routing.balance_loss,
+         'z_loss': routing.z_loss, 'dropped': dropped}
+  return y_BTD, aux
+
+
+def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'expert')):
+  """Returns logits_BTV (float32) and aux: per-MoE-layer values stacked over layers."""
+  dtype = jnp.dtype(cfg.compute_dtype)
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, w: w if any(n in jax.tree_util.keystr(path) for n in FLOAT32_PARAMS)
+      else w.astype(dtype), params)
+  batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  act = NamedSharding(mesh, P(batch_axes))
+  attention = ATTENTIONS[cfg.attention].apply
+  policy = REMAT_POLICIES[cfg.remat]
+
+  def block(x_BTD, p):
+    x_BTD = jax.lax.with_sharding_constraint(x_BTD, act)
+    x_BTD = x_BTD + attention(p['attn'], rms_norm(x_BTD, p['attn_norm'], cfg.norm_eps), cfg)
+    return x_BTD, rms_norm(x_BTD, p['ffn_norm'], cfg.norm_eps)
+
+  def dense_block(x_BTD, p):
+    x_BTD, h = block(x_BTD, p)
+    return x_BTD + swiglu(p['ffn'], h), None
+
+  def moe_block(x_BTD, p_and_bias):
+    p, bias_E = p_and_bias
+    x_BTD, h = block(x_BTD, p)
+    y, aux = moe_ffn(p['ffn'], bias_E, h, cfg, mesh, batch_axes)
+    return x_BTD + y, aux
+
+  if policy is not None:
+    dense_block = jax.checkpoint(dense_block, policy=policy)
+    moe_block = jax.checkpoint(moe_block, policy=policy)
+
+  x_BTD = params['embed'][tokens_BT]
+  aux = {}
+  if 'dense_blocks' in params:
+    x_BTD, _ = jax.lax.scan(dense_block, x_BTD, params['dense_blocks'])
+  if 'moe_blocks' in params:
+    x_BTD, aux = jax.lax.scan(moe_block, x_BTD, (params['moe_blocks'], router_bias_LE))
+  x_BTD = rms_norm(x_BTD, params['final_norm'], cfg.norm_eps)
+  head_DV = params['embed'].T if cfg.tie_embeddings else params['head']
+  logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV).astype(jnp.float32)
+  return logits_BTV, aux
+
+
+def loss_fn(params, router_bias_LE, batch, cfg, mesh):
+  """Mean next-token cross-entropy over unmasked targets, plus the weighted router losses."""
+  logits_BTV, aux = forward(params, router_bias_LE, batch['inputs'], cfg, mesh)
+  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, batch['targets'][..., None], axis=-1)[..., 0]
+  mask_BT = batch['loss_mask']
+  lm_loss = jnp.sum(nll_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
+  loss = lm_loss
+  if aux:
+    loss = loss + cfg.balance_loss_weight * aux['balance_loss'].mean()
+    loss = loss + cfg.z_loss_weight * aux['z_loss'].mean()
+  return loss, {'lm_loss': lm_loss, **aux}

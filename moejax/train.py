@@ -1,0 +1,222 @@
+"""Trains a model: `python -m moejax.train --config=experiments/X.py --workdir=runs/X [--config.a.b=v]`.
+
+The loop reads top to bottom: validate the config, build the mesh and the sharded state (or restore
+it), then step. Step N+1 is dispatched before step N's metrics are read, so the host never waits on
+the device inside the loop. Running the same command again resumes from the latest checkpoint;
+SIGTERM saves a checkpoint and exits 0.
+"""
+import json
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from moejax import checkpoint, flops, metrics as metrics_lib, model, moe, optim, sharding
+from moejax.data import pipeline
+from moejax.data.prepare import PrepareError, prepare
+from moejax.params import init_params, logical_axes
+from moejax.validate import ConfigError, validate, validate_data
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/default.py', 'Experiment config.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
+
+
+@dataclass
+class Setup:
+  """Everything derived from the config that the step functions close over."""
+  config: object
+  mesh: object
+  tx: object
+  schedule: object
+  state_shardings: dict
+  batch_sharding: object
+  abstract_state: dict
+
+
+def ensure_data(config):
+  """Prepares `data.dir` from the raw text in `data.raw` when it has not been prepared yet."""
+  d = config.data
+  if not os.path.exists(os.path.join(d.dir, 'manifest.json')) and d.raw and os.path.isdir(d.raw):
+    print(prepare(Path(d.raw), Path(d.dir), d.vocab_size, None, 0.05, config.seed), flush=True)
+
+
+def setup(config) -> Setup:
+  sizes = validate(config, jax.device_count(), check_data=False)
+  ensure_data(config)
+  validate_data(config)
+  mesh = sharding.make_mesh(sizes)
+  rules = dict(config.sharding)
+  specs = model.model_specs(config.model)
+  param_shardings = sharding.tree_shardings(mesh, logical_axes(specs), rules)
+  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  rep = sharding.replicated(mesh)
+  abstract_params = jax.eval_shape(lambda: init_params(specs, jax.random.key(0)))
+  abstract_opt = jax.eval_shape(tx.init, abstract_params)
+  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
+                                        transform_non_params=lambda _: rep)
+  L = model.num_moe_layers(config.model)
+  state_shardings = {'step': rep, 'params': param_shardings, 'opt_state': opt_shardings,
+                     'router_bias': rep, 'rng': rep}
+  abstract_state = {
+      'step': jax.ShapeDtypeStruct((), jnp.int32),
+      'params': abstract_params,
+      'opt_state': abstract_opt,
+      'router_bias': jax.ShapeDtypeStruct((L, config.model.num_experts), jnp.float32),
+      'rng': jax.ShapeDtypeStruct((2,), jnp.uint32),
+  }
+  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                abstract_state, state_shardings)
+  batch_sharding = sharding.named(mesh, ('batch', None), rules)
+  return Setup(config, mesh, tx, schedule, state_shardings, batch_sharding, abstract_state)
+
+
+def init_state(s: Setup):
+  specs = model.model_specs(s.config.model)
+
+  def init(key):
+    params = init_params(specs, key)
+    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': s.tx.init(params),
+            'router_bias': jnp.zeros(s.abstract_state['router_bias'].shape, jnp.float32),
+            'rng': jax.random.key_data(jax.random.fold_in(key, 1))}
+  return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(s.config.seed))
+
+
+def make_train_step(s: Setup):
+  cfg = s.config.model
+  tokens_per_batch = s.config.train.batch_size * s.config.train.seq_len
+
+  def train_step(state, batch):
+    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
+    (loss, aux), grads = grad_fn(state['params'], state['router_bias'], batch, cfg, s.mesh)
+    updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
+    new_state = {**state, 'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
+                 'opt_state': opt_state}
+    out = {'loss': loss, 'lm_loss': aux['lm_loss'], 'grad_norm': optax.global_norm(grads),
+           'lr': s.schedule(state['step'])}
+    if 'load_E' in aux:
+      new_state['router_bias'] = moe.update_router_bias(state['router_bias'], aux['load_E'],
+                                                        cfg.bias_update_rate)
+      out.update({'load_LE': aux['load_E'], 'moe/balance_loss': aux['balance_loss'].mean(),
+                  'moe/z_loss': aux['z_loss'].mean(),
+                  'moe/dropped_frac': aux['dropped'].sum() / (aux['dropped'].size * tokens_per_batch * cfg.top_k)})
+    return new_state, out
+
+  return jax.jit(train_step, in_shardings=(s.state_shardings, s.batch_sharding),
+                 out_shardings=(s.state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
+
+
+def make_eval_step(s: Setup):
+  def eval_step(params, router_bias, batch):
+    _, aux = model.loss_fn(params, router_bias, batch, s.config.model, s.mesh)
+    return aux['lm_loss']
+  return jax.jit(eval_step, in_shardings=(s.state_shardings['params'], s.state_shardings['router_bias'],
+                                          s.batch_sharding))
+
+
+def to_global(batch: dict, batch_sharding):
+  """This process's rows -> global arrays sharded over the batch axes (works multi-host too)."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (pre-emptible VMs send SIGTERM)."""
+
+  def __init__(self):
+    self.requested = False
+    signal.signal(signal.SIGTERM, self._handle)
+
+  def _handle(self, *_):
+    self.requested = True
+
+
+def train(config, workdir: str):
+  s = setup(config)
+  c, t = config, config.train
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    f.write(config.to_json_best_effort(indent=2))
+  preemption = Preemption()
+
+  ds = pipeline.train_dataset(c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size, seed=c.seed,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+  data_iter = pipeline.train_iterator(ds)
+  mngr = checkpoint.manager(workdir, c.checkpoint.max_to_keep, c.checkpoint.async_save)
+  if mngr.latest_step() is not None:
+    state, data_state = checkpoint.restore(mngr, s.abstract_state)
+    data_iter.set_state(data_state)
+    start = int(state['step'])
+    print(f'resumed from step {start} in {workdir}', flush=True)
+  else:
+    state, start = init_state(s), 0
+  log = metrics_lib.MetricsLog(workdir, resume_step=start, is_writer=jax.process_index() == 0)
+
+  eval_data = [to_global(b, s.batch_sharding) for b in pipeline.eval_batches(
+      c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
+      max_batches=t.eval_batches)]
+  eval_step = make_eval_step(s)
+  train_step = make_train_step(s)
+
+  def evaluate(step):
+    losses = [eval_step(state['params'], state['router_bias'], b) for b in eval_data]
+    log.write(step, {'eval/loss': float(np.mean(jax.device_get(losses)))})
+
+  if start == 0:
+    evaluate(0)
+  flops_per_step = flops.train_flops_per_token(c.model, t.seq_len) * t.batch_size * t.seq_len
+  peak = flops.peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
+  window = metrics_lib.Window(flops_per_step, peak, t.batch_size * t.seq_len)
+  pending = None
+  step = start
+  for step in range(start + 1, t.steps + 1):
+    batch = to_global(next(data_iter), s.batch_sharding)
+    state, out = train_step(state, batch)
+    stop = preemption.requested
+    if pending is not None:          # read the previous step's metrics while this step runs
+      log.write_train(*pending, window, total_steps=t.steps)
+      pending = None
+    window.add(out)
+    if step % t.log_every == 0 or step == t.steps or stop:
+      pending = (step, out)
+    if step % t.eval_every == 0 or step == t.steps:
+      if pending is not None:
+        log.write_train(*pending, window, total_steps=t.steps)
+        pending = None
+      evaluate(step)
+    if step % c.checkpoint.every == 0 or step == t.steps or stop:
+      checkpoint.save(mngr, step, state, data_iter.get_state(), force=True)
+    if stop:
+      print(f'SIGTERM: saved a checkpoint at step {step}; exiting', flush=True)
+      break
+  if pending is not None:
+    log.write_train(*pending, window, total_steps=t.steps)
+  mngr.wait_until_finished()
+  mngr.close()
+  log.close()
+  return state
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  if _WORKDIR.value is None:
+    sys.exit('error: --workdir is required')
+  config = _CONFIG.value
+  try:
+    train(config, _WORKDIR.value)
+  except (ConfigError, pipeline.DataError, PrepareError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == '__main__':
+  app.run(main)

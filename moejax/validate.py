@@ -1,0 +1,111 @@
+"""Config validation before anything compiles: each problem is one line that names the field."""
+import math
+import os
+
+
+from moejax import moe, optim
+from moejax.attention import ATTENTIONS
+from moejax.model import REMAT_POLICIES
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message starts with the field's name."""
+
+
+def _check(ok: bool, field: str, problem: str):
+  if not ok:
+    raise ConfigError(f'{field}: {problem}')
+
+
+def _positive(cfg, section: str, *names: str):
+  for name in names:
+    value = cfg[section][name]
+    _check(isinstance(value, (int, float)) and value > 0, f'{section}.{name}',
+           f'must be positive, got {value!r}')
+
+
+def _one_of(value, choices, field: str):
+  _check(value in choices, field, f'unknown name {value!r}; choose one of {sorted(choices)}')
+
+
+def validate_model(m):
+  for name in ('vocab_size', 'd_model', 'num_layers', 'num_heads', 'num_kv_heads', 'head_dim',
+               'dense_ffn_dim', 'expert_ffn_dim'):
+    _check(isinstance(m[name], int) and m[name] > 0, f'model.{name}', f'must be a positive integer, got {m[name]!r}')
+  _check(m.num_experts >= 1, 'model.num_experts', f'must be >= 1, got {m.num_experts}')
+  _check(1 <= m.top_k <= m.num_experts, 'model.top_k',
+         f'{m.top_k} must be between 1 and model.num_experts ({m.num_experts})')
+  _check(0 <= m.num_dense_layers <= m.num_layers, 'model.num_dense_layers',
+         f'{m.num_dense_layers} must be between 0 and model.num_layers ({m.num_layers})')
+  _check(m.num_shared_experts >= 0, 'model.num_shared_experts', 'must be >= 0')
+  _check(m.d_model % m.num_heads == 0, 'model.d_model',
+         f'{m.d_model} is not divisible by model.num_heads ({m.num_heads})')
+  _check(m.num_heads % m.num_kv_heads == 0, 'model.num_kv_heads',
+         f'model.num_heads ({m.num_heads}) is not divisible by {m.num_kv_heads}')
+  _check(m.head_dim % 2 == 0 and m.qk_rope_head_dim % 2 == 0, 'model.head_dim',
+         'rotary dims (head_dim, qk_rope_head_dim) must be even')
+  _one_of(m.attention, ATTENTIONS, 'model.attention')
+  _one_of(m.dispatch, moe.DISPATCHES, 'model.dispatch')
+  _one_of(m.router_score, ('sigmoid', 'softmax'), 'model.router_score')
+  _one_of(m.remat, REMAT_POLICIES, 'model.remat')
+  _one_of(m.compute_dtype, ('float32', 'bfloat16', 'float16'), 'model.compute_dtype')
+  _check(m.capacity_factor > 0, 'model.capacity_factor', f'must be positive, got {m.capacity_factor}')
+  _check(m.bias_update_rate >= 0, 'model.bias_update_rate', 'must be >= 0')
+
+
+def validate_mesh(config, num_devices: int) -> dict:
+  sizes = dict(config.mesh)
+  for axis in ('data', 'expert'):
+    _check(axis in sizes, 'mesh', f'needs an axis named {axis!r}; has {sorted(sizes)}')
+  for axis, size in sizes.items():
+    _check(isinstance(size, int) and (size >= 1 or size == -1), f'mesh.{axis}',
+           f'size must be a positive integer or -1, got {size!r}')
+  _check(sum(s == -1 for s in sizes.values()) <= 1, 'mesh', 'at most one axis may be -1')
+  known = math.prod(s for s in sizes.values() if s != -1)
+  if -1 in sizes.values():
+    _check(num_devices % known == 0, 'mesh',
+           f'fixed axis sizes (product {known}) do not divide the {num_devices} devices')
+    sizes = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
+  _check(math.prod(sizes.values()) == num_devices, 'mesh',
+         f'axis sizes {sizes} multiply to {math.prod(sizes.values())}, not the {num_devices} devices')
+  return sizes
+
+
+def validate(config, num_devices: int, check_data: bool = True):
+  """Raises ConfigError naming the first field that cannot work."""
+  validate_model(config.model)
+  _positive(config, 'train', 'steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'eval_batches')
+  _positive(config, 'checkpoint', 'every', 'max_to_keep')
+  _positive(config, 'optim', 'lr', 'clip_norm')
+  _one_of(config.optim.name, optim.OPTIMIZERS, 'optim.name')
+  _check(config.optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
+  _check(config.optim.eps > 0, 'optim.eps', 'must be positive')
+  sizes = validate_mesh(config, num_devices)
+  batch_axes = config.sharding.get('batch') or ()
+  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+  for axis in batch_axes:
+    _check(axis in sizes, 'sharding.batch', f'names mesh axis {axis!r}, which the mesh lacks')
+  dp = math.prod(sizes[a] for a in batch_axes)
+  _check(config.train.batch_size % dp == 0, 'train.batch_size',
+         f'{config.train.batch_size} is not divisible by the data-parallel size {dp} '
+         f'(mesh axes {"x".join(batch_axes)})')
+  _check(config.model.num_experts % sizes['expert'] == 0, 'model.num_experts',
+         f'{config.model.num_experts} is not divisible by mesh.expert ({sizes["expert"]})')
+  if check_data:
+    validate_data(config)
+  return sizes
+
+
+def validate_data(config):
+  from moejax.data import pipeline
+  d = config.data.dir
+  _check(os.path.isdir(d), 'data.dir',
+         f'{d} does not exist and data.raw ({config.data.raw}) has no text to prepare it from; '
+         'run `make data` or point --config.data.dir at prepared data')
+  try:
+    manifest = pipeline.load_manifest(d)
+  except pipeline.DataError as e:
+    raise ConfigError(f'data.dir: {e}') from None
+  _check(manifest['vocab_size'] <= config.model.vocab_size, 'model.vocab_size',
+         f'{config.model.vocab_size} is smaller than the tokenizer vocabulary ({manifest["vocab_size"]}) in {d}')
+  return manifest

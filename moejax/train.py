@@ -10,8 +10,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -21,74 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moejax import checkpoint, flops, metrics as metrics_lib, model, moe, optim, sharding
+from moejax import checkpoint, flops, metrics as metrics_lib, model, moe, sharding
 from moejax.data import pipeline
-from moejax.data.prepare import PrepareError, prepare
-from moejax.params import init_params, logical_axes
-from moejax.validate import ConfigError, validate, validate_data
+from moejax.data.prepare import PrepareError
+from moejax.state import Setup, init_state, setup
+from moejax.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/default.py', 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
-
-
-@dataclass
-class Setup:
-  """Everything derived from the config that the step functions close over."""
-  config: object
-  mesh: object
-  tx: object
-  schedule: object
-  state_shardings: dict
-  batch_sharding: object
-  abstract_state: dict
-
-
-def ensure_data(config):
-  """Prepares `data.dir` from the raw text in `data.raw` when it has not been prepared yet."""
-  d = config.data
-  if not os.path.exists(os.path.join(d.dir, 'manifest.json')) and d.raw and os.path.isdir(d.raw):
-    print(prepare(Path(d.raw), Path(d.dir), d.vocab_size, None, 0.05, config.seed), flush=True)
-
-
-def setup(config) -> Setup:
-  sizes = validate(config, jax.device_count(), check_data=False)
-  ensure_data(config)
-  validate_data(config)
-  mesh = sharding.make_mesh(sizes)
-  rules = dict(config.sharding)
-  specs = model.model_specs(config.model)
-  param_shardings = sharding.tree_shardings(mesh, logical_axes(specs), rules)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
-  rep = sharding.replicated(mesh)
-  abstract_params = jax.eval_shape(lambda: init_params(specs, jax.random.key(0)))
-  abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                        transform_non_params=lambda _: rep)
-  L = model.num_moe_layers(config.model)
-  state_shardings = {'step': rep, 'params': param_shardings, 'opt_state': opt_shardings,
-                     'router_bias': rep, 'rng': rep}
-  abstract_state = {
-      'step': jax.ShapeDtypeStruct((), jnp.int32),
-      'params': abstract_params,
-      'opt_state': abstract_opt,
-      'router_bias': jax.ShapeDtypeStruct((L, config.model.num_experts), jnp.float32),
-      'rng': jax.ShapeDtypeStruct((2,), jnp.uint32),
-  }
-  abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                abstract_state, state_shardings)
-  batch_sharding = sharding.named(mesh, ('batch', None), rules)
-  return Setup(config, mesh, tx, schedule, state_shardings, batch_sharding, abstract_state)
-
-
-def init_state(s: Setup):
-  specs = model.model_specs(s.config.model)
-
-  def init(key):
-    params = init_params(specs, key)
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': s.tx.init(params),
-            'router_bias': jnp.zeros(s.abstract_state['router_bias'].shape, jnp.float32),
-            'rng': jax.random.key_data(jax.random.fold_in(key, 1))}
-  return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(s.config.seed))
 
 
 def make_train_step(s: Setup):

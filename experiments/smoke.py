@@ -15,5 +15,6 @@ def get_config():
   c.train.steps, c.train.batch_size, c.train.seq_len = 20, 8, 64
   c.train.log_every, c.train.eval_every, c.train.eval_batches = 5, 10, 2
   c.optim.warmup_steps = 5
+  c.optim.decay_steps = 200   # fixed, so a run resumed with more --config.train.steps keeps its schedule
   c.checkpoint.every = 10
   return c

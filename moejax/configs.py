@@ -66,6 +66,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.lr = 3e-3
   o.warmup_steps = 20
   o.min_lr_ratio = 0.1         # cosine decays to lr * min_lr_ratio
+  o.decay_steps = 0            # schedule length; 0 = train.steps (set it to extend a run later)
   o.b1 = 0.9
   o.b2 = 0.95
   o.eps = 1e-8

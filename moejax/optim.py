@@ -6,7 +6,7 @@ import optax
 def warmup_cosine(o, total_steps: int):
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
-      decay_steps=max(total_steps, o.warmup_steps + 1), end_value=o.lr * o.min_lr_ratio)
+      decay_steps=max(o.decay_steps or total_steps, o.warmup_steps + 1), end_value=o.lr * o.min_lr_ratio)
 
 
 def _decay_mask(params):

@@ -10,6 +10,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from moejax.layers import dense, rms_norm, rope
 from moejax.params import ParamSpec
 
 
@@ -18,23 +19,6 @@ class Attention:
   specs: Callable
   apply: Callable
   flops_per_token: Callable   # (cfg, seq_len) -> forward FLOPs of one layer for one token
-
-
-def rms_norm(x, scale, eps: float):
-  x32 = x.astype(jnp.float32)
-  y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * scale).astype(x.dtype)
-
-
-def rope(x_BTHN, theta: float):
-  """Rotary embedding (rotate-half form) at positions 0..T-1."""
-  T, N = x_BTHN.shape[1], x_BTHN.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, N, 2, dtype=jnp.float32) / N)
-  angle_TN = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq[None, :]
-  cos, sin = jnp.cos(angle_TN)[None, :, None, :], jnp.sin(angle_TN)[None, :, None, :]
-  x1, x2 = jnp.split(x_BTHN.astype(jnp.float32), 2, axis=-1)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x_BTHN.dtype)
 
 
 def causal_softmax_attention(q_BTGHN, k_BSGN, v_BSGM):
@@ -64,11 +48,11 @@ def gqa_specs(cfg):
 def gqa_apply(p, x_BTD, cfg):
   B, T, _ = x_BTD.shape
   G, N = cfg.num_kv_heads, cfg.head_dim
-  q_BTHN = rope(jnp.einsum('btd,dhn->bthn', x_BTD, p['wq']), cfg.rope_theta)
-  k_BTGN = rope(jnp.einsum('btd,dgn->btgn', x_BTD, p['wk']), cfg.rope_theta)
-  v_BTGN = jnp.einsum('btd,dgn->btgn', x_BTD, p['wv'])
+  q_BTHN = rope(dense(x_BTD, p['wq']), cfg.rope_theta)
+  k_BTGN = rope(dense(x_BTD, p['wk']), cfg.rope_theta)
+  v_BTGN = dense(x_BTD, p['wv'])
   o = causal_softmax_attention(q_BTHN.reshape(B, T, G, -1, N), k_BTGN, v_BTGN)
-  return jnp.einsum('bthn,hnd->btd', o.reshape(B, T, -1, N), p['wo'])
+  return dense(o.reshape(B, T, -1, N), p['wo'], n_in=2)
 
 
 def gqa_flops(cfg, seq_len):
@@ -101,22 +85,22 @@ def mla_specs(cfg):
 def mla_apply(p, x_BTD, cfg):
   Nn, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
   if cfg.q_lora_rank:
-    q_lat = rms_norm(jnp.einsum('btd,dc->btc', x_BTD, p['wq_a']), p['q_norm'], cfg.norm_eps)
-    q_BTHK = jnp.einsum('btc,chk->bthk', q_lat, p['wq_b'])
+    q_lat = rms_norm(dense(x_BTD, p['wq_a']), p['q_norm'], cfg.norm_eps)
+    q_BTHK = dense(q_lat, p['wq_b'])
   else:
-    q_BTHK = jnp.einsum('btd,dhk->bthk', x_BTD, p['wq'])
+    q_BTHK = dense(x_BTD, p['wq'])
   q_BTHK = jnp.concatenate([q_BTHK[..., :Nn], rope(q_BTHK[..., Nn:], cfg.rope_theta)], axis=-1)
-  kv_a = jnp.einsum('btd,dc->btc', x_BTD, p['wkv_a'])
+  kv_a = dense(x_BTD, p['wkv_a'])
   latent_BTC = rms_norm(kv_a[..., :C], p['kv_norm'], cfg.norm_eps)
   k_rope_BT1R = rope(kv_a[..., None, C:], cfg.rope_theta)          # one rope key for all heads
-  kv_BTHK = jnp.einsum('btc,chk->bthk', latent_BTC, p['wkv_b'])
+  kv_BTHK = dense(latent_BTC, p['wkv_b'])
   H = q_BTHK.shape[2]
   k_BTHK = jnp.concatenate(
       [kv_BTHK[..., :Nn], jnp.broadcast_to(k_rope_BT1R, (*k_rope_BT1R.shape[:2], H, k_rope_BT1R.shape[-1]))],
       axis=-1)
   v_BTHM = kv_BTHK[..., Nn:]
   o = causal_softmax_attention(q_BTHK[:, :, :, None], k_BTHK, v_BTHM)   # G = H groups of one head
-  return jnp.einsum('bthm,hmd->btd', o[:, :, :, 0], p['wo'])
+  return dense(o[:, :, :, 0], p['wo'], n_in=2)
 
 
 def mla_flops(cfg, seq_len):

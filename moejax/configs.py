@@ -40,7 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.router_score = 'sigmoid'   # 'sigmoid' (DeepSeek-V3) or 'softmax'
   m.norm_topk = True           # renormalise the top-k weights to sum to one
   m.routed_scaling = 1.0
-  m.bias_update_rate = 1e-3    # auxiliary-loss-free balancing; 0 disables
+  m.bias_update_rate = 1e-2    # auxiliary-loss-free balancing (DeepSeek-V3 uses 1e-3 over far longer runs); 0 disables
   m.balance_loss_weight = 0.0  # sequence-wise balance loss (DeepSeek-V3 eq. 17-20)
   m.z_loss_weight = 0.0        # router z-loss (ST-MoE)
   m.dispatch = 'dropless'      # name in moejax.moe.DISPATCHES
@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = False
   m.init_std = 0.02
   m.norm_eps = 1e-6
+  m.scan_unroll = 1            # layers per scan iteration (True = fully unrolled)
   m.remat = 'none'             # name in moejax.model.REMAT_POLICIES
   m.compute_dtype = 'float32'
 

@@ -9,7 +9,8 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax import moe
-from moejax.attention import ATTENTIONS, rms_norm
+from moejax.attention import ATTENTIONS
+from moejax.layers import dense, rms_norm, swiglu
 from moejax.params import ParamSpec, stacked
 
 REMAT_POLICIES = {
@@ -72,12 +73,6 @@ def num_moe_layers(cfg) -> int:
   return cfg.num_layers - cfg.num_dense_layers
 
 
-def swiglu(p, x_BTD):
-  h = jax.nn.silu(jnp.einsum('btd,df->btf', x_BTD, p['w_gate']))
-  h = h * jnp.einsum('btd,df->btf', x_BTD, p['w_up'])
-  return jnp.einsum('btf,fd->btd', h, p['w_down'])
-
-
 def moe_ffn(p, bias_E, x_BTD, cfg, mesh, batch_axes):
   """Routed + shared experts. Returns y_BTD and this layer's aux values (explicit, not collected)."""
   B, T, D = x_BTD.shape
@@ -126,12 +121,13 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
   x_BTD = params['embed'][tokens_BT]
   aux = {}
   if 'dense_blocks' in params:
-    x_BTD, _ = jax.lax.scan(dense_block, x_BTD, params['dense_blocks'])
+    x_BTD, _ = jax.lax.scan(dense_block, x_BTD, params['dense_blocks'], unroll=cfg.scan_unroll)
   if 'moe_blocks' in params:
-    x_BTD, aux = jax.lax.scan(moe_block, x_BTD, (params['moe_blocks'], router_bias_LE))
+    x_BTD, aux = jax.lax.scan(moe_block, x_BTD, (params['moe_blocks'], router_bias_LE),
+                              unroll=cfg.scan_unroll)
   x_BTD = rms_norm(x_BTD, params['final_norm'], cfg.norm_eps)
   head_DV = params['embed'].T if cfg.tie_embeddings else params['head']
-  logits_BTV = jnp.einsum('btd,dv->btv', x_BTD, head_DV).astype(jnp.float32)
+  logits_BTV = dense(x_BTD, head_DV).astype(jnp.float32)
   return logits_BTV, aux
 
 

@@ -12,7 +12,8 @@ Dispatch sorts assignments by expert into [E, C] slots and runs dense batched ei
 grows with T*K, not with E (XLA:CPU lowers `ragged_dot` to a dense matmul over every group, and
 gathering per-block expert weights was measured 2-3x slower than this):
   - 'dropless': C is chosen at run time from a few static sizes as the smallest that holds the
-    busiest expert (`lax.switch`), so no token is ever dropped and work is ~T*K*(1 + MaxVio).
+    busiest expert (`lax.switch`), so no token is ever dropped and work is ~T*K*(1 + MaxVio); under
+    heavy imbalance a block layout (rows padded per expert to blocks of S) bounds the work instead.
   - 'capacity': C = ceil(capacity_factor * A / E) slots; overflow is dropped and counted.
 Expert parallelism: tokens are all-gathered over the `expert` mesh axis, each device runs its local
 experts on the rows routed to them, and `psum_scatter` returns each device its tokens' outputs.
@@ -113,61 +114,92 @@ def _capacity_ffn(C: int, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF,
   return _combine(out_ECD.reshape(E * C, -1), row_A, weight_TK), dropped
 
 
-# Dropless capacities, as multiples of the mean rows per expert; the last bucket holds every token.
-DROPLESS_BUCKETS = (1.0, 1.25, 1.5, 2.0, 3.0, 4.0, 8.0)
+def _block_ffn(S: int, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, w_gate_EDF, w_up_EDF,
+               w_down_EFD):
+  """Any load: each expert's rows padded to blocks of S rows, each block with its expert's weights.
+
+  Rows are bounded by T*K + E*(S-1) whatever the imbalance, at the price of gathering one weight
+  copy per block; the dropless fallback when the busiest expert outgrows every capacity bucket."""
+  T, K = weight_TK.shape
+  E = w_gate_EDF.shape[0]
+  padded_E = (count_E + S - 1) // S * S
+  end_E = jnp.cumsum(padded_E)
+  R = (T * K + E * (S - 1) + S - 1) // S * S
+  N = R // S
+  row_A = jnp.where(valid_A, (end_E - padded_E)[local_A] + rank_A, R)
+  block_expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(N) * S, side='right'), E - 1)
+  tok_R = _rows_to_tokens(row_A, R, K, T)
+  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
+  out_NSD = _swiglu(x_TD[tok_R].reshape(N, S, -1), w_gate_EDF[block_expert_N],
+                    w_up_EDF[block_expert_N], w_down_EFD[block_expert_N])
+  return _combine(out_NSD.reshape(R, -1), row_A, weight_TK), jnp.zeros((), jnp.float32)
 
 
-def dropless_capacities(num_tokens: int, top_k: int, num_experts: int, num_local: int) -> list[int]:
-  """Static per-expert capacities to choose from at run time, rounded up to multiples of 8."""
+def _layout_ffn(layout, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd):
+  kind, size = layout
+  if kind == 'capacity':
+    return _capacity_ffn(size, x_TD, weight_TK, local_A, valid_A, rank_A, wg, wu, wd)
+  return _block_ffn(size, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd)
+
+
+# Dropless capacities, as multiples of the mean rows per expert; past the last, blocks take over.
+DROPLESS_BUCKETS = (1.0, 1.25, 1.5, 2.0)   # past 2x, blocks were measured as cheap
+
+
+def dropless_layouts(num_tokens: int, top_k: int, num_experts: int, num_local: int) -> tuple:
+  """Static layouts to choose from at run time: ('capacity', C) buckets, then ('blocks', S)."""
   mean = num_tokens * top_k / num_experts
   caps = sorted({min(num_tokens, 8 * math.ceil(f * mean / 8)) for f in DROPLESS_BUCKETS})
-  return caps if caps[-1] == num_tokens else caps + [num_tokens]
+  block = int(2 ** max(3, math.floor(math.log2(max(1.0, mean)))))
+  return tuple(('capacity', C) for C in caps) + (('blocks', block),)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _switch_capacity_ffn(caps, branch, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF,
-                         w_up_EDF, w_down_EFD):
-  branches = [functools.partial(_capacity_ffn, C) for C in caps]
-  return jax.lax.switch(branch, branches, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF,
-                        w_up_EDF, w_down_EFD)
+def _switch_ffn(layouts, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, w_gate_EDF,
+                w_up_EDF, w_down_EFD):
+  branches = [functools.partial(_layout_ffn, layout) for layout in layouts]
+  return jax.lax.switch(branch, branches, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
+                        w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
-def _switch_fwd(caps, branch, *args):
-  return _switch_capacity_ffn(caps, branch, *args), (branch, args)
+def _switch_fwd(layouts, branch, *args):
+  return _switch_ffn(layouts, branch, *args), (branch, args)
 
 
-def _switch_bwd(caps, res, cotangent):
+def _switch_bwd(layouts, res, cotangent):
   # Recompute the chosen branch in the backward pass: differentiating through `lax.switch` directly
   # would keep every branch's residuals alive (zero-filled), which costs more than the recompute.
-  branch, (x_TD, weight_TK, local_A, valid_A, rank_A, wg, wu, wd) = res
+  branch, (x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd) = res
 
-  def branch_vjp(C, x_TD, weight_TK, wg, wu, wd):
-    fn = lambda x, w, g, u, d: _capacity_ffn(C, x, w, local_A, valid_A, rank_A, g, u, d)
+  def branch_vjp(layout, x_TD, weight_TK, wg, wu, wd):
+    fn = lambda x, w, g, u, d: _layout_ffn(layout, x, w, local_A, valid_A, rank_A, count_E, g, u, d)
     return jax.vjp(fn, x_TD, weight_TK, wg, wu, wd)[1](cotangent)
 
-  grads = jax.lax.switch(branch, [functools.partial(branch_vjp, C) for C in caps],
+  grads = jax.lax.switch(branch, [functools.partial(branch_vjp, l) for l in layouts],
                          x_TD, weight_TK, wg, wu, wd)
   dx, dweight, dwg, dwu, dwd = grads
-  return None, dx, dweight, None, None, None, dwg, dwu, dwd
+  return None, dx, dweight, None, None, None, None, dwg, dwu, dwd
 
 
-_switch_capacity_ffn.defvjp(_switch_fwd, _switch_bwd)
+_switch_ffn.defvjp(_switch_fwd, _switch_bwd)
 
 
 def dropless_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset,
                      capacity_factor: float, num_experts: int):
-  """Never drops: picks at run time the smallest static capacity that holds the busiest local expert.
+  """Never drops: picks at run time the cheapest static layout that holds the busiest local expert.
 
-  Work is E_local * C ~ T*K*(1 + MaxVio) rows: it follows the load imbalance, not the expert count
-  (balanced routing costs the same at 8 or 256 experts); `lax.switch` runs only the chosen branch."""
+  With balanced routing that is an [E, C] capacity layout of ~T*K*(1 + MaxVio) rows, whatever E;
+  past 2x the mean load, the block layout bounds the rows at T*K + E*(S-1). `lax.switch` runs
+  only the chosen branch."""
   del capacity_factor
   T, K = expert_TK.shape
   E = w_gate_EDF.shape[0]
   local_A, valid_A, rank_A, count_E = _group_by_expert(expert_TK.reshape(-1), E, offset)
-  caps = tuple(dropless_capacities(T, K, num_experts, E))
-  branch = jnp.searchsorted(jnp.asarray(caps), count_E.max())  # first capacity >= the max load
-  return _switch_capacity_ffn(caps, branch, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF,
-                              w_up_EDF, w_down_EFD)
+  layouts = dropless_layouts(T, K, num_experts, E)
+  caps = jnp.asarray([size for kind, size in layouts if kind == 'capacity'])
+  branch = jnp.searchsorted(caps, count_E.max())  # first capacity >= the max load, else blocks
+  return _switch_ffn(layouts, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
+                     w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def capacity_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset,

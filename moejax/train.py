@@ -5,7 +5,6 @@ it), then step. Step N+1 is dispatched before step N's metrics are read, so the 
 the device inside the loop. Running the same command again resumes from the latest checkpoint;
 SIGTERM saves a checkpoint and exits 0.
 """
-import json
 import os
 import signal
 import sys
@@ -15,7 +14,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -27,6 +25,8 @@ from moejax.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/default.py', 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (TPU pods, '
+                               'SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).')
 
 
 def make_train_step(s: Setup):
@@ -105,8 +105,10 @@ def train(config, workdir: str):
   train_step = make_train_step(s)
 
   def evaluate(step):
+    start_time = time.perf_counter()
     losses = [eval_step(state['params'], state['router_bias'], b) for b in eval_data]
     log.write(step, {'eval/loss': float(np.mean(jax.device_get(losses)))})
+    return time.perf_counter() - start_time
 
   if start == 0:
     evaluate(0)
@@ -129,7 +131,7 @@ def train(config, workdir: str):
       if pending is not None:
         log.write_train(*pending, window, total_steps=t.steps)
         pending = None
-      evaluate(step)
+      window.start += evaluate(step)   # throughput counts training time only
     if step % c.checkpoint.every == 0 or step == t.steps or stop:
       checkpoint.save(mngr, step, state, data_iter.get_state(), force=True)
     if stop:
@@ -149,6 +151,8 @@ def main(argv):
   if _WORKDIR.value is None:
     sys.exit('error: --workdir is required')
   config = _CONFIG.value
+  if _MULTIHOST.value:
+    jax.distributed.initialize()
   try:
     train(config, _WORKDIR.value)
   except (ConfigError, pipeline.DataError, PrepareError) as e:

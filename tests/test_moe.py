@@ -293,15 +293,35 @@ def test_group_by_expert_ranks_are_a_stable_token_order_permutation_per_expert()
 @pytest.mark.parametrize('num_tokens,top_k,num_experts,num_local', [
     (16, 2, 8, 8), (16, 2, 8, 1), (7, 1, 4, 2), (1024, 8, 256, 32), (64, 2, 2, 2), (3, 3, 64, 64),
     (1000, 6, 64, 16), (8, 1, 8, 8)])
-def test_dropless_capacities_increase_and_end_with_num_tokens(num_tokens, top_k, num_experts,
-                                                              num_local):
-  caps = moe.dropless_capacities(num_tokens, top_k, num_experts, num_local)
-  assert caps[-1] == num_tokens
+def test_dropless_layouts_are_increasing_capacities_then_a_block_fallback(num_tokens, top_k,
+                                                                        num_experts, num_local):
+  layouts = moe.dropless_layouts(num_tokens, top_k, num_experts, num_local)
+  caps = [size for kind, size in layouts if kind == 'capacity']
+  assert [kind for kind, _ in layouts] == ['capacity'] * len(caps) + ['blocks']
   assert all(a < b for a, b in zip(caps, caps[1:]))
-  assert caps[0] >= 1
   mean = num_tokens * top_k / num_experts
   assert caps[0] >= min(num_tokens, mean)   # the smallest bucket holds a perfectly balanced load
-  assert all(c % 8 == 0 for c in caps[:-1])
+  assert all(c % 8 == 0 or c == num_tokens for c in caps)
+  assert layouts[-1][1] >= 8
+
+
+def test_every_dropless_layout_gives_the_same_output_when_the_load_fits():
+  """Forcing each branch (capacity buckets and the block fallback) gives one answer."""
+  T, D, F, E, K = 24, 8, 6, 4, 2
+  ks = jax.random.split(jax.random.key(3), 5)
+  x = jax.random.normal(ks[0], (T, D))
+  wg, wu = (jax.random.normal(k, (E, D, F)) * 0.3 for k in ks[1:3])
+  wd = jax.random.normal(ks[3], (E, F, D)) * 0.3
+  expert_TK = jnp.stack([jnp.arange(T) % E, (jnp.arange(T) + 1) % E], axis=1).astype(jnp.int32)
+  weight_TK = jax.nn.softmax(jax.random.normal(ks[4], (T, K)), axis=-1)
+  local, valid, rank, count = moe._group_by_expert(expert_TK.reshape(-1), E, 0)
+  outs = []
+  for layout in [('capacity', int(count.max())), ('capacity', T), ('blocks', 8), ('blocks', 4)]:
+    y, dropped = moe._layout_ffn(layout, x, weight_TK, local, valid, rank, count, wg, wu, wd)
+    assert float(dropped) == 0.0
+    outs.append(np.asarray(y))
+  for y in outs[1:]:
+    np.testing.assert_allclose(y, outs[0], rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- balancing + losses

@@ -73,6 +73,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.1
   o.clip_norm = 1.0
+  o.router_lr_scale = 1.0      # router learning rate = lr * router_lr_scale
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every = 100

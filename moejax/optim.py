@@ -14,6 +14,11 @@ def _decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+def _router_mask(params):
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'router' in jax.tree_util.keystr(path), params)
+
+
 def adamw(o, schedule):
   return optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                      mask=_decay_mask)
@@ -29,5 +34,10 @@ OPTIMIZERS = {'adamw': adamw, 'sgd': sgd}
 def make_optimizer(o, total_steps: int):
   """Returns (optax transform, schedule). The schedule is evaluated for the `lr` metric."""
   schedule = warmup_cosine(o, total_steps)
-  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), OPTIMIZERS[o.name](o, schedule))
+  tx = optax.chain(
+      optax.clip_by_global_norm(o.clip_norm),
+      OPTIMIZERS[o.name](o, schedule),
+      # A slower router: Adam moves every router weight by ~lr per step, which at small-model
+      # learning rates shifts router logits faster than bias balancing can follow.
+      optax.masked(optax.scale(o.router_lr_scale), _router_mask))
   return tx, schedule

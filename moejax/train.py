@@ -116,7 +116,6 @@ def train(config, workdir: str):
   peak = flops.peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
   window = metrics_lib.Window(flops_per_step, peak, t.batch_size * t.seq_len)
   pending = None
-  step = start
   for step in range(start + 1, t.steps + 1):
     batch = to_global(next(data_iter), s.batch_sharding)
     state, out = train_step(state, batch)

@@ -40,9 +40,19 @@ def base_config() -> ml_collections.ConfigDict:
   m.router_score = 'sigmoid'   # 'sigmoid' (DeepSeek-V3) or 'softmax'
   m.norm_topk = True           # renormalise the top-k weights to sum to one
   m.routed_scaling = 1.0
+  m.num_zero_experts = 0       # zero-computation (identity) experts in the routing pool (LongCat-Flash)
+  m.target_active_experts = 0.0  # real experts per token the bias aims at when num_zero_experts > 0
   m.bias_update_rate = 1e-2    # auxiliary-loss-free balancing (DeepSeek-V3 uses 1e-3 over far longer runs); 0 disables
-  m.balance_loss_weight = 0.0  # sequence-wise balance loss (DeepSeek-V3 eq. 17-20)
+  m.bias_update_mode = 'sign'  # 'sign' (DeepSeek-V3) or 'proportional' (LongCat-Flash)
+  m.bias_update_schedule = 'constant'  # or 'linear': decays to rate * bias_update_final over training
+  m.bias_update_final = 0.1
+  m.bias_center = False        # subtract the mean of each update (keeps biases centred at 0)
+  m.balance_loss_weight = 0.0  # balance loss coefficient (DeepSeek-V3 eq. 17-20 form)
+  m.balance_loss_scope = 'sequence'  # 'sequence' (DeepSeek-V3) or 'global' (whole global batch, Qwen)
+  m.balance_gnr_target = 0.0   # > 0: adapt the balance coefficient per layer to keep the gradient-norm
+                               # ratio |d L_balance / d router| / |d L_lm / d router| under this target
   m.z_loss_weight = 0.0        # router z-loss (ST-MoE)
+  m.hidden_z_loss_weight = 0.0  # hidden-state z-loss on the residual stream (LongCat-Flash), e.g. 1e-6
   m.dispatch = 'dropless'      # name in moejax.moe.DISPATCHES
   m.capacity_factor = 1.25     # used by dispatch == 'capacity'
   m.block_size = 0             # rows per expert block in dropless dispatch; 0 = choose from the shapes
@@ -60,6 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.log_every = 10
   t.eval_every = 100
   t.eval_batches = 4
+  t.alert_maxvio = 3.0          # log an alert when the window's global MaxVio passes this (0 = off)
+  t.alert_dead_experts = 1       # ... or when this many experts got no token in the window (0 = off)
   t.peak_flops_per_device = 0.0  # 0 = look up the platform's peak (moejax.flops)
 
   o = c.optim = ml_collections.ConfigDict()

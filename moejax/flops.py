@@ -27,16 +27,19 @@ def peak_flops_per_device(override: float = 0.0) -> float:
   return float('nan')
 
 
-def forward_flops_per_token(cfg, seq_len: int) -> float:
-  """2 x active matmul parameters + attention scores; routed experts count top_k of them."""
+def forward_flops_per_token(cfg, seq_len: int, real_experts_per_token: float | None = None) -> float:
+  """2 x active matmul parameters + attention scores. Routed experts count top_k of them, or the
+  measured real experts per token when zero-computation experts take some of the top_k."""
   D = cfg.d_model
   attention = ATTENTIONS[cfg.attention].flops_per_token(cfg, seq_len)
   dense_ffn = 2 * 3 * D * cfg.dense_ffn_dim
-  moe_ffn = 2 * (D * cfg.num_experts + 3 * D * cfg.expert_ffn_dim * (cfg.top_k + cfg.num_shared_experts))
+  routed = cfg.top_k if real_experts_per_token is None else real_experts_per_token
+  moe_ffn = 2 * (D * (cfg.num_experts + cfg.num_zero_experts)
+                 + 3 * D * cfg.expert_ffn_dim * (routed + cfg.num_shared_experts))
   head = 2 * D * cfg.vocab_size
   num_moe = cfg.num_layers - cfg.num_dense_layers
   return cfg.num_layers * attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
 
 
-def train_flops_per_token(cfg, seq_len: int) -> float:
-  return 3 * forward_flops_per_token(cfg, seq_len)   # forward + backward (2x)
+def train_flops_per_token(cfg, seq_len: int, real_experts_per_token: float | None = None) -> float:
+  return 3 * forward_flops_per_token(cfg, seq_len, real_experts_per_token)   # forward + backward (2x)

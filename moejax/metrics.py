@@ -10,11 +10,14 @@ import time
 import jax
 import numpy as np
 
+from moejax import diagnostics
+
 
 class Window:
   """Accumulates what happens between two log records (device-side sums; read only when logged)."""
 
-  def __init__(self, flops_per_step: float, peak_flops: float, tokens_per_step: int):
+  def __init__(self, flops_per_step, peak_flops: float, tokens_per_step: int):
+    """`flops_per_step(real_experts_per_token or None)` -> model FLOPs of one step."""
     self.flops_per_step, self.peak_flops, self.tokens_per_step = flops_per_step, peak_flops, tokens_per_step
     self.reset()
 
@@ -27,17 +30,12 @@ class Window:
       self.load_sum_LE = out['load_LE'] if self.load_sum_LE is None else self.load_sum_LE + out['load_LE']
 
 
-def moe_stats(load_LE: np.ndarray, window_load_LE: np.ndarray) -> dict:
-  """MaxVio (DeepSeek/Wang et al.): max over layers of (max load - mean load) / mean load."""
-  mean_L = load_LE.mean(-1)
-  maxvio_L = (load_LE.max(-1) - mean_L) / np.maximum(mean_L, 1e-9)
-  return {'moe/maxvio': float(maxvio_L.max()),
-          'moe/dead_experts': int((window_load_LE == 0).sum())}
-
-
 class MetricsLog:
-  def __init__(self, workdir: str, resume_step: int, is_writer: bool = True):
+  def __init__(self, workdir: str, resume_step: int, is_writer: bool = True, num_real_experts: int = 0,
+               alert_maxvio: float = 0.0, alert_dead_experts: int = 0):
     self.is_writer = is_writer
+    self.num_real_experts = num_real_experts
+    self.alert_maxvio, self.alert_dead_experts = alert_maxvio, alert_dead_experts
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self.loads_path = os.path.join(workdir, 'loads.jsonl')
     self.tb = None
@@ -53,15 +51,15 @@ class MetricsLog:
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
 
-  def write(self, step: int, record: dict, loads=None):
+  def write(self, step: int, record: dict, layers: dict | None = None):
     if not self.is_writer:
       return
     record = {'step': step, **record}
     with open(self.path, 'a') as f:
       f.write(json.dumps(record) + '\n')
-    if loads is not None:
+    if layers:
       with open(self.loads_path, 'a') as f:
-        f.write(json.dumps({'step': step, 'load_fraction': loads}) + '\n')
+        f.write(json.dumps({'step': step, **layers}) + '\n')
     for k, v in record.items():
       if k != 'step' and isinstance(v, (int, float)):
         self.tb.add_scalar(k, v, step)
@@ -73,17 +71,28 @@ class MetricsLog:
     window_load = jax.device_get(window.load_sum_LE)
     elapsed = time.perf_counter() - window.start
     step_time = elapsed / max(window.steps, 1)
-    record = {k: float(v) for k, v in out.items() if k != 'load_LE'}
+    record = {k: float(v) for k, v in out.items() if np.ndim(v) == 0}
     record['tokens_per_sec'] = window.tokens_per_step / step_time
     record['step_time_s'] = step_time
-    record['mfu'] = window.flops_per_step / step_time / window.peak_flops
-    loads = None
-    if 'load_LE' in out:
-      record.update(moe_stats(np.asarray(out['load_LE']), np.asarray(window_load)))
-      loads = (window_load / window_load.sum(-1, keepdims=True)).round(5).tolist()
+    summary, layers = diagnostics.summarize(out, window_load, self.num_real_experts)
+    record.update(summary)
+    # MFU counts the real experts a token actually used (zero-computation experts cost nothing)
+    record['mfu'] = window.flops_per_step(record.get('moe/real_experts_per_token')) / step_time / window.peak_flops
     window.reset()
-    self.write(step, record, loads)
+    record.update(self.alerts(record))
+    self.write(step, record, layers)
     self.progress(step, record, total_steps, step_time)
+
+  def alerts(self, r: dict) -> dict:
+    """Warns in the log (and the record) when the router drifts towards collapse."""
+    found = []
+    if self.alert_maxvio and r.get('moe/maxvio_global', 0.0) > self.alert_maxvio:
+      found.append(f'global MaxVio {r["moe/maxvio_global"]:.2f} > {self.alert_maxvio}')
+    if self.alert_dead_experts and r.get('moe/dead_experts', 0) >= self.alert_dead_experts:
+      found.append(f'{r["moe/dead_experts"]} dead experts')
+    for message in found:
+      print(f'ALERT step {r.get("step", "?")}: {message}', flush=True)
+    return {'alerts': found} if found else {}
 
   def progress(self, step, r, total_steps, step_time):
     eta = (total_steps - step) * step_time
@@ -91,6 +100,8 @@ class MetricsLog:
             f' | mfu {r["mfu"]:.1%} | eta {int(eta // 60)}m{int(eta % 60):02d}s')
     if 'moe/maxvio' in r:
       line += f' | maxvio {r["moe/maxvio"]:.2f} dead {r["moe/dead_experts"]}'
+    if self.num_real_experts and 'moe/real_experts_per_token' in r:
+      line += f' | real/token {r["moe/real_experts_per_token"]:.2f}'
     print(line, flush=True, file=sys.stdout)
 
   def close(self):

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax import moe
+from moejax import moe, router
 from moejax.attention import ATTENTIONS
 from moejax.layers import dense, rms_norm, swiglu
 from moejax.params import ParamSpec, stacked
@@ -35,7 +35,7 @@ def moe_specs(cfg):
   D, E, F = cfg.d_model, cfg.num_experts, cfg.expert_ffn_dim
   s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
   specs = {
-      'router': ParamSpec((D, E), ('embed', None), scale=s),
+      'router': ParamSpec((D, router.num_routed(cfg)), ('embed', None), scale=s),
       'w_gate': ParamSpec((E, D, F), ('expert', 'embed', 'expert_mlp'), scale=s),
       'w_up': ParamSpec((E, D, F), ('expert', 'embed', 'expert_mlp'), scale=s),
       'w_down': ParamSpec((E, F, D), ('expert', 'expert_mlp', 'embed'), scale=out),
@@ -73,23 +73,52 @@ def num_moe_layers(cfg) -> int:
   return cfg.num_layers - cfg.num_dense_layers
 
 
+def _router_loss_grads(x_TD, router_DE, bias_E, cfg, seq_len: int) -> dict:
+  """Direct gradients of this layer's balance loss and z-loss (unit weight) w.r.t. its router,
+  for the gradient-norm ratio; inputs are held fixed, so nothing flows back from here."""
+  x_TD, router_DE = jax.lax.stop_gradient(x_TD), jax.lax.stop_gradient(router_DE)
+  grads = {'router_grad_balance': jax.grad(
+      lambda w: router.route(x_TD, w, bias_E, cfg, seq_len).balance_loss)(router_DE)}
+  if cfg.z_loss_weight:
+    grads['router_grad_z'] = jax.grad(lambda w: router.route(x_TD, w, bias_E, cfg, seq_len).z_loss)(router_DE)
+  return grads
+
+
 def moe_ffn(p, bias_E, x_BTD, cfg, mesh, batch_axes):
-  """Routed + shared experts. Returns y_BTD and this layer's aux values (explicit, not collected)."""
+  """Routed (+ zero-computation) + shared experts. Returns y_BTD and this layer's aux values."""
   B, T, D = x_BTD.shape
   x_TD = x_BTD.reshape(B * T, D)
-  routing = moe.route(x_TD, p['router'], bias_E, cfg, seq_len=T)
+  routing = router.route(x_TD, p['router'], bias_E, cfg, seq_len=T)
   y_TD, dropped = moe.routed_experts(x_TD, routing, p['w_gate'], p['w_up'], p['w_down'], cfg, mesh,
                                      batch_axes)
+  if cfg.num_zero_experts:   # identity experts: the token itself, weighted, at no expert FLOPs
+    zero_weight_T = jnp.sum(jnp.where(routing.expert_TK >= cfg.num_experts, routing.weight_TK, 0.0), -1)
+    y_TD = y_TD + x_TD * zero_weight_T[:, None].astype(x_TD.dtype)
   y_BTD = y_TD.reshape(B, T, D)
   if 'shared' in p:
     y_BTD = y_BTD + swiglu(p['shared'], x_BTD)
   aux = {'load_E': routing.load_E, 'balance_loss': routing.balance_loss,
-         'z_loss': routing.z_loss, 'dropped': dropped}
+         'z_loss': routing.z_loss, 'dropped': dropped, **routing.stats,
+         **_router_loss_grads(x_TD, p['router'], bias_E, cfg, T)}
   return y_BTD, aux
 
 
+def hidden_z_loss(x_BTD):
+  """LongCat-Flash's hidden z-loss: mean over tokens of log(sum_i exp|h_i|)^2 (curbs massive
+  activations in the residual stream)."""
+  return jnp.mean(jax.nn.logsumexp(jnp.abs(x_BTD.astype(jnp.float32)), axis=-1) ** 2)
+
+
+def _residual_aux(x_BTD, cfg) -> dict:
+  aux = {'resid_max': jnp.max(jnp.abs(x_BTD)).astype(jnp.float32)}
+  if cfg.hidden_z_loss_weight:
+    aux['hidden_z_loss'] = hidden_z_loss(x_BTD)
+  return aux
+
+
 def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'expert')):
-  """Returns logits_BTV (float32) and aux: per-MoE-layer values stacked over layers."""
+  """Returns logits_BTV (float32) and aux: per-layer values stacked over layers; MoE layers' under
+  their own keys, and per-block residual values (`resid_max`, `hidden_z_loss`) under 'blocks'."""
   dtype = jnp.dtype(cfg.compute_dtype)
   params = jax.tree_util.tree_map_with_path(
       lambda path, w: w if any(n in jax.tree_util.keystr(path) for n in FLOAT32_PARAMS)
@@ -106,40 +135,50 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
 
   def dense_block(x_BTD, p):
     x_BTD, h = block(x_BTD, p)
-    return x_BTD + swiglu(p['ffn'], h), None
+    x_BTD = x_BTD + swiglu(p['ffn'], h)
+    return x_BTD, _residual_aux(x_BTD, cfg)
 
   def moe_block(x_BTD, p_and_bias):
     p, bias_E = p_and_bias
     x_BTD, h = block(x_BTD, p)
     y, aux = moe_ffn(p['ffn'], bias_E, h, cfg, mesh, batch_axes)
-    return x_BTD + y, aux
+    x_BTD = x_BTD + y
+    return x_BTD, {**aux, **_residual_aux(x_BTD, cfg)}
 
   if policy is not None:
     dense_block = jax.checkpoint(dense_block, policy=policy)
     moe_block = jax.checkpoint(moe_block, policy=policy)
 
   x_BTD = params['embed'][tokens_BT]
-  aux = {}
+  aux, block_aux = {}, []
   if 'dense_blocks' in params:
-    x_BTD, _ = jax.lax.scan(dense_block, x_BTD, params['dense_blocks'], unroll=cfg.scan_unroll)
+    x_BTD, dense_aux = jax.lax.scan(dense_block, x_BTD, params['dense_blocks'], unroll=cfg.scan_unroll)
+    block_aux.append(dense_aux)
   if 'moe_blocks' in params:
     x_BTD, aux = jax.lax.scan(moe_block, x_BTD, (params['moe_blocks'], router_bias_LE),
                               unroll=cfg.scan_unroll)
+    block_aux.append({k: aux.pop(k) for k in list(aux) if k in ('resid_max', 'hidden_z_loss')})
+  aux['blocks'] = jax.tree.map(lambda *xs: jnp.concatenate(xs), *block_aux)
   x_BTD = rms_norm(x_BTD, params['final_norm'], cfg.norm_eps)
   head_DV = params['embed'].T if cfg.tie_embeddings else params['head']
   logits_BTV = dense(x_BTD, head_DV).astype(jnp.float32)
   return logits_BTV, aux
 
 
-def loss_fn(params, router_bias_LE, batch, cfg, mesh):
-  """Mean next-token cross-entropy over unmasked targets, plus the weighted router losses."""
+def loss_fn(params, router_bias_LE, batch, cfg, mesh, balance_coef_L=None):
+  """Mean next-token cross-entropy over unmasked targets, plus the weighted auxiliary losses.
+
+  `balance_coef_L` (per MoE layer) replaces `balance_loss_weight` when the coefficient adapts."""
   logits_BTV, aux = forward(params, router_bias_LE, batch['inputs'], cfg, mesh)
   logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
   nll_BT = -jnp.take_along_axis(logp_BTV, batch['targets'][..., None], axis=-1)[..., 0]
   mask_BT = batch['loss_mask']
   lm_loss = jnp.sum(nll_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
   loss = lm_loss
-  if aux:
-    loss = loss + cfg.balance_loss_weight * aux['balance_loss'].mean()
+  if 'balance_loss' in aux:
+    coef_L = cfg.balance_loss_weight if balance_coef_L is None else balance_coef_L
+    loss = loss + jnp.mean(coef_L * aux['balance_loss'])
     loss = loss + cfg.z_loss_weight * aux['z_loss'].mean()
+  if cfg.hidden_z_loss_weight:
+    loss = loss + cfg.hidden_z_loss_weight * aux['blocks']['hidden_z_loss'].mean()
   return loss, {'lm_loss': lm_loss, **aux}

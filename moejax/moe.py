@@ -1,12 +1,7 @@
-"""Mixture-of-experts feed-forward, DeepSeek-V3 style: route -> permute -> expert FFN -> unpermute.
+"""Expert dispatch: permute -> expert FFN -> unpermute, after routing (moejax/router.py).
 
 Axis letters: T tokens (batch x sequence, flattened), D model, E experts, K top-k, F expert FFN,
 A = T*K token-to-expert assignments, R dispatch rows, C capacity (rows) per expert.
-
-Routing (DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2): float32 scores (sigmoid or softmax), top-k chosen on
-scores + a selection-only bias, combine weights from the unbiased scores normalised over the top-k and
-multiplied by `routed_scaling`. The bias is trained by `update_router_bias`, not by the optimizer
-(auxiliary-loss-free balancing, Wang et al. arXiv 2408.15664).
 
 Dispatch sorts assignments by expert into [E, C] slots and runs dense batched einsums, so its work
 grows with T*K, not with E (XLA:CPU lowers `ragged_dot` to a dense matmul over every group, and
@@ -20,51 +15,9 @@ experts on the rows routed to them, and `psum_scatter` returns each device its t
 """
 import functools
 import math
-from dataclasses import dataclass
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
-
-
-@dataclass(frozen=True)
-class Routing:
-  expert_TK: jax.Array   # int32 chosen experts
-  weight_TK: jax.Array   # float32 combine weights
-  load_E: jax.Array      # float32 number of assignments per expert
-  balance_loss: jax.Array
-  z_loss: jax.Array
-
-
-def route(x_TD, router_DE, bias_E, cfg, seq_len: int) -> Routing:
-  """Top-k routing in float32. `seq_len` groups tokens into sequences for the sequence-wise loss."""
-  E, K = cfg.num_experts, cfg.top_k
-  logits_TE = jnp.einsum('td,de->te', x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
-  if cfg.router_score == 'sigmoid':
-    scores_TE = jax.nn.sigmoid(logits_TE)
-  else:
-    scores_TE = jax.nn.softmax(logits_TE, axis=-1)
-  _, expert_TK = jax.lax.top_k(scores_TE + jax.lax.stop_gradient(bias_E), K)
-  weight_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
-  if cfg.norm_topk:
-    weight_TK = weight_TK / (weight_TK.sum(-1, keepdims=True) + 1e-20)
-  weight_TK = weight_TK * cfg.routed_scaling
-
-  chosen_TE = jax.nn.one_hot(expert_TK, E, dtype=jnp.float32).sum(1)
-  load_E = chosen_TE.sum(0)
-  # Sequence-wise balance loss (DeepSeek-V3 eqs. 17-20): sum_i f_i * P_i per sequence, averaged.
-  chosen_BSE = chosen_TE.reshape(-1, seq_len, E)
-  probs_BSE = (scores_TE / scores_TE.sum(-1, keepdims=True)).reshape(-1, seq_len, E)
-  f_BE = chosen_BSE.sum(1) * (E / (K * seq_len))
-  balance_loss = jnp.mean(jnp.sum(f_BE * probs_BSE.mean(1), axis=-1))
-  z_loss = jnp.mean(jax.nn.logsumexp(logits_TE, axis=-1) ** 2)
-  return Routing(expert_TK.astype(jnp.int32), weight_TK, load_E, balance_loss, z_loss)
-
-
-def update_router_bias(bias_LE, load_LE, rate: float):
-  """b += rate * sign(mean_load - load), per MoE layer, from loads counted over the global batch."""
-  mean_L1 = load_LE.mean(-1, keepdims=True)
-  return bias_LE + rate * jnp.sign(mean_L1 - load_LE)
 
 
 def _swiglu(x_NSD, w_gate_NDF, w_up_NDF, w_down_NFD):
@@ -215,10 +168,12 @@ def capacity_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EF
 DISPATCHES = {'dropless': dropless_experts, 'capacity': capacity_experts}
 
 
-def routed_experts(x_TD, routing: Routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, batch_axes):
+def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, batch_axes):
   """Runs the routed experts under shard_map: tokens sharded over `batch_axes`, experts over 'expert'.
 
-  Returns (y_TD, dropped assignments over the global batch)."""
+  Assignments to zero-computation experts (ids >= num_experts) are local to no device, so they are
+  not dispatched; the caller adds their identity output. Returns (y_TD, dropped assignments over
+  the global batch)."""
   experts_fn = functools.partial(DISPATCHES[cfg.dispatch],
                                  capacity_factor=cfg.capacity_factor, num_experts=cfg.num_experts)
   ep = 'expert' if 'expert' in mesh.axis_names else None

@@ -1,6 +1,7 @@
 """The sharded train state: built from the config (or its abstract shape for restoring).
 
-State = {step, params, opt_state, router_bias, rng}. Shardings come from the parameters' logical
+State = {step, params, opt_state, router_bias, balance_coef, rng}; the router bias and the
+balance coefficients per MoE layer are updated by the train step, not by the optimizer. Shardings come from the parameters' logical
 axes and `config.sharding`; the optimizer state takes the shardings of the parameters it mirrors.
 """
 import os
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moejax import model, optim, sharding
+from moejax import model, optim, router, sharding
 from moejax.data.prepare import prepare
 from moejax.params import init_params, logical_axes
 from moejax.validate import validate, validate_data
@@ -53,12 +54,13 @@ def setup(config, devices=None) -> Setup:
                                         transform_non_params=lambda _: rep)
   L = model.num_moe_layers(config.model)
   state_shardings = {'step': rep, 'params': param_shardings, 'opt_state': opt_shardings,
-                     'router_bias': rep, 'rng': rep}
+                     'router_bias': rep, 'balance_coef': rep, 'rng': rep}
   abstract_state = {
       'step': jax.ShapeDtypeStruct((), jnp.int32),
       'params': abstract_params,
       'opt_state': abstract_opt,
-      'router_bias': jax.ShapeDtypeStruct((L, config.model.num_experts), jnp.float32),
+      'router_bias': jax.ShapeDtypeStruct((L, router.num_routed(config.model)), jnp.float32),
+      'balance_coef': jax.ShapeDtypeStruct((L,), jnp.float32),
       'rng': jax.ShapeDtypeStruct((2,), jnp.uint32),
   }
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -74,5 +76,7 @@ def init_state(s: Setup):
     params = init_params(specs, key)
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': s.tx.init(params),
             'router_bias': jnp.zeros(s.abstract_state['router_bias'].shape, jnp.float32),
+            'balance_coef': jnp.full(s.abstract_state['balance_coef'].shape,
+                                     s.config.model.balance_loss_weight, jnp.float32),
             'rng': jax.random.key_data(jax.random.fold_in(key, 1))}
   return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(s.config.seed))

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from moejax import checkpoint, flops, metrics as metrics_lib, model, moe, sharding
+from moejax import checkpoint, diagnostics, flops, metrics as metrics_lib, model, router, sharding
 from moejax.data import pipeline
 from moejax.data.prepare import PrepareError
 from moejax.state import Setup, init_state, setup
@@ -35,17 +35,30 @@ def make_train_step(s: Setup):
 
   def train_step(state, batch):
     grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state['params'], state['router_bias'], batch, cfg, s.mesh)
+    (loss, aux), grads = grad_fn(state['params'], state['router_bias'], batch, cfg, s.mesh,
+                                 state['balance_coef'])
     updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
     new_state = {**state, 'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state}
     out = {'loss': loss, 'lm_loss': aux['lm_loss'], 'grad_norm': optax.global_norm(grads),
-           'lr': s.schedule(state['step'])}
+           'lr': s.schedule(state['step']), 'resid_max': aux['blocks']['resid_max']}
+    if cfg.hidden_z_loss_weight:
+      out['moe/hidden_z_loss'] = aux['blocks']['hidden_z_loss'].mean()
     if 'load_E' in aux:
-      new_state['router_bias'] = moe.update_router_bias(state['router_bias'], aux['load_E'],
-                                                        cfg.bias_update_rate)
-      out.update({'load_LE': aux['load_E'], 'moe/balance_loss': aux['balance_loss'].mean(),
-                  'moe/z_loss': aux['z_loss'].mean(),
+      ratio_L, ratio_unit_L = diagnostics.gradient_norm_ratio(
+          grads['moe_blocks']['ffn']['router'], aux, state['balance_coef'], cfg.z_loss_weight)
+      new_state['router_bias'] = router.update_router_bias(
+          state['router_bias'], aux['load_E'], router.bias_rate(cfg, state['step'], s.config.train.steps),
+          num_real=cfg.num_experts, target_active=cfg.target_active_experts or cfg.top_k,
+          mode=cfg.bias_update_mode, center=cfg.bias_center, top_k=cfg.top_k)
+      if cfg.balance_gnr_target:
+        new_state['balance_coef'] = diagnostics.adapt_balance_coef(
+            state['balance_coef'], ratio_L, cfg.balance_gnr_target, cfg.balance_loss_weight)
+      out.update({k: aux[k] for k in diagnostics.ROUTER_STATS + ('real_experts_hist',) if k in aux})
+      out.update({'load_LE': aux['load_E'], 'router_bias': state['router_bias'],
+                  'balance_coef': state['balance_coef'], 'grad_norm_ratio': ratio_L,
+                  'grad_norm_ratio_unit': ratio_unit_L,
+                  'moe/balance_loss': aux['balance_loss'].mean(), 'moe/z_loss': aux['z_loss'].mean(),
                   'moe/dropped_frac': aux['dropped'].sum() / (aux['dropped'].size * tokens_per_batch * cfg.top_k)})
     return new_state, out
 
@@ -96,13 +109,16 @@ def train(config, workdir: str):
     print(f'resumed from step {start} in {workdir}', flush=True)
   else:
     state, start = init_state(s), 0
-  log = metrics_lib.MetricsLog(workdir, resume_step=start, is_writer=jax.process_index() == 0)
+  log = metrics_lib.MetricsLog(workdir, resume_step=start, is_writer=jax.process_index() == 0,
+                               num_real_experts=c.model.num_experts, alert_maxvio=t.alert_maxvio,
+                               alert_dead_experts=t.alert_dead_experts)
 
   eval_data = [to_global(b, s.batch_sharding) for b in pipeline.eval_batches(
       c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
       max_batches=t.eval_batches)]
   eval_step = make_eval_step(s)
   train_step = make_train_step(s)
+  similarity = jax.jit(diagnostics.expert_similarity)
 
   def evaluate(step):
     start_time = time.perf_counter()
@@ -112,7 +128,9 @@ def train(config, workdir: str):
 
   if start == 0:
     evaluate(0)
-  flops_per_step = flops.train_flops_per_token(c.model, t.seq_len) * t.batch_size * t.seq_len
+  def flops_per_step(real_experts_per_token=None):
+    return flops.train_flops_per_token(c.model, t.seq_len, real_experts_per_token) * t.batch_size * t.seq_len
+
   peak = flops.peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
   window = metrics_lib.Window(flops_per_step, peak, t.batch_size * t.seq_len)
   pending = None
@@ -125,6 +143,8 @@ def train(config, workdir: str):
       pending = None
     window.add(out)
     if step % t.log_every == 0 or step == t.steps or stop:
+      if 'moe_blocks' in state['params']:
+        out = {**out, **similarity(state['params']['moe_blocks']['ffn'])}
       pending = (step, out)
     if step % t.eval_every == 0 or step == t.steps:
       if pending is not None:

@@ -33,8 +33,9 @@ def validate_model(m):
                'dense_ffn_dim', 'expert_ffn_dim'):
     _check(isinstance(m[name], int) and m[name] > 0, f'model.{name}', f'must be a positive integer, got {m[name]!r}')
   _check(m.num_experts >= 1, 'model.num_experts', f'must be >= 1, got {m.num_experts}')
-  _check(1 <= m.top_k <= m.num_experts, 'model.top_k',
-         f'{m.top_k} must be between 1 and model.num_experts ({m.num_experts})')
+  _check(1 <= m.top_k <= m.num_experts + m.num_zero_experts, 'model.top_k',
+         f'{m.top_k} must be between 1 and model.num_experts ({m.num_experts})'
+         + (f' + model.num_zero_experts ({m.num_zero_experts})' if m.num_zero_experts else ''))
   _check(0 <= m.num_dense_layers <= m.num_layers, 'model.num_dense_layers',
          f'{m.num_dense_layers} must be between 0 and model.num_layers ({m.num_layers})')
   _check(m.num_shared_experts >= 0, 'model.num_shared_experts', 'must be >= 0')
@@ -51,6 +52,18 @@ def validate_model(m):
   _one_of(m.compute_dtype, ('float32', 'bfloat16', 'float16'), 'model.compute_dtype')
   _check(m.capacity_factor > 0, 'model.capacity_factor', f'must be positive, got {m.capacity_factor}')
   _check(m.bias_update_rate >= 0, 'model.bias_update_rate', 'must be >= 0')
+  _one_of(m.bias_update_mode, ('sign', 'proportional'), 'model.bias_update_mode')
+  _one_of(m.bias_update_schedule, ('constant', 'linear'), 'model.bias_update_schedule')
+  _one_of(m.balance_loss_scope, ('sequence', 'global'), 'model.balance_loss_scope')
+  _check(m.num_zero_experts >= 0, 'model.num_zero_experts', f'must be >= 0, got {m.num_zero_experts}')
+  if m.num_zero_experts:
+    _check(0 < m.target_active_experts <= m.top_k, 'model.target_active_experts',
+           f'{m.target_active_experts} must be in (0, model.top_k={m.top_k}] with zero-computation experts')
+    _check(not m.bias_center, 'model.bias_center',
+           'centring the bias update would cancel the steering towards target_active_experts')
+  _check(m.balance_gnr_target >= 0, 'model.balance_gnr_target', 'must be >= 0')
+  for name in ('balance_loss_weight', 'z_loss_weight', 'hidden_z_loss_weight'):
+    _check(m[name] >= 0, f'model.{name}', f'must be >= 0, got {m[name]}')
 
 
 def validate_mesh(config, num_devices: int) -> dict:

@@ -7,6 +7,7 @@ import pytest
 from conftest import MESH_SHAPES, make_test_mesh, tiny_model_config
 
 from moejax import model, moe, params
+from moejax import router as router_lib
 
 T_SEQ, T_BATCH = 8, 2          # tokens are T_BATCH sequences of T_SEQ
 T = T_SEQ * T_BATCH            # 16 tokens: divisible by 8 shards
@@ -91,7 +92,7 @@ def lib_value_and_grad(cfg, mesh, bias, r):
   """jit: args -> (grads wrt (x, router, wg, wu, wd), (y, dropped, expert_TK, weight_TK))."""
   def f(args):
     x, router, wg, wu, wd = args
-    routing = moe.route(x, router, bias, cfg, seq_len=T_SEQ)
+    routing = router_lib.route(x, router, bias, cfg, seq_len=T_SEQ)
     y, dropped = moe.routed_experts(x, routing, wg, wu, wd, cfg, mesh, batch_axes_of(mesh))
     return jnp.sum(y * r), (y, dropped, routing.expert_TK, routing.weight_TK)
   return jax.jit(jax.grad(f, has_aux=True))
@@ -130,7 +131,7 @@ def test_route_weights_are_unbiased_scores_normalised_and_scaled():
   cfg = moe_cfg(router_score='sigmoid', norm_topk=True, top_k=2)
   (x, router, *_), bias, _ = make_inputs(cfg)
   bias = bias * 20   # a large bias changes the choice but must not change the weights' formula
-  routing = moe.route(x, router, bias, cfg, seq_len=T_SEQ)
+  routing = router_lib.route(x, router, bias, cfg, seq_len=T_SEQ)
   s = ref_scores(x, router, cfg)
   e = np.asarray(routing.expert_TK)
   w = np.take_along_axis(s, e, -1)
@@ -338,8 +339,8 @@ def test_update_router_bias_reduces_max_violation_of_skewed_router():
     return (load_E.max() - load_E.mean()) / load_E.mean()
 
   def step(bias_E, _):
-    load_E = moe.route(x, router, bias_E, cfg, seq_len=n).load_E
-    new = moe.update_router_bias(bias_E[None], load_E[None], 1e-2)[0]
+    load_E = router_lib.route(x, router, bias_E, cfg, seq_len=n).load_E
+    new = router_lib.update_router_bias(bias_E[None], load_E[None], 1e-2)[0]
     return new, max_vio(load_E)
 
   _, vio = jax.jit(lambda b: jax.lax.scan(step, b, None, length=100))(jnp.zeros(E))
@@ -351,7 +352,7 @@ def test_update_router_bias_reduces_max_violation_of_skewed_router():
 def test_update_router_bias_moves_bias_by_rate_times_sign_per_layer():
   load = jnp.array([[4.0, 0.0, 2.0, 2.0], [1.0, 1.0, 1.0, 5.0]])
   bias = jnp.array([[0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.0, 0.0]])
-  out = moe.update_router_bias(bias, load, 0.5)
+  out = router_lib.update_router_bias(bias, load, 0.5)
   np.testing.assert_allclose(out, [[-0.4, 0.7, 0.3, 0.4], [0.5, 0.5, 0.5, -0.5]], rtol=1e-6)
 
 
@@ -359,7 +360,7 @@ def test_update_router_bias_moves_bias_by_rate_times_sign_per_layer():
 def test_balance_loss_and_z_loss_match_their_definitions(router_score):
   cfg = moe_cfg(router_score=router_score, top_k=2)
   (x, router, *_), bias, _ = make_inputs(cfg, seed=8)
-  routing = moe.route(x, router, bias, cfg, seq_len=T_SEQ)
+  routing = router_lib.route(x, router, bias, cfg, seq_len=T_SEQ)
   E, K = cfg.num_experts, cfg.top_k
   s = ref_scores(x, router, cfg)
   chosen = ref_choose(x, router, bias, cfg)
@@ -382,7 +383,7 @@ def test_balance_loss_is_one_when_router_scores_are_uniform():
   """P_i = 1/E for every expert, so the loss is (1/E) * sum_i f_i = (1/E) * E/(K*T) * K*T = 1."""
   cfg = moe_cfg(router_score='softmax', top_k=2)
   E = cfg.num_experts
-  routing = moe.route(jnp.zeros((E, cfg.d_model)), jnp.zeros((cfg.d_model, E)), jnp.zeros(E), cfg,
+  routing = router_lib.route(jnp.zeros((E, cfg.d_model)), jnp.zeros((cfg.d_model, E)), jnp.zeros(E), cfg,
                       seq_len=E)
   np.testing.assert_allclose(routing.balance_loss, 1.0, rtol=1e-6)
   np.testing.assert_allclose(routing.z_loss, np.log(E) ** 2, rtol=1e-6)

@@ -1,0 +1,84 @@
+"""Router and stability diagnostics: what the train step returns per layer -> logged summaries.
+
+Per MoE layer (L) the step returns expert loads, router entropy, score margins, real experts per
+token, the gradient-norm ratio R = |dL_balance/d router| / |dL_lm/d router| (direct gradients of the
+layer's own losses), and per block the max residual activation. At log steps the expert weights'
+pairwise cosine similarity is added (rising similarity = experts homogenising).
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROUTER_STATS = ('entropy', 'top1_margin', 'topk_margin', 'real_experts_per_token')
+
+
+def gradient_norm_ratio(grad_router_LDE, aux, balance_coef_L, z_loss_weight: float):
+  """R per layer for the balance loss as weighted now, and per unit balance coefficient."""
+  L = grad_router_LDE.shape[0]
+  g_bal_unit = aux['router_grad_balance'] / L
+  g_bal = balance_coef_L[:, None, None] * g_bal_unit
+  g_lm = grad_router_LDE - g_bal
+  if 'router_grad_z' in aux:
+    g_lm = g_lm - z_loss_weight / L * aux['router_grad_z']
+  norm = lambda g: jnp.sqrt(jnp.sum(g * g, axis=(1, 2)))
+  lm_L = jnp.maximum(norm(g_lm), 1e-30)
+  return norm(g_bal) / lm_L, norm(g_bal_unit) / lm_L
+
+
+def adapt_balance_coef(coef_L, ratio_L, target: float, max_coef: float):
+  """Shrinks a layer's coefficient when R exceeds the target; lets it recover slowly otherwise."""
+  factor_L = jnp.clip(target / jnp.maximum(ratio_L, 1e-30), 0.5, 1.05)
+  return jnp.minimum(coef_L * factor_L, max_coef)
+
+
+def expert_similarity(moe_params) -> dict:
+  """Mean and max pairwise cosine similarity between experts' flattened weights, per layer."""
+  w_LEX = jnp.concatenate([moe_params[k].reshape(*moe_params[k].shape[:2], -1)
+                           for k in ('w_gate', 'w_up', 'w_down')], axis=-1)
+  w_LEX = w_LEX / jnp.linalg.norm(w_LEX, axis=-1, keepdims=True)
+  cos_LEE = jnp.einsum('lex,lfx->lef', w_LEX, w_LEX)
+  E = cos_LEE.shape[-1]
+  off_LEE = jnp.where(jnp.eye(E, dtype=bool), jnp.nan, cos_LEE)
+  return {'expert_cos_mean': jnp.nanmean(off_LEE, axis=(1, 2)),
+          'expert_cos_max': jnp.nanmax(off_LEE, axis=(1, 2))}
+
+
+def maxvio_L(load_LE) -> np.ndarray:
+  """(max load - mean load) / mean load per layer (Wang et al., arXiv 2408.15664)."""
+  mean_L = load_LE.mean(-1)
+  return (load_LE.max(-1) - mean_L) / np.maximum(mean_L, 1e-9)
+
+
+def summarize(out: dict, window_load_LE, num_real: int) -> tuple[dict, dict]:
+  """Host-side: per-layer arrays -> (scalar record entries, per-layer lists for layers.jsonl)."""
+  record, layers = {}, {}
+  if 'load_LE' in out:
+    load_LE, window_LE = np.asarray(out['load_LE'])[:, :num_real], np.asarray(window_load_LE)[:, :num_real]
+    layers['maxvio'] = maxvio_L(load_LE)
+    layers['maxvio_window'] = maxvio_L(window_LE)
+    layers['dead_experts'] = (window_LE == 0).sum(-1)
+    layers['load_fraction'] = window_LE / np.maximum(window_LE.sum(-1, keepdims=True), 1e-9)
+    record['moe/maxvio'] = float(layers['maxvio'].max())
+    record['moe/maxvio_global'] = float(layers['maxvio_window'].max())
+    record['moe/dead_experts'] = int(layers['dead_experts'].sum())
+    bias_LE = np.asarray(out['router_bias'])[:, :num_real]
+    record.update({'moe/bias_mean': float(bias_LE.mean()), 'moe/bias_std': float(bias_LE.std()),
+                   'moe/bias_max': float(np.abs(bias_LE).max())})
+    for k in ROUTER_STATS + ('grad_norm_ratio', 'grad_norm_ratio_unit', 'balance_coef',
+                             'expert_cos_mean', 'expert_cos_max'):
+      if k in out:
+        layers[k] = np.asarray(out[k])
+    for k in ROUTER_STATS:
+      if k in layers:
+        record[f'moe/{k}'] = float(layers[k].mean())
+    record['moe/grad_norm_ratio'] = float(layers['grad_norm_ratio'].max())
+    record['moe/grad_norm_ratio_unit'] = float(layers['grad_norm_ratio_unit'].max())
+    if 'expert_cos_mean' in layers:
+      record['moe/expert_cos_mean'] = float(layers['expert_cos_mean'].mean())
+      record['moe/expert_cos_max'] = float(layers['expert_cos_max'].max())
+    if 'real_experts_hist' in out:
+      layers['real_experts_hist'] = np.asarray(out['real_experts_hist'])
+  if 'resid_max' in out:
+    layers['resid_max'] = np.asarray(out['resid_max'])
+    record['resid/max_abs'] = float(layers['resid_max'].max())
+  return record, {k: np.round(v, 5).tolist() for k, v in layers.items()}

@@ -1,0 +1,124 @@
+"""Routing and load balancing: top-k routing, the balancing losses, the bias update, router stats.
+
+Axis letters: T tokens, D model, E routed experts (real + zero-computation), K top-k, L MoE layers.
+
+- Routing (DeepSeek-V3, arXiv 2412.19437 sec. 2.1.2): float32 scores (sigmoid or softmax), top-k on
+  scores + a selection-only bias, combine weights from the unbiased scores normalised over the
+  top-k and multiplied by `routed_scaling`.
+- Auxiliary-loss-free balancing (Wang et al., arXiv 2408.15664): after each step the bias moves
+  towards each expert's target load, by `rate * sign(target - load)` (DeepSeek-V3) or
+  proportionally, `rate * (target - load) / (K*T)` (LongCat-Flash, arXiv 2509.01322 eq. 3).
+- Zero-computation experts (LongCat-Flash sec. 2.1): `num_zero_experts` identity experts join the
+  pool; real experts aim at `target_active_experts * T / E_real` tokens each, so the average number
+  of real experts per token is steered to that target; zero experts' biases stay fixed.
+- Balance losses: sequence-wise (DeepSeek-V3 eqs. 17-20, f_i P_i summed over experts and averaged
+  over sequences) or global-batch (Qiu et al. "Demons in the detail", Qwen, arXiv 2501.11873:
+  the same f_i P_i with frequencies counted over the whole global batch); router z-loss (ST-MoE,
+  arXiv 2202.08906 eq. 5: mean of logsumexp(logits)^2).
+"""
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+
+
+@dataclass(frozen=True)
+class Routing:
+  expert_TK: jax.Array     # int32 chosen experts; ids >= num_experts are zero-computation experts
+  weight_TK: jax.Array     # float32 combine weights
+  load_E: jax.Array        # float32 assignments per expert (real then zero experts)
+  balance_loss: jax.Array
+  z_loss: jax.Array
+  stats: dict              # scalar router diagnostics (entropy, margins, real experts per token)
+
+
+def num_routed(cfg) -> int:
+  return cfg.num_experts + cfg.num_zero_experts
+
+
+def balance_loss(chosen_TE, scores_TE, K: int, group_size: int):
+  """sum_i f_i P_i averaged over groups of `group_size` tokens (a sequence, or the global batch).
+
+  f_i = E / (K * group_size) * (tokens of the group routed to i); P_i = mean over the group of
+  s_i / sum_j s_j. Equals 1 for perfectly uniform routing."""
+  E = scores_TE.shape[-1]
+  chosen_GSE = chosen_TE.reshape(-1, group_size, E)
+  probs_GSE = (scores_TE / scores_TE.sum(-1, keepdims=True)).reshape(-1, group_size, E)
+  f_GE = chosen_GSE.sum(1) * (E / (K * group_size))
+  return jnp.mean(jnp.sum(f_GE * probs_GSE.mean(1), axis=-1))
+
+
+def router_stats(scores_TE, selection_TE, expert_TK, num_real: int) -> dict:
+  """Entropy of the normalised scores, selection-score margins, real experts per token."""
+  K = expert_TK.shape[-1]
+  probs_TE = scores_TE / scores_TE.sum(-1, keepdims=True)
+  entropy = -jnp.mean(jnp.sum(probs_TE * jnp.log(probs_TE + 1e-20), axis=-1))
+  top_TK1 = jax.lax.top_k(selection_TE, min(K + 1, selection_TE.shape[-1]))[0]
+  real_T = jnp.sum(expert_TK < num_real, axis=-1).astype(jnp.float32)
+  stats = {'entropy': entropy, 'top1_margin': jnp.mean(top_TK1[:, 0] - top_TK1[:, 1]),
+           'real_experts_per_token': jnp.mean(real_T),
+           # fraction of tokens using 0..K real experts (differs from "all K" only with zero experts)
+           'real_experts_hist': jnp.bincount(real_T.astype(jnp.int32), length=K + 1) / real_T.shape[0]}
+  if top_TK1.shape[-1] > K:   # how far the k-th choice is from being replaced by the (k+1)-th
+    stats['topk_margin'] = jnp.mean(top_TK1[:, K - 1] - top_TK1[:, K])
+  return stats
+
+
+def route(x_TD, router_DE, bias_E, cfg, seq_len: int) -> Routing:
+  """Top-k routing in float32. `seq_len` groups tokens into sequences for the sequence-wise loss."""
+  K = cfg.top_k
+  logits_TE = jnp.einsum('td,de->te', x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
+  if cfg.router_score == 'sigmoid':
+    scores_TE = jax.nn.sigmoid(logits_TE)
+  else:
+    scores_TE = jax.nn.softmax(logits_TE, axis=-1)
+  selection_TE = scores_TE + jax.lax.stop_gradient(bias_E)
+  _, expert_TK = jax.lax.top_k(selection_TE, K)
+  weight_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
+  if cfg.norm_topk:
+    weight_TK = weight_TK / (weight_TK.sum(-1, keepdims=True) + 1e-20)
+  weight_TK = weight_TK * cfg.routed_scaling
+
+  chosen_TE = jax.nn.one_hot(expert_TK, scores_TE.shape[-1], dtype=jnp.float32).sum(1)
+  group = seq_len if cfg.balance_loss_scope == 'sequence' else x_TD.shape[0]
+  return Routing(
+      expert_TK=expert_TK.astype(jnp.int32), weight_TK=weight_TK, load_E=chosen_TE.sum(0),
+      balance_loss=balance_loss(chosen_TE, scores_TE, K, group),
+      z_loss=jnp.mean(jax.nn.logsumexp(logits_TE, axis=-1) ** 2),
+      stats=router_stats(scores_TE, selection_TE, expert_TK, cfg.num_experts))
+
+
+def target_load(load_LE, num_real: int, target_active: float | None, top_k: int):
+  """Per-expert target load: uniform, or with zero experts `target_active` real experts per token."""
+  tokens_L1 = load_LE.sum(-1, keepdims=True) / top_k
+  E = load_LE.shape[-1]
+  if num_real == E:
+    return jnp.broadcast_to(load_LE.mean(-1, keepdims=True), load_LE.shape)
+  real_E = jnp.arange(E) < num_real
+  return jnp.where(real_E, tokens_L1 * target_active / num_real,
+                   tokens_L1 * (top_k - target_active) / (E - num_real))
+
+
+def update_router_bias(bias_LE, load_LE, rate, *, num_real: int | None = None,
+                       target_active: float | None = None, mode: str = 'sign',
+                       center: bool = False, top_k: int = 1):
+  """One auxiliary-loss-free step from loads counted over the global batch (see module doc)."""
+  num_real = load_LE.shape[-1] if num_real is None else num_real
+  error_LE = target_load(load_LE, num_real, target_active, top_k) - load_LE
+  if mode == 'sign':
+    delta_LE = rate * jnp.sign(error_LE)
+  else:
+    delta_LE = rate * error_LE / load_LE.sum(-1, keepdims=True)
+  real_E = jnp.arange(load_LE.shape[-1]) < num_real
+  delta_LE = jnp.where(real_E, delta_LE, 0.0)     # zero experts' biases stay fixed (LongCat)
+  if center:
+    delta_LE = delta_LE - delta_LE.mean(-1, keepdims=True)
+  return bias_LE + delta_LE
+
+
+def bias_rate(cfg, step, total_steps: int):
+  """The bias update rate at `step`: constant, or decaying linearly to rate * bias_update_final."""
+  if cfg.bias_update_schedule == 'constant':
+    return cfg.bias_update_rate
+  frac = jnp.minimum(step / max(total_steps, 1), 1.0)
+  return cfg.bias_update_rate * (1.0 - (1.0 - cfg.bias_update_final) * frac)

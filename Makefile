@@ -14,10 +14,13 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
-	@py=$$($(FIND_PYTHON)); \
-	[ -n "$$py" ] || { echo "moejax needs Python >= 3.12: install one (e.g. 'pyenv install 3.12') or run make PYTHON=/path/to/python3.12"; exit 1; }; \
-	echo "setting up $(VENV) with $$py"; \
-	"$$py" -m venv $(VENV) && $(PY) -m pip install -q --upgrade pip && $(PY) -m pip install -q -r requirements.txt
+	@if ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1; then \
+	  py=$$($(FIND_PYTHON)); \
+	  [ -n "$$py" ] || { echo "moejax needs Python >= 3.12: install one (e.g. 'pyenv install 3.12') or run make PYTHON=/path/to/python3.12"; exit 1; }; \
+	  echo "setting up $(VENV) with $$py"; rm -rf $(VENV); "$$py" -m venv $(VENV); \
+	fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
 	@touch $@
 
 data: setup

@@ -14,7 +14,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with metrics.jsonl.', required=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with metrics.jsonl.')
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -111,6 +111,8 @@ def report(workdir: str) -> str:
 
 def main(argv):
   del argv
+  if not _WORKDIR.value:
+    raise SystemExit('error: --workdir is required')
   try:
     print(f'wrote {report(_WORKDIR.value)}')
   except FileNotFoundError as e:

@@ -79,11 +79,11 @@ class MetricsLog:
     # MFU counts the real experts a token actually used (zero-computation experts cost nothing)
     record['mfu'] = window.flops_per_step(record.get('moe/real_experts_per_token')) / step_time / window.peak_flops
     window.reset()
-    record.update(self.alerts(record))
+    record.update(self.alerts(step, record))
     self.write(step, record, layers)
     self.progress(step, record, total_steps, step_time)
 
-  def alerts(self, r: dict) -> dict:
+  def alerts(self, step: int, r: dict) -> dict:
     """Warns in the log (and the record) when the router drifts towards collapse."""
     found = []
     if self.alert_maxvio and r.get('moe/maxvio_global', 0.0) > self.alert_maxvio:
@@ -91,7 +91,7 @@ class MetricsLog:
     if self.alert_dead_experts and r.get('moe/dead_experts', 0) >= self.alert_dead_experts:
       found.append(f'{r["moe/dead_experts"]} dead experts')
     for message in found:
-      print(f'ALERT step {r.get("step", "?")}: {message}', flush=True)
+      print(f'ALERT step {step}: {message}', flush=True)
     return {'alerts': found} if found else {}
 
   def progress(self, step, r, total_steps, step_time):

@@ -82,16 +82,23 @@ def mla_specs(cfg):
   return specs
 
 
+def latent_scale(cfg, rank: int) -> float:
+  """Variance alignment (LongCat-Flash): the RMS-normalised latent has unit variance per dim, so
+  its up-projection's output variance grows with the rank; sqrt(d_model / rank) makes it match a
+  projection from d_model, whatever the rank."""
+  return (cfg.d_model / rank) ** 0.5 if cfg.variance_alignment else 1.0
+
+
 def mla_apply(p, x_BTD, cfg):
   Nn, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
   if cfg.q_lora_rank:
     q_lat = rms_norm(dense(x_BTD, p['wq_a']), p['q_norm'], cfg.norm_eps)
-    q_BTHK = dense(q_lat, p['wq_b'])
+    q_BTHK = dense(q_lat * latent_scale(cfg, cfg.q_lora_rank), p['wq_b'])
   else:
     q_BTHK = dense(x_BTD, p['wq'])
   q_BTHK = jnp.concatenate([q_BTHK[..., :Nn], rope(q_BTHK[..., Nn:], cfg.rope_theta)], axis=-1)
   kv_a = dense(x_BTD, p['wkv_a'])
-  latent_BTC = rms_norm(kv_a[..., :C], p['kv_norm'], cfg.norm_eps)
+  latent_BTC = rms_norm(kv_a[..., :C], p['kv_norm'], cfg.norm_eps) * latent_scale(cfg, C)
   k_rope_BT1R = rope(kv_a[..., None, C:], cfg.rope_theta)          # one rope key for all heads
   kv_BTHK = dense(latent_BTC, p['wkv_b'])
   H = q_BTHK.shape[2]

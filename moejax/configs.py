@@ -57,6 +57,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.capacity_factor = 1.25     # used by dispatch == 'capacity'
   m.block_size = 0             # rows per expert block in dropless dispatch; 0 = choose from the shapes
   m.tie_embeddings = False
+  m.variance_alignment = False  # init-variance compensation for fine-grained experts and MLA ranks
   m.init_std = 0.02
   m.norm_eps = 1e-6
   m.scan_unroll = 1            # layers per scan iteration (True = fully unrolled)

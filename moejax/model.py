@@ -91,6 +91,7 @@ def moe_ffn(p, bias_E, x_BTD, cfg, mesh, batch_axes):
   routing = router.route(x_TD, p['router'], bias_E, cfg, seq_len=T)
   y_TD, dropped = moe.routed_experts(x_TD, routing, p['w_gate'], p['w_up'], p['w_down'], cfg, mesh,
                                      batch_axes)
+  y_TD = y_TD * routed_variance_scale(cfg)
   if cfg.num_zero_experts:   # identity experts: the token itself, weighted, at no expert FLOPs
     zero_weight_T = jnp.sum(jnp.where(routing.expert_TK >= cfg.num_experts, routing.weight_TK, 0.0), -1)
     y_TD = y_TD + x_TD * zero_weight_T[:, None].astype(x_TD.dtype)
@@ -101,6 +102,17 @@ def moe_ffn(p, bias_E, x_BTD, cfg, mesh, batch_axes):
          'z_loss': routing.z_loss, 'dropped': dropped, **routing.stats,
          **_router_loss_grads(x_TD, p['router'], bias_E, cfg, T)}
   return y_BTD, aux
+
+
+def routed_variance_scale(cfg) -> float:
+  """Variance alignment (LongCat-Flash sec. 2.3, 'variance compensation'): with top-k weights
+  normalised to sum to 1, K independent experts' outputs average, so the routed output's variance
+  at init falls as 1/K while each expert's falls with its width F. Scaling by K (by 2 for
+  unnormalised sigmoid weights ~0.5) keeps it at that of a dense SwiGLU of width K*F, whatever the
+  granularity at fixed active parameters."""
+  if not cfg.variance_alignment:
+    return 1.0
+  return float(cfg.top_k) if cfg.norm_topk else 2.0
 
 
 def hidden_z_loss(x_BTD):

@@ -162,3 +162,43 @@ def test_train_step_gradient_norm_ratio_matches_separate_gradients():
   np.testing.assert_allclose(np.asarray(ratio), expect, rtol=1e-5)
   # the last layer's balance loss reaches its router only directly
   np.testing.assert_allclose(np.asarray(g_bal[-1]), np.asarray(direct[-1]), rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize('aligned', [True, False])
+def test_variance_alignment_keeps_routed_output_variance_across_granularity(aligned):
+  """At fixed active parameters (top_k * expert_ffn_dim = 512), 8 -> 256 experts."""
+  mesh = make_test_mesh({'data': 1, 'expert': 1})
+  x_BTD = jax.random.normal(jax.random.key(0), (4, 128, 64))
+  var = {}
+  for E, K in ((8, 2), (32, 8), (128, 32), (256, 64)):
+    cfg = tiny_model_config(d_model=64, num_experts=E, top_k=K, expert_ffn_dim=512 // K,
+                            num_shared_experts=0, variance_alignment=aligned, init_std=0.02)
+    p = params.init_params(model.moe_specs(cfg), jax.random.key(E))
+    y, _ = model.moe_ffn(p, jnp.zeros((E,)), x_BTD, cfg, mesh, ())
+    var[E] = float(jnp.var(y))
+  spread = max(var.values()) / min(var.values())
+  if aligned:
+    assert spread < 1.2, var
+  else:
+    assert spread > 100, var                     # without it the output shrinks ~K^2
+
+
+@pytest.mark.parametrize('aligned', [True, False])
+def test_variance_alignment_keeps_mla_key_value_variance_across_latent_ranks(aligned):
+  """The up-projected keys/values (and queries) have the same variance at kv/q ranks 16 -> 128."""
+  from moejax.attention import ATTENTIONS, latent_scale
+  from moejax.layers import dense, rms_norm
+  x_BTD = jax.random.normal(jax.random.key(0), (2, 64, 128))
+  var = {}
+  for C in (16, 64, 128):
+    cfg = tiny_model_config(d_model=128, attention='mla', num_heads=4, kv_lora_rank=C, q_lora_rank=C,
+                            qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
+                            variance_alignment=aligned)
+    p = params.init_params(ATTENTIONS['mla'].specs(cfg), jax.random.key(1))
+    latent = rms_norm(dense(x_BTD, p['wkv_a'])[..., :C], p['kv_norm'], cfg.norm_eps)
+    q_lat = rms_norm(dense(x_BTD, p['wq_a']), p['q_norm'], cfg.norm_eps)
+    var[C] = (float(jnp.var(dense(latent * latent_scale(cfg, C), p['wkv_b']))),
+              float(jnp.var(dense(q_lat * latent_scale(cfg, C), p['wq_b']))))
+  for i in range(2):
+    spread = max(v[i] for v in var.values()) / min(v[i] for v in var.values())
+    assert (spread < 1.2) if aligned else (spread > 4), var

@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import optax
 
-from moejax import checkpoint, flops, metrics as metrics_lib, model, moe, sharding
+from moejax import checkpoint, flops, metrics as metrics_lib, model, moe, optim, sharding
 from moejax.data import pipeline
 from moejax.data.prepare import PrepareError
+from moejax.params import logical_axes
 from moejax.state import Setup, init_state, setup
 from moejax.validate import ConfigError
 
@@ -39,8 +40,9 @@ def make_train_step(s: Setup):
     updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
     new_state = {**state, 'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state}
+    lrs = optim.learning_rates(opt_state)   # what each group used in this step
     out = {'loss': loss, 'lm_loss': aux['lm_loss'], 'grad_norm': optax.global_norm(grads),
-           'lr': s.schedule(state['step'])}
+           'lr': lrs.get('lr/hidden', next(iter(lrs.values()))), **lrs}
     if 'load_E' in aux:
       new_state['router_bias'] = moe.update_router_bias(state['router_bias'], aux['load_E'],
                                                         cfg.bias_update_rate)
@@ -80,6 +82,8 @@ class Preemption:
 def train(config, workdir: str):
   s = setup(config)
   c, t = config, config.train
+  print(optim.group_table(c.optim, logical_axes(model.model_specs(c.model)), s.abstract_state['params']),
+        flush=True)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))

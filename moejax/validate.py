@@ -77,9 +77,11 @@ def validate(config, num_devices: int, check_data: bool = True):
   _positive(config, 'train', 'steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'eval_batches')
   _positive(config, 'checkpoint', 'every', 'max_to_keep')
   _positive(config, 'optim', 'lr', 'clip_norm')
-  _one_of(config.optim.name, optim.OPTIMIZERS, 'optim.name')
   _check(config.optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
   _check(config.optim.eps > 0, 'optim.eps', 'must be positive')
+  from moejax.model import model_specs
+  from moejax.params import logical_axes
+  optim.validate_optim(config.optim, logical_axes(model_specs(config.model)), config.train.steps)
   sizes = validate_mesh(config, num_devices)
   batch_axes = config.sharding.get('batch') or ()
   batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)

@@ -52,6 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_unroll = 1            # layers per scan iteration (True = fully unrolled)
   m.remat = 'none'             # name in moejax.model.REMAT_POLICIES
   m.compute_dtype = 'float32'
+  m.precision = 'fp32'         # 'fp32' | 'bf16' | 'fp8' (moejax.precision); params stay float32
 
   t = c.train = ml_collections.ConfigDict()
   t.steps = 200

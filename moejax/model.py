@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax import moe
+from moejax import moe, precision
 from moejax.attention import ATTENTIONS
 from moejax.layers import dense, rms_norm, swiglu
 from moejax.params import ParamSpec, stacked
@@ -82,7 +82,7 @@ def moe_ffn(p, bias_E, x_BTD, cfg, mesh, batch_axes):
                                      batch_axes)
   y_BTD = y_TD.reshape(B, T, D)
   if 'shared' in p:
-    y_BTD = y_BTD + swiglu(p['shared'], x_BTD)
+    y_BTD = y_BTD + swiglu(p['shared'], x_BTD, precision.einsum_for(precision.fp8_mlp(cfg)))
   aux = {'load_E': routing.load_E, 'balance_loss': routing.balance_loss,
          'z_loss': routing.z_loss, 'dropped': dropped}
   return y_BTD, aux
@@ -90,7 +90,7 @@ def moe_ffn(p, bias_E, x_BTD, cfg, mesh, batch_axes):
 
 def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'expert')):
   """Returns logits_BTV (float32) and aux: per-MoE-layer values stacked over layers."""
-  dtype = jnp.dtype(cfg.compute_dtype)
+  dtype = precision.compute_dtype(cfg)
   params = jax.tree_util.tree_map_with_path(
       lambda path, w: w if any(n in jax.tree_util.keystr(path) for n in FLOAT32_PARAMS)
       else w.astype(dtype), params)
@@ -106,7 +106,7 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
 
   def dense_block(x_BTD, p):
     x_BTD, h = block(x_BTD, p)
-    return x_BTD + swiglu(p['ffn'], h), None
+    return x_BTD + swiglu(p['ffn'], h, precision.einsum_for(precision.fp8_mlp(cfg))), None
 
   def moe_block(x_BTD, p_and_bias):
     p, bias_E = p_and_bias

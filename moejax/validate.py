@@ -3,7 +3,7 @@ import math
 import os
 
 
-from moejax import moe, optim
+from moejax import moe, optim, precision
 from moejax.attention import ATTENTIONS
 from moejax.model import REMAT_POLICIES
 
@@ -49,6 +49,7 @@ def validate_model(m):
   _one_of(m.router_score, ('sigmoid', 'softmax'), 'model.router_score')
   _one_of(m.remat, REMAT_POLICIES, 'model.remat')
   _one_of(m.compute_dtype, ('float32', 'bfloat16', 'float16'), 'model.compute_dtype')
+  _one_of(m.precision, precision.POLICIES, 'model.precision')
   _check(m.capacity_factor > 0, 'model.capacity_factor', f'must be positive, got {m.capacity_factor}')
   _check(m.bias_update_rate >= 0, 'model.bias_update_rate', 'must be >= 0')
 

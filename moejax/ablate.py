@@ -99,6 +99,7 @@ def main(argv):
   for name, extra in study['variants'].items():
     workdir = os.path.join('runs', f'ablate-{_STUDY.value}', name.replace(' ', '_').replace('+', 'and'))
     results[name] = summarize(run_variant(workdir, base + extra))
+  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   png = os.path.splitext(_OUT.value)[0] + '.png'
   plot(results, png, f'{_STUDY.value} ablation (smoke model, {_STEPS.value} steps)')
   lines = [
@@ -121,7 +122,6 @@ def main(argv):
     lines.append(f'| {name} | `{extra}` | {r["eval"]:.4f} | {r["train"]:.4f} | {r["tok_s"]:,.0f} |')
   lines += ['', 'Held-out loss: mean over the held-out batches (up to 8) at the last step. Loss curves: '
             f'![loss curves]({os.path.basename(png)})', '']
-  os.makedirs(os.path.dirname(_OUT.value) or '.', exist_ok=True)
   with open(_OUT.value, 'w') as f:
     f.write('\n'.join(lines))
   print('\n'.join(lines))

@@ -10,7 +10,7 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   $$( (ls -d "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3 2>/dev/null || true) | sort -rV); do \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
-.PHONY: setup data train test test-slow bench clean ablate-balancing
+.PHONY: setup data train test test-slow bench clean ablate-balancing ablate-optimizer ablate-precision
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -39,6 +39,13 @@ test-slow: data
 
 bench: data
 	$(PY) -m moejax.bench --out=docs/perf.md
+
+# Optimizer and precision ablations on the smoke model (one CPU device, a few minutes each).
+ablate-optimizer: setup
+	JAX_PLATFORMS=cpu $(PY) -m moejax.ablate_study --study=optimizer --out=results/optimizer.md
+
+ablate-precision: setup
+	JAX_PLATFORMS=cpu $(PY) -m moejax.ablate_study --study=precision --out=results/precision.md
 
 clean:
 	rm -rf runs data/*/prepared

@@ -63,6 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_unroll = 1            # layers per scan iteration (True = fully unrolled)
   m.remat = 'none'             # name in moejax.model.REMAT_POLICIES
   m.compute_dtype = 'float32'
+  m.precision = 'fp32'         # 'fp32' | 'bf16' | 'fp8' (moejax.precision); params stay float32
 
   t = c.train = ml_collections.ConfigDict()
   t.steps = 200
@@ -76,17 +77,36 @@ def base_config() -> ml_collections.ConfigDict:
   t.peak_flops_per_device = 0.0  # 0 = look up the platform's peak (moejax.flops)
 
   o = c.optim = ml_collections.ConfigDict()
-  o.name = 'adamw'             # name in moejax.optim.OPTIMIZERS
+  # Defaults for every group (moejax.optim); a group's own non-empty/non-zero value wins.
+  o.name = 'adamw'             # any optax.* / optax.contrib.* constructor ('contrib.muon')
   o.lr = 3e-3
+  o.schedule = 'cosine'        # 'cosine' | 'wsd' | 'constant' | 'linear', each after a linear warmup
   o.warmup_steps = 20
-  o.min_lr_ratio = 0.1         # cosine decays to lr * min_lr_ratio
+  o.min_lr_ratio = 0.1         # cosine/linear/wsd decay to lr * min_lr_ratio
   o.decay_steps = 0            # schedule length; 0 = train.steps (set it to extend a run later)
-  o.b1 = 0.9
+  o.decay_frac = 0.2           # wsd: the last fraction of the schedule decays
+  o.b1 = 0.9                   # passed to transforms that take b1/b2/eps
   o.b2 = 0.95
   o.eps = 1e-8
-  o.weight_decay = 0.1
-  o.clip_norm = 1.0
-  o.router_lr_scale = 1.0      # router learning rate = lr * router_lr_scale
+  o.weight_decay = 0.1         # decoupled: u -= lr * wd * p where the group's decay_mask matches
+  o.clip_norm = 1.0            # global norm over all groups
+  # Parameter groups: every parameter matches exactly one `match` rule (see moejax.optim).
+  o.groups = ml_collections.ConfigDict()
+  for g, match, mult in (
+      ('hidden', '*_blocks/* & matrix & !*/router', 1.0),   # attention, MLP and expert matrices
+      ('embed', 'embed, head', 1.0),
+      ('router', '*/router', 1.0),   # own group: scale its lr with multiplier if it moves too fast
+      ('vectors', '!matrix', 1.0)):                         # norm scales
+    o.groups[g] = ml_collections.ConfigDict({
+        'match': match,
+        'name': '',            # '' = optim.name
+        'kwargs': '',          # constructor arguments as Python literals: 'nesterov=True, ns_steps=6'
+        'lr': 0.0,             # peak learning rate; 0 = optim.lr
+        'schedule': '',        # '' = optim.schedule
+        'multiplier': mult,    # scales this group's learning rate
+        'weight_decay': -1.0,  # < 0 = optim.weight_decay
+        'decay_mask': 'matrix',
+    })
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every = 100

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax import moe, router
+from moejax import moe, precision, router
 from moejax.attention import ATTENTIONS
 from moejax.layers import dense, rms_norm, swiglu
 from moejax.params import ParamSpec, stacked
@@ -97,7 +97,7 @@ def moe_ffn(p, bias_E, x_BTD, cfg, mesh, batch_axes):
     y_TD = y_TD + x_TD * zero_weight_T[:, None].astype(x_TD.dtype)
   y_BTD = y_TD.reshape(B, T, D)
   if 'shared' in p:
-    y_BTD = y_BTD + swiglu(p['shared'], x_BTD)
+    y_BTD = y_BTD + swiglu(p['shared'], x_BTD, precision.einsum_for(precision.fp8_mlp(cfg)))
   aux = {'load_E': routing.load_E, 'balance_loss': routing.balance_loss,
          'z_loss': routing.z_loss, 'dropped': dropped, **routing.stats,
          **_router_loss_grads(x_TD, p['router'], bias_E, cfg, T)}
@@ -131,7 +131,7 @@ def _residual_aux(x_BTD, cfg) -> dict:
 def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'expert')):
   """Returns logits_BTV (float32) and aux: per-layer values stacked over layers; MoE layers' under
   their own keys, and per-block residual values (`resid_max`, `hidden_z_loss`) under 'blocks'."""
-  dtype = jnp.dtype(cfg.compute_dtype)
+  dtype = precision.compute_dtype(cfg)
   params = jax.tree_util.tree_map_with_path(
       lambda path, w: w if any(n in jax.tree_util.keystr(path) for n in FLOAT32_PARAMS)
       else w.astype(dtype), params)
@@ -147,7 +147,7 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
 
   def dense_block(x_BTD, p):
     x_BTD, h = block(x_BTD, p)
-    x_BTD = x_BTD + swiglu(p['ffn'], h)
+    x_BTD = x_BTD + swiglu(p['ffn'], h, precision.einsum_for(precision.fp8_mlp(cfg)))
     return x_BTD, _residual_aux(x_BTD, cfg)
 
   def moe_block(x_BTD, p_and_bias):

@@ -19,11 +19,13 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from moejax import precision
 
-def _swiglu(x_NSD, w_gate_NDF, w_up_NDF, w_down_NFD):
-  h = jax.nn.silu(jnp.einsum('nsd,ndf->nsf', x_NSD, w_gate_NDF))
-  h = h * jnp.einsum('nsd,ndf->nsf', x_NSD, w_up_NDF)
-  return jnp.einsum('nsf,nfd->nsd', h, w_down_NFD)
+
+def _swiglu(x_NSD, w_gate_NDF, w_up_NDF, w_down_NFD, einsum=jnp.einsum):
+  h = jax.nn.silu(einsum('nsd,ndf->nsf', x_NSD, w_gate_NDF))
+  h = h * einsum('nsd,ndf->nsf', x_NSD, w_up_NDF)
+  return einsum('nsf,nfd->nsd', h, w_down_NFD)
 
 
 def _group_by_expert(expert_A, num_local: int, offset):
@@ -54,7 +56,7 @@ def _combine(out_RD, row_A, weight_TK):
 
 
 def _capacity_ffn(C: int, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF, w_up_EDF,
-                  w_down_EFD):
+                  w_down_EFD, einsum=jnp.einsum):
   """Runs each local expert on its first C assignments; returns (y_TD, dropped assignments)."""
   T, K = weight_TK.shape
   E = w_gate_EDF.shape[0]
@@ -62,13 +64,13 @@ def _capacity_ffn(C: int, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF,
   row_A = jnp.where(kept_A, local_A * C + rank_A, E * C)
   tok_R = _rows_to_tokens(row_A, E * C, K, T)
   x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
-  out_ECD = _swiglu(x_TD[tok_R].reshape(E, C, -1), w_gate_EDF, w_up_EDF, w_down_EFD)
+  out_ECD = _swiglu(x_TD[tok_R].reshape(E, C, -1), w_gate_EDF, w_up_EDF, w_down_EFD, einsum)
   dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
   return _combine(out_ECD.reshape(E * C, -1), row_A, weight_TK), dropped
 
 
 def _block_ffn(S: int, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, w_gate_EDF, w_up_EDF,
-               w_down_EFD):
+               w_down_EFD, einsum=jnp.einsum):
   """Any load: each expert's rows padded to blocks of S rows, each block with its expert's weights.
 
   Rows are bounded by T*K + E*(S-1) whatever the imbalance, at the price of gathering one weight
@@ -84,15 +86,16 @@ def _block_ffn(S: int, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, w_gat
   tok_R = _rows_to_tokens(row_A, R, K, T)
   x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
   out_NSD = _swiglu(x_TD[tok_R].reshape(N, S, -1), w_gate_EDF[block_expert_N],
-                    w_up_EDF[block_expert_N], w_down_EFD[block_expert_N])
+                    w_up_EDF[block_expert_N], w_down_EFD[block_expert_N], einsum)
   return _combine(out_NSD.reshape(R, -1), row_A, weight_TK), jnp.zeros((), jnp.float32)
 
 
-def _layout_ffn(layout, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd):
+def _layout_ffn(layout, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd,
+                einsum=jnp.einsum):
   kind, size = layout
   if kind == 'capacity':
-    return _capacity_ffn(size, x_TD, weight_TK, local_A, valid_A, rank_A, wg, wu, wd)
-  return _block_ffn(size, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd)
+    return _capacity_ffn(size, x_TD, weight_TK, local_A, valid_A, rank_A, wg, wu, wd, einsum)
+  return _block_ffn(size, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd, einsum)
 
 
 # Dropless capacities, as multiples of the mean rows per expert; past the last, blocks take over.
@@ -107,25 +110,26 @@ def dropless_layouts(num_tokens: int, top_k: int, num_experts: int, num_local: i
   return tuple(('capacity', C) for C in caps) + (('blocks', block),)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _switch_ffn(layouts, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, w_gate_EDF,
-                w_up_EDF, w_down_EFD):
-  branches = [functools.partial(_layout_ffn, layout) for layout in layouts]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _switch_ffn(layouts, einsum, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
+                w_gate_EDF, w_up_EDF, w_down_EFD):
+  branches = [functools.partial(_layout_ffn, layout, einsum=einsum) for layout in layouts]
   return jax.lax.switch(branch, branches, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
                         w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
-def _switch_fwd(layouts, branch, *args):
-  return _switch_ffn(layouts, branch, *args), (branch, args)
+def _switch_fwd(layouts, einsum, branch, *args):
+  return _switch_ffn(layouts, einsum, branch, *args), (branch, args)
 
 
-def _switch_bwd(layouts, res, cotangent):
+def _switch_bwd(layouts, einsum, res, cotangent):
   # Recompute the chosen branch in the backward pass: differentiating through `lax.switch` directly
   # would keep every branch's residuals alive (zero-filled), which costs more than the recompute.
   branch, (x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd) = res
 
   def branch_vjp(layout, x_TD, weight_TK, wg, wu, wd):
-    fn = lambda x, w, g, u, d: _layout_ffn(layout, x, w, local_A, valid_A, rank_A, count_E, g, u, d)
+    fn = lambda x, w, g, u, d: _layout_ffn(layout, x, w, local_A, valid_A, rank_A, count_E, g, u, d,
+                                           einsum)
     return jax.vjp(fn, x_TD, weight_TK, wg, wu, wd)[1](cotangent)
 
   grads = jax.lax.switch(branch, [functools.partial(branch_vjp, l) for l in layouts],
@@ -138,7 +142,7 @@ _switch_ffn.defvjp(_switch_fwd, _switch_bwd)
 
 
 def dropless_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset,
-                     capacity_factor: float, num_experts: int):
+                     capacity_factor: float, num_experts: int, einsum=jnp.einsum):
   """Never drops: picks at run time the cheapest static layout that holds the busiest local expert.
 
   With balanced routing that is an [E, C] capacity layout of ~T*K*(1 + MaxVio) rows, whatever E;
@@ -151,18 +155,18 @@ def dropless_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EF
   layouts = dropless_layouts(T, K, num_experts, E)
   caps = jnp.asarray([size for kind, size in layouts if kind == 'capacity'])
   branch = jnp.searchsorted(caps, count_E.max())  # first capacity >= the max load, else blocks
-  return _switch_ffn(layouts, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
+  return _switch_ffn(layouts, einsum, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
                      w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
 def capacity_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset,
-                     capacity_factor: float, num_experts: int):
+                     capacity_factor: float, num_experts: int, einsum=jnp.einsum):
   """C = ceil(capacity_factor * T*K / E) slots per expert; overflow assignments are dropped."""
   T, K = expert_TK.shape
   C = max(1, math.ceil(capacity_factor * T * K / num_experts))
   local_A, valid_A, rank_A, _ = _group_by_expert(expert_TK.reshape(-1), w_gate_EDF.shape[0], offset)
   return _capacity_ffn(C, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF, w_up_EDF,
-                       w_down_EFD)
+                       w_down_EFD, einsum)
 
 
 DISPATCHES = {'dropless': dropless_experts, 'capacity': capacity_experts}
@@ -174,8 +178,9 @@ def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, b
   Assignments to zero-computation experts (ids >= num_experts) are local to no device, so they are
   not dispatched; the caller adds their identity output. Returns (y_TD, dropped assignments over
   the global batch)."""
-  experts_fn = functools.partial(DISPATCHES[cfg.dispatch],
-                                 capacity_factor=cfg.capacity_factor, num_experts=cfg.num_experts)
+  experts_fn = functools.partial(DISPATCHES[cfg.dispatch], capacity_factor=cfg.capacity_factor,
+                                 num_experts=cfg.num_experts,
+                                 einsum=precision.einsum_for(precision.fp8_mlp(cfg)))
   ep = 'expert' if 'expert' in mesh.axis_names else None
 
   def local(x_TD, expert_TK, weight_TK, wg, wu, wd):

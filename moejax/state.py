@@ -24,7 +24,7 @@ class Setup:
   config: object
   mesh: object
   tx: object
-  schedule: object
+  schedules: dict               # group -> learning-rate schedule
   state_shardings: dict
   batch_sharding: object
   abstract_state: dict
@@ -37,6 +37,30 @@ def ensure_data(config):
     print(prepare(Path(d.raw), Path(d.dir), d.vocab_size, None, 0.05, config.seed), flush=True)
 
 
+def mirror_shardings(abstract_opt, abstract_params, param_shardings, default):
+  """Shards every optimizer-state leaf that mirrors a parameter (its key path ends with the
+  parameter's path and it has the parameter's shape) like that parameter; the rest `default`.
+
+  Works for any chain, including `optax.partition` groups whose states hold only their own leaves."""
+  by_path = {}
+  for (path, a), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
+                           jax.tree.leaves(param_shardings)):
+    by_path[tuple(k.key for k in path)] = (a.shape, sh)
+
+  def one(path, leaf):
+    keys = []
+    for k in reversed(path):   # the trailing run of dict keys
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    for i in range(len(keys)):
+      hit = by_path.get(tuple(keys[i:]))
+      if hit is not None and hit[0] == leaf.shape:
+        return hit[1]
+    return default
+  return jax.tree_util.tree_map_with_path(one, abstract_opt)
+
+
 def setup(config, devices=None) -> Setup:
   devices = jax.devices() if devices is None else devices
   sizes = validate(config, len(devices), check_data=False)
@@ -46,12 +70,11 @@ def setup(config, devices=None) -> Setup:
   rules = dict(config.sharding)
   specs = model.model_specs(config.model)
   param_shardings = sharding.tree_shardings(mesh, logical_axes(specs), rules)
-  tx, schedule = optim.make_optimizer(config.optim, config.train.steps)
+  tx, schedules = optim.make_optimizer(config.optim, config.train.steps, logical_axes(specs))
   rep = sharding.replicated(mesh)
   abstract_params = jax.eval_shape(lambda: init_params(specs, jax.random.key(0)))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
-  opt_shardings = optax.tree_map_params(tx, lambda _, s: s, abstract_opt, param_shardings,
-                                        transform_non_params=lambda _: rep)
+  opt_shardings = mirror_shardings(abstract_opt, abstract_params, param_shardings, rep)
   L = model.num_moe_layers(config.model)
   state_shardings = {'step': rep, 'params': param_shardings, 'opt_state': opt_shardings,
                      'router_bias': rep, 'balance_coef': rep, 'rng': rep}
@@ -66,7 +89,7 @@ def setup(config, devices=None) -> Setup:
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_shardings)
   batch_sharding = sharding.named(mesh, ('batch', None), rules)
-  return Setup(config, mesh, tx, schedule, state_shardings, batch_sharding, abstract_state)
+  return Setup(config, mesh, tx, schedules, state_shardings, batch_sharding, abstract_state)
 
 
 def init_state(s: Setup):

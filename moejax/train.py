@@ -17,9 +17,10 @@ import jax
 import numpy as np
 import optax
 
-from moejax import checkpoint, diagnostics, flops, metrics as metrics_lib, model, router, sharding
+from moejax import checkpoint, diagnostics, flops, metrics as metrics_lib, model, optim, router, sharding
 from moejax.data import pipeline
 from moejax.data.prepare import PrepareError
+from moejax.params import logical_axes
 from moejax.state import Setup, init_state, setup
 from moejax.validate import ConfigError
 
@@ -40,8 +41,10 @@ def make_train_step(s: Setup):
     updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
     new_state = {**state, 'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
                  'opt_state': opt_state}
+    lrs = optim.learning_rates(opt_state)   # what each group used in this step
     out = {'loss': loss, 'lm_loss': aux['lm_loss'], 'grad_norm': optax.global_norm(grads),
-           'lr': s.schedule(state['step']), 'resid_max': aux['blocks']['resid_max']}
+           'lr': lrs.get('lr/hidden', next(iter(lrs.values()))), **lrs,
+           'resid_max': aux['blocks']['resid_max']}
     if cfg.hidden_z_loss_weight:
       out['moe/hidden_z_loss'] = aux['blocks']['hidden_z_loss'].mean()
     if 'load_E' in aux:
@@ -93,6 +96,8 @@ class Preemption:
 def train(config, workdir: str):
   s = setup(config)
   c, t = config, config.train
+  print(optim.group_table(c.optim, logical_axes(model.model_specs(c.model)), s.abstract_state['params']),
+        flush=True)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))

@@ -3,7 +3,7 @@ import math
 import os
 
 
-from moejax import moe, optim
+from moejax import moe, optim, precision
 from moejax.attention import ATTENTIONS
 from moejax.model import REMAT_POLICIES
 
@@ -50,6 +50,7 @@ def validate_model(m):
   _one_of(m.router_score, ('sigmoid', 'softmax'), 'model.router_score')
   _one_of(m.remat, REMAT_POLICIES, 'model.remat')
   _one_of(m.compute_dtype, ('float32', 'bfloat16', 'float16'), 'model.compute_dtype')
+  _one_of(m.precision, precision.POLICIES, 'model.precision')
   _check(m.capacity_factor > 0, 'model.capacity_factor', f'must be positive, got {m.capacity_factor}')
   _check(m.bias_update_rate >= 0, 'model.bias_update_rate', 'must be >= 0')
   _one_of(m.bias_update_mode, ('sign', 'proportional'), 'model.bias_update_mode')
@@ -90,9 +91,11 @@ def validate(config, num_devices: int, check_data: bool = True):
   _positive(config, 'train', 'steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'eval_batches')
   _positive(config, 'checkpoint', 'every', 'max_to_keep')
   _positive(config, 'optim', 'lr', 'clip_norm')
-  _one_of(config.optim.name, optim.OPTIMIZERS, 'optim.name')
   _check(config.optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
   _check(config.optim.eps > 0, 'optim.eps', 'must be positive')
+  from moejax.model import model_specs
+  from moejax.params import logical_axes
+  optim.validate_optim(config.optim, logical_axes(model_specs(config.model)), config.train.steps)
   sizes = validate_mesh(config, num_devices)
   batch_axes = config.sharding.get('batch') or ()
   batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)

@@ -22,7 +22,8 @@ $(VENV)/.installed: requirements.txt
 
 data: setup
 	$(PY) $(DATA)/fetch.py
-	$(PY) -m moejax.data.prepare --raw=$(DATA)/raw --out=$(DATA)/prepared --vocab_size=4096
+	$(PY) -m moejax.data.prepare --raw=$(DATA)/raw --out=$(DATA)/prepared --vocab_size=4096 \
+	  --variant_regex='(?P<doc>.+?)_gut(?:_(?P<variant>f))?'
 
 train: data
 	$(PY) -m moejax.train --config=experiments/default.py --workdir=runs/default

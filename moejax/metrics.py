@@ -68,7 +68,7 @@ class MetricsLog:
     if 'eval/loss' in record:
       print(f'step {step:>6} | eval/loss {record["eval/loss"]:.4f}', flush=True)
 
-  def write_train(self, step: int, out: dict, window: Window, total_steps: int):
+  def write_train(self, step: int, out: dict, window: Window, total_steps: int, extra: dict | None = None):
     out = jax.device_get(out)
     window_load = jax.device_get(window.load_sum_LE)
     elapsed = time.perf_counter() - window.start
@@ -81,6 +81,7 @@ class MetricsLog:
     if 'load_LE' in out:
       record.update(moe_stats(np.asarray(out['load_LE']), np.asarray(window_load)))
       loads = (window_load / window_load.sum(-1, keepdims=True)).round(5).tolist()
+    record.update(extra or {})   # e.g. data/<source>/... from the input pipeline
     window.reset()
     self.write(step, record, loads)
     self.progress(step, record, total_steps, step_time)

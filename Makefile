@@ -10,7 +10,7 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   $$( (ls -d "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3 2>/dev/null || true) | sort -rV); do \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
-.PHONY: setup data train test test-slow bench clean ablate-balancing ablate-optimizer ablate-precision
+.PHONY: setup data train test test-slow bench clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -25,7 +25,8 @@ $(VENV)/.installed: requirements.txt
 
 data: setup
 	$(PY) $(DATA)/fetch.py
-	$(PY) -m moejax.data.prepare --raw=$(DATA)/raw --out=$(DATA)/prepared --vocab_size=4096
+	$(PY) -m moejax.data.prepare --raw=$(DATA)/raw --out=$(DATA)/prepared --vocab_size=4096 \
+	  --variant_regex='(?P<doc>.+?)_gut(?:_(?P<variant>f))?'
 
 train: data
 	$(PY) -m moejax.train --config=experiments/default.py --workdir=runs/default
@@ -46,6 +47,9 @@ ablate-optimizer: setup
 
 ablate-precision: setup
 	JAX_PLATFORMS=cpu $(PY) -m moejax.ablate_study --study=precision --out=results/precision.md
+
+ablate-epochs: data
+	$(PY) -m experiments.ablate_epochs --out=results/epochs.md
 
 clean:
 	rm -rf runs data/*/prepared

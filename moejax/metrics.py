@@ -66,7 +66,7 @@ class MetricsLog:
     if 'eval/loss' in record:
       print(f'step {step:>6} | eval/loss {record["eval/loss"]:.4f}', flush=True)
 
-  def write_train(self, step: int, out: dict, window: Window, total_steps: int):
+  def write_train(self, step: int, out: dict, window: Window, total_steps: int, extra: dict | None = None):
     out = jax.device_get(out)
     window_load = jax.device_get(window.load_sum_LE)
     elapsed = time.perf_counter() - window.start
@@ -78,6 +78,7 @@ class MetricsLog:
     record.update(summary)
     # MFU counts the real experts a token actually used (zero-computation experts cost nothing)
     record['mfu'] = window.flops_per_step(record.get('moe/real_experts_per_token')) / step_time / window.peak_flops
+    record.update(extra or {})   # e.g. data/<source>/... from the input pipeline
     window.reset()
     record.update(self.alerts(step, record))
     self.write(step, record, layers)

@@ -31,10 +31,13 @@ class Setup:
 
 
 def ensure_data(config):
-  """Prepares `data.dir` from the raw text in `data.raw` when it has not been prepared yet."""
+  """Prepares `data.dir` from the raw text in `data.raw` (a no-op when it is up to date)."""
   d = config.data
-  if not os.path.exists(os.path.join(d.dir, 'manifest.json')) and d.raw and os.path.isdir(d.raw):
-    print(prepare(Path(d.raw), Path(d.dir), d.vocab_size, None, 0.05, config.seed), flush=True)
+  if d.raw and os.path.isdir(d.raw):
+    msg = prepare(Path(d.raw), Path(d.dir), d.vocab_size, None, 0.05, config.seed,
+                  variant_regex=d.get('variant_regex', ''))
+    if 'up to date' not in msg:
+      print(msg, flush=True)
 
 
 def mirror_shardings(abstract_opt, abstract_params, param_shardings, default):

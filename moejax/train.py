@@ -103,8 +103,12 @@ def train(config, workdir: str):
     f.write(config.to_json_best_effort(indent=2))
   preemption = Preemption()
 
-  ds = pipeline.train_dataset(c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size, seed=c.seed,
-                              process_index=jax.process_index(), process_count=jax.process_count())
+  ds, train_data = pipeline.train_data(
+      pipeline.sources_from_config(c.data), seq_len=t.seq_len, batch_size=t.batch_size, seed=c.seed,
+      process_index=jax.process_index(), process_count=jax.process_count(),
+      tokenizer_sha256=pipeline.load_manifest(c.data.dir).get('tokenizer_sha256'))
+  if len(ds) < t.steps:
+    raise pipeline.DataError(f'data: the sources\' epoch budgets give {len(ds)} batches; train.steps is {t.steps}')
   data_iter = pipeline.train_iterator(ds)
   mngr = checkpoint.manager(workdir, c.checkpoint.max_to_keep, c.checkpoint.async_save)
   if mngr.latest_step() is not None:
@@ -144,7 +148,7 @@ def train(config, workdir: str):
     state, out = train_step(state, batch)
     stop = preemption.requested
     if pending is not None:          # read the previous step's metrics while this step runs
-      log.write_train(*pending, window, total_steps=t.steps)
+      log.write_train(*pending, window, total_steps=t.steps, extra=train_data.metrics(pending[0]))
       pending = None
     window.add(out)
     if step % t.log_every == 0 or step == t.steps or stop:
@@ -153,7 +157,7 @@ def train(config, workdir: str):
       pending = (step, out)
     if step % t.eval_every == 0 or step == t.steps:
       if pending is not None:
-        log.write_train(*pending, window, total_steps=t.steps)
+        log.write_train(*pending, window, total_steps=t.steps, extra=train_data.metrics(pending[0]))
         pending = None
       window.start += evaluate(step)   # throughput counts training time only
     if step % c.checkpoint.every == 0 or step == t.steps or stop:
@@ -162,7 +166,7 @@ def train(config, workdir: str):
       print(f'SIGTERM: saved a checkpoint at step {step}; exiting', flush=True)
       break
   if pending is not None:
-    log.write_train(*pending, window, total_steps=t.steps)
+    log.write_train(*pending, window, total_steps=t.steps, extra=train_data.metrics(pending[0]))
   mngr.wait_until_finished()
   mngr.close()
   log.close()

@@ -122,6 +122,11 @@ def validate_data(config):
     manifest = pipeline.load_manifest(d)
   except pipeline.DataError as e:
     raise ConfigError(f'data.dir: {e}') from None
+  try:
+    for source in pipeline.sources_from_config(config.data):
+      _check(os.path.isdir(source.dir), f'data.sources.{source.name}.dir', f'{source.dir} does not exist')
+  except pipeline.DataError as e:
+    raise ConfigError(str(e)) from None
   _check(manifest['vocab_size'] <= config.model.vocab_size, 'model.vocab_size',
          f'{config.model.vocab_size} is smaller than the tokenizer vocabulary ({manifest["vocab_size"]}) in {d}')
   return manifest

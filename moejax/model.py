@@ -2,7 +2,7 @@
 
 Blocks of each kind are stacked along a leading 'layers' axis and run with `lax.scan`, so compile
 time does not grow with depth. With a per-layer attention pattern (moejax.attention), each kind's
-blocks are scanned over the pattern's repeating unit: their params are a tuple with one stack per
+blocks are scanned over the pattern's repeating unit: their params are a list with one stack per
 position in the unit (a plain stack when every block of the kind has the same attention), and the
 layers past the last whole unit run after the scan. Axis letters: B batch, T sequence, D model, V vocab, E experts,
 L layers, F FFN.
@@ -76,7 +76,7 @@ def model_specs(cfg):
 def group_specs(cfg, ffn: str, names: list[str]):
   """Blocks of one FFN kind: one stack per position of the attention pattern's repeating unit."""
   unit = repeating_unit(names)
-  stacks = tuple(stacked(block_specs(cfg, ffn, a), len(names[j::len(unit)])) for j, a in enumerate(unit))
+  stacks = [stacked(block_specs(cfg, ffn, a), len(names[j::len(unit)])) for j, a in enumerate(unit)]
   return stacks[0] if len(unit) == 1 else stacks
 
 

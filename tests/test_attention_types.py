@@ -237,7 +237,7 @@ def test_hybrid_pattern_model_equals_layer_by_layer_loop():
                           dispatch='dropless', **SHAPES)
   mesh = make_test_mesh({'data': 1, 'expert': 1})
   p = numpy_init_params(model.model_specs(cfg), 0)
-  assert isinstance(p['dense_blocks'], tuple) and len(p['moe_blocks']) == 2
+  assert isinstance(p['dense_blocks'], list) and len(p['moe_blocks']) == 2
   assert p['moe_blocks'][0]['attn']['wq'].shape[0] == 2 and p['moe_blocks'][1]['attn']['wq'].shape[0] == 1
   bias = jax.random.normal(jax.random.key(0), (3, cfg.num_experts)) * 0.1
   tokens = jax.random.randint(jax.random.key(1), (B, 8), 0, cfg.vocab_size)
@@ -263,6 +263,15 @@ def test_hybrid_pattern_model_equals_layer_by_layer_loop():
   ref_logits, ref_loads = jax.jit(loop)(p)
   chex.assert_trees_all_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(aux['load_E'], ref_loads)
+
+
+def test_hybrid_pattern_params_get_shardings_from_logical_axes():
+  from moejax import sharding
+  cfg = tiny_model_config(attention='kda,mla', num_layers=5, num_dense_layers=2, **SHAPES)
+  mesh = make_test_mesh({'data': 2, 'expert': 1})
+  sh = sharding.tree_shardings(mesh, params.logical_axes(model.model_specs(cfg)), {'heads': 'data'})
+  assert sh['moe_blocks'][1]['attn']['wkv_b'].spec == jax.sharding.PartitionSpec(None, None, 'data', None)
+  assert sh['dense_blocks'][0]['attn']['wq'].spec == jax.sharding.PartitionSpec(None, None, 'data', None)
 
 
 def test_unknown_name_in_attention_pattern_is_a_config_error_naming_the_field():

@@ -10,7 +10,7 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   $$( (ls -d "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3 2>/dev/null || true) | sort -rV); do \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
-.PHONY: setup data train test test-slow bench clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs
+.PHONY: setup data train test test-slow bench bench-attention clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -50,6 +50,12 @@ ablate-precision: setup
 
 ablate-epochs: data
 	$(PY) -m experiments.ablate_epochs --out=results/epochs.md
+
+bench-attention: setup
+	$(PY) -m moejax.bench_attention --out=docs/attention.md
+
+ablate-attention: setup
+	$(PY) -m moejax.ablate_attention --out=results/attention.md
 
 clean:
 	rm -rf runs data/*/prepared

@@ -30,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_layers = 4
   m.num_dense_layers = 1       # the first blocks use a dense FFN
   m.dense_ffn_dim = 512
-  m.attention = 'gqa'          # name in moejax.attention.ATTENTIONS
+  m.attention = 'gqa'          # name in moejax.attention.ATTENTIONS, or a per-layer pattern
+                               # 'kda,kda,kda,mla' repeated to num_layers (layer i, dense first)
   m.num_heads = 4
   m.num_kv_heads = 2
   m.head_dim = 32
@@ -41,6 +42,16 @@ def base_config() -> ml_collections.ConfigDict:
   m.qk_nope_head_dim = 32
   m.qk_rope_head_dim = 32
   m.v_head_dim = 64
+  m.window = 32                # SWA window; NSA sliding branch
+  # NSA (native sparse attention): cmp blocks of nsa_block tokens every nsa_stride tokens;
+  # the top nsa_num_selected blocks of nsa_select_block tokens are attended in full.
+  m.nsa_block = 16
+  m.nsa_stride = 8
+  m.nsa_select_block = 16
+  m.nsa_num_selected = 4
+  # KDA (Kimi delta attention): chunk length of the chunkwise-parallel form; short conv width.
+  m.kda_chunk = 16
+  m.kda_conv = 4
   # Mixture of experts.
   m.num_experts = 16
   m.top_k = 2

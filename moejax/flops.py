@@ -3,7 +3,7 @@ import os
 
 import jax
 
-from moejax.attention import ATTENTIONS
+from moejax.attention import ATTENTIONS, layer_attentions
 
 # Dense bf16 peak per chip (vendor figures); f32 matmuls on these run on the same units or slower.
 PEAK_FLOPS = {
@@ -31,14 +31,14 @@ def forward_flops_per_token(cfg, seq_len: int, real_experts_per_token: float | N
   """2 x active matmul parameters + attention scores. Routed experts count top_k of them, or the
   measured real experts per token when zero-computation experts take some of the top_k."""
   D = cfg.d_model
-  attention = ATTENTIONS[cfg.attention].flops_per_token(cfg, seq_len)
+  attention = sum(ATTENTIONS[a].flops_per_token(cfg, seq_len) for a in layer_attentions(cfg))
   dense_ffn = 2 * 3 * D * cfg.dense_ffn_dim
   routed = cfg.top_k if real_experts_per_token is None else real_experts_per_token
   moe_ffn = 2 * (D * (cfg.num_experts + cfg.num_zero_experts)
                  + 3 * D * cfg.expert_ffn_dim * (routed + cfg.num_shared_experts))
   head = 2 * D * cfg.vocab_size
   num_moe = cfg.num_layers - cfg.num_dense_layers
-  return cfg.num_layers * attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
+  return attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
 
 
 def train_flops_per_token(cfg, seq_len: int, real_experts_per_token: float | None = None) -> float:

@@ -1,15 +1,20 @@
 """The decoder: embedding -> dense blocks -> MoE blocks -> norm -> head, as pure functions.
 
 Blocks of each kind are stacked along a leading 'layers' axis and run with `lax.scan`, so compile
-time does not grow with depth. Axis letters: B batch, T sequence, D model, V vocab, E experts,
+time does not grow with depth. With a per-layer attention pattern (moejax.attention), each kind's
+blocks are scanned over the pattern's repeating unit: their params are a list with one stack per
+position in the unit (a plain stack when every block of the kind has the same attention), and the
+layers past the last whole unit run after the scan. Axis letters: B batch, T sequence, D model, V vocab, E experts,
 L layers, F FFN.
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax import moe, precision, router
-from moejax.attention import ATTENTIONS
+from moejax.attention import ATTENTIONS, layer_attentions, repeating_unit
 from moejax.layers import dense, rms_norm, swiglu
 from moejax.params import ParamSpec, stacked
 
@@ -45,11 +50,11 @@ def moe_specs(cfg):
   return specs
 
 
-def block_specs(cfg, ffn: str):
+def block_specs(cfg, ffn: str, attention: str):
   D = cfg.d_model
   specs = {
       'attn_norm': ParamSpec((D,), ('embed',), init='ones'),
-      'attn': ATTENTIONS[cfg.attention].specs(cfg),
+      'attn': ATTENTIONS[attention].specs(cfg),
       'ffn_norm': ParamSpec((D,), ('embed',), init='ones'),
   }
   specs['ffn'] = swiglu_specs(D, cfg.dense_ffn_dim, cfg) if ffn == 'dense' else moe_specs(cfg)
@@ -60,13 +65,64 @@ def model_specs(cfg):
   D, V = cfg.d_model, cfg.vocab_size
   specs = {'embed': ParamSpec((V, D), ('vocab', 'embed'), scale=1.0),
            'final_norm': ParamSpec((D,), ('embed',), init='ones')}
+  names = layer_attentions(cfg)
   if cfg.num_dense_layers:
-    specs['dense_blocks'] = stacked(block_specs(cfg, 'dense'), cfg.num_dense_layers)
+    specs['dense_blocks'] = group_specs(cfg, 'dense', names[:cfg.num_dense_layers])
   if cfg.num_layers > cfg.num_dense_layers:
-    specs['moe_blocks'] = stacked(block_specs(cfg, 'moe'), cfg.num_layers - cfg.num_dense_layers)
+    specs['moe_blocks'] = group_specs(cfg, 'moe', names[cfg.num_dense_layers:])
   if not cfg.tie_embeddings:
     specs['head'] = ParamSpec((D, V), ('embed', 'vocab'), scale=D ** -0.5)
   return specs
+
+
+def group_specs(cfg, ffn: str, names: list[str]):
+  """Blocks of one FFN kind: one stack per position of the attention pattern's repeating unit."""
+  unit = repeating_unit(names)
+  stacks = [stacked(block_specs(cfg, ffn, a), len(names[j::len(unit)])) for j, a in enumerate(unit)]
+  return stacks[0] if len(unit) == 1 else stacks
+
+
+def scan_layers(block, x_BTD, stacks, per_layer, names: list[str], unroll):
+  """Runs block(attention_name, x, params or (params, per_layer value)) over the layers of one kind.
+
+  Scans the repeating unit of `names` over its whole repetitions, then runs the remaining
+  layers; per-layer outputs come back stacked in layer order."""
+  unit = repeating_unit(names)
+  U, n = len(unit), len(names)
+  stacks = (stacks,) if U == 1 else stacks
+  xs = tuple(stacks[j] if per_layer is None else (stacks[j], per_layer[j::U]) for j in range(U))
+  reps = n // U
+
+  def unit_step(x_BTD, xs_unit):
+    outs = []
+    for name, xs_j in zip(unit, xs_unit):
+      x_BTD, out = block(name, x_BTD, xs_j)
+      outs.append(out)
+    return x_BTD, outs
+
+  head = jax.tree.map(lambda a: a[:reps], xs)
+  x_BTD, outs = jax.lax.scan(unit_step, x_BTD, head, unroll=unroll)
+  # [reps, ...] per unit position -> [reps * U, ...] in layer order
+  outs = jax.tree.map(lambda *o: jnp.stack(o, 1).reshape(-1, *o[0].shape[1:]), *outs)
+  tail = []
+  for j in range(n - reps * U):
+    x_BTD, out = block(unit[j], x_BTD, jax.tree.map(lambda a: a[reps], xs[j]))
+    tail.append(out)
+  if tail:
+    outs = jax.tree.map(lambda o, *t: jnp.concatenate([o, jnp.stack(t)]), outs, *tail)
+  return x_BTD, outs
+
+
+def moe_layer_leaf(moe_blocks, path: tuple, cfg):
+  """One leaf of every MoE layer (params or grads), stacked in layer order [L, ...], whether the
+  attention pattern stacks the blocks as one scan stack or one per position of its unit."""
+  names = layer_attentions(cfg)[cfg.num_dense_layers:]
+  U = len(repeating_unit(names))
+  stacks = (moe_blocks,) if U == 1 else moe_blocks
+  leaves = [functools.reduce(lambda t, k: t[k], path, stack) for stack in stacks]
+  if U == 1:
+    return leaves[0]
+  return jnp.stack([leaves[l % U][l // U] for l in range(len(names))])
 
 
 def num_moe_layers(cfg) -> int:
@@ -137,38 +193,41 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
       else w.astype(dtype), params)
   batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   act = NamedSharding(mesh, P(batch_axes))
-  attention = ATTENTIONS[cfg.attention].apply
   policy = REMAT_POLICIES[cfg.remat]
+  names = layer_attentions(cfg)
 
-  def block(x_BTD, p):
+  def block(attention, x_BTD, p):
     x_BTD = jax.lax.with_sharding_constraint(x_BTD, act)
-    x_BTD = x_BTD + attention(p['attn'], rms_norm(x_BTD, p['attn_norm'], cfg.norm_eps), cfg)
+    y_BTD = ATTENTIONS[attention].apply(p['attn'], rms_norm(x_BTD, p['attn_norm'], cfg.norm_eps), cfg)
+    x_BTD = x_BTD + y_BTD
     return x_BTD, rms_norm(x_BTD, p['ffn_norm'], cfg.norm_eps)
 
-  def dense_block(x_BTD, p):
-    x_BTD, h = block(x_BTD, p)
+  def dense_block(attention, x_BTD, p):
+    x_BTD, h = block(attention, x_BTD, p)
     x_BTD = x_BTD + swiglu(p['ffn'], h, precision.einsum_for(precision.fp8_mlp(cfg)))
     return x_BTD, _residual_aux(x_BTD, cfg)
 
-  def moe_block(x_BTD, p_and_bias):
+  def moe_block(attention, x_BTD, p_and_bias):
     p, bias_E = p_and_bias
-    x_BTD, h = block(x_BTD, p)
+    x_BTD, h = block(attention, x_BTD, p)
     y, aux = moe_ffn(p['ffn'], bias_E, h, cfg, mesh, batch_axes)
     x_BTD = x_BTD + y
     return x_BTD, {**aux, **_residual_aux(x_BTD, cfg)}
 
   if policy is not None:
-    dense_block = jax.checkpoint(dense_block, policy=policy)
-    moe_block = jax.checkpoint(moe_block, policy=policy)
+    dense_block = jax.checkpoint(dense_block, policy=policy, static_argnums=(0,))
+    moe_block = jax.checkpoint(moe_block, policy=policy, static_argnums=(0,))
 
   x_BTD = params['embed'][tokens_BT]
   aux, block_aux = {}, []
+  nd = cfg.num_dense_layers
   if 'dense_blocks' in params:
-    x_BTD, dense_aux = jax.lax.scan(dense_block, x_BTD, params['dense_blocks'], unroll=cfg.scan_unroll)
+    x_BTD, dense_aux = scan_layers(dense_block, x_BTD, params['dense_blocks'], None,
+                                   names[:nd], cfg.scan_unroll)
     block_aux.append(dense_aux)
   if 'moe_blocks' in params:
-    x_BTD, aux = jax.lax.scan(moe_block, x_BTD, (params['moe_blocks'], router_bias_LE),
-                              unroll=cfg.scan_unroll)
+    x_BTD, aux = scan_layers(moe_block, x_BTD, params['moe_blocks'], router_bias_LE, names[nd:],
+                             cfg.scan_unroll)
     block_aux.append({k: aux.pop(k) for k in list(aux) if k in ('resid_max', 'hidden_z_loss')})
   aux['blocks'] = jax.tree.map(lambda *xs: jnp.concatenate(xs), *block_aux)
   x_BTD = rms_norm(x_BTD, params['final_norm'], cfg.norm_eps)

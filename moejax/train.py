@@ -49,7 +49,8 @@ def make_train_step(s: Setup):
       out['moe/hidden_z_loss'] = aux['blocks']['hidden_z_loss'].mean()
     if 'load_E' in aux:
       ratio_L, ratio_unit_L = diagnostics.gradient_norm_ratio(
-          grads['moe_blocks']['ffn']['router'], aux, state['balance_coef'], cfg.z_loss_weight)
+          model.moe_layer_leaf(grads['moe_blocks'], ('ffn', 'router'), cfg), aux, state['balance_coef'],
+          cfg.z_loss_weight)
       new_state['router_bias'] = router.update_router_bias(
           state['router_bias'], aux['load_E'], router.bias_rate(cfg, state['step'], s.config.train.steps),
           num_real=cfg.num_experts, target_active=cfg.target_active_experts or cfg.top_k,
@@ -127,7 +128,8 @@ def train(config, workdir: str):
       max_batches=t.eval_batches)]
   eval_step = make_eval_step(s)
   train_step = make_train_step(s)
-  similarity = jax.jit(diagnostics.expert_similarity)
+  similarity = jax.jit(lambda moe_blocks: diagnostics.expert_similarity(
+      {k: model.moe_layer_leaf(moe_blocks, ('ffn', k), c.model) for k in ('w_gate', 'w_up', 'w_down')}))
 
   def evaluate(step):
     start_time = time.perf_counter()
@@ -153,7 +155,7 @@ def train(config, workdir: str):
     window.add(out)
     if step % t.log_every == 0 or step == t.steps or stop:
       if 'moe_blocks' in state['params']:
-        out = {**out, **similarity(state['params']['moe_blocks']['ffn'])}
+        out = {**out, **similarity(state['params']['moe_blocks'])}
       pending = (step, out)
     if step % t.eval_every == 0 or step == t.steps:
       if pending is not None:

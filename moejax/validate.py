@@ -4,7 +4,7 @@ import os
 
 
 from moejax import moe, optim, precision
-from moejax.attention import ATTENTIONS
+from moejax.attention import ATTENTIONS, parse_pattern
 from moejax.model import REMAT_POLICIES
 
 
@@ -45,7 +45,13 @@ def validate_model(m):
          f'model.num_heads ({m.num_heads}) is not divisible by {m.num_kv_heads}')
   _check(m.head_dim % 2 == 0 and m.qk_rope_head_dim % 2 == 0, 'model.head_dim',
          'rotary dims (head_dim, qk_rope_head_dim) must be even')
-  _one_of(m.attention, ATTENTIONS, 'model.attention')
+  _check(isinstance(m.attention, str), 'model.attention', f'must be a name or a comma pattern, got {m.attention!r}')
+  for name in parse_pattern(m.attention):
+    _one_of(name, ATTENTIONS, 'model.attention')
+  for name in ('window', 'nsa_block', 'nsa_stride', 'nsa_select_block', 'kda_chunk', 'kda_conv'):
+    _check(isinstance(m[name], int) and m[name] > 0, f'model.{name}', f'must be a positive integer, got {m[name]!r}')
+  _check(isinstance(m.nsa_num_selected, int) and m.nsa_num_selected >= 2, 'model.nsa_num_selected',
+         f'must be an integer >= 2 (the first and the local block are always selected), got {m.nsa_num_selected!r}')
   _one_of(m.dispatch, moe.DISPATCHES, 'model.dispatch')
   _one_of(m.router_score, ('sigmoid', 'softmax'), 'model.router_score')
   _one_of(m.remat, REMAT_POLICIES, 'model.remat')

@@ -1,41 +1,19 @@
-"""Causal self-attention types behind one interface, selected by name (`config.model.attention`).
+"""Softmax attention types: GQA (MHA when every query head has its own kv head), SWA, MLA.
 
-Each type is an `Attention(specs, apply)`: `specs(cfg)` declares its parameters (ParamSpec with
-logical axes) and `apply(p, x_BTD, cfg)` returns y_BTD. Axis letters: B batch, T/S query/key
-positions, D model, H query heads, G key-value heads, N head dim, R rope dim, C latent rank.
+Axis letters: B batch, T positions, D model, H query heads, G key-value heads, N head dim,
+R rope dim, C latent rank.
 """
-from dataclasses import dataclass
-from typing import Callable
-
-import jax
-import jax.numpy as jnp
-
+from moejax.attention.core import Attention, causal_softmax_attention, sliding_window_attention
 from moejax.layers import dense, rms_norm, rope
 from moejax.params import ParamSpec
+import jax.numpy as jnp
 
 
-@dataclass(frozen=True)
-class Attention:
-  specs: Callable
-  apply: Callable
-  flops_per_token: Callable   # (cfg, seq_len) -> forward FLOPs of one layer for one token
+# --- GQA: grouped-query attention with RoPE ---
 
-
-def causal_softmax_attention(q_BTGHN, k_BSGN, v_BSGM):
-  """softmax(q k^T / sqrt(N)) v with a causal mask; H query heads share each of G kv heads."""
-  T = q_BTGHN.shape[1]
-  scores = jnp.einsum('btghn,bsgn->bghts', q_BTGHN, k_BSGN).astype(jnp.float32)
-  scores = scores * (q_BTGHN.shape[-1] ** -0.5)
-  mask_TS = jnp.tril(jnp.ones((T, T), bool))
-  scores = jnp.where(mask_TS, scores, -1e30)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGM.dtype)
-  return jnp.einsum('bghts,bsgm->btghm', probs, v_BSGM)
-
-
-# --- GQA: grouped-query attention with RoPE (MHA when num_kv_heads == num_heads) ---
-
-def gqa_specs(cfg):
-  D, H, G, N = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+def gqa_specs(cfg, num_kv_heads: int | None = None):
+  D, H, N = cfg.d_model, cfg.num_heads, cfg.head_dim
+  G = num_kv_heads or cfg.num_kv_heads
   s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
   return {
       'wq': ParamSpec((D, H, N), ('embed', 'heads', 'head_dim'), scale=s),
@@ -45,20 +23,48 @@ def gqa_specs(cfg):
   }
 
 
-def gqa_apply(p, x_BTD, cfg):
+def mha_specs(cfg):
+  return gqa_specs(cfg, num_kv_heads=cfg.num_heads)
+
+
+def gqa_qkv(p, x_BTD, cfg):
+  """q_BTGHN, k_BTGN, v_BTGN with RoPE; G is read from the parameters (so MHA shares this)."""
   B, T, _ = x_BTD.shape
-  G, N = cfg.num_kv_heads, cfg.head_dim
+  G, N = p['wk'].shape[1], p['wk'].shape[2]
   q_BTHN = rope(dense(x_BTD, p['wq']), cfg.rope_theta)
   k_BTGN = rope(dense(x_BTD, p['wk']), cfg.rope_theta)
-  v_BTGN = dense(x_BTD, p['wv'])
-  o = causal_softmax_attention(q_BTHN.reshape(B, T, G, -1, N), k_BTGN, v_BTGN)
-  return dense(o.reshape(B, T, -1, N), p['wo'], n_in=2)
+  return q_BTHN.reshape(B, T, G, -1, N), k_BTGN, dense(x_BTD, p['wv'])
 
 
-def gqa_flops(cfg, seq_len):
-  D, H, G, N = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  proj = 2 * D * N * (2 * H + 2 * G)
-  return proj + 2 * seq_len * H * N   # causal: half of 2*(QK^T + AV) over seq_len keys
+def gqa_out(p, o_BTGHN):
+  B, T, _, _, N = o_BTGHN.shape
+  return dense(o_BTGHN.reshape(B, T, -1, N), p['wo'], n_in=2)
+
+
+def gqa_apply(p, x_BTD, cfg):
+  return gqa_out(p, causal_softmax_attention(*gqa_qkv(p, x_BTD, cfg)))
+
+
+def swa_apply(p, x_BTD, cfg):
+  return gqa_out(p, sliding_window_attention(*gqa_qkv(p, x_BTD, cfg), cfg.window))
+
+
+def _proj_flops(cfg, G):
+  return 2 * cfg.d_model * cfg.head_dim * (2 * cfg.num_heads + 2 * G)
+
+
+def gqa_flops(cfg, seq_len, num_kv_heads=None):
+  # causal: on average seq_len / 2 keys, 2 matmuls (QK^T, AV) of 2 FLOPs per multiply-add
+  return _proj_flops(cfg, num_kv_heads or cfg.num_kv_heads) + 2 * seq_len * cfg.num_heads * cfg.head_dim
+
+
+def mha_flops(cfg, seq_len):
+  return gqa_flops(cfg, seq_len, num_kv_heads=cfg.num_heads)
+
+
+def swa_flops(cfg, seq_len):
+  keys = min(cfg.window, seq_len)   # each query reads about `window` keys
+  return _proj_flops(cfg, cfg.num_kv_heads) + 4 * keys * cfg.num_heads * cfg.head_dim
 
 
 # --- MLA: DeepSeek-V2/V3 multi-head latent attention (training form) ---
@@ -118,7 +124,7 @@ def mla_flops(cfg, seq_len):
   return proj + seq_len * H * (Nn + R + M)
 
 
-ATTENTIONS = {
-    'gqa': Attention(gqa_specs, gqa_apply, gqa_flops),
-    'mla': Attention(mla_specs, mla_apply, mla_flops),
-}
+GQA = Attention(gqa_specs, gqa_apply, gqa_flops)
+MHA = Attention(mha_specs, gqa_apply, mha_flops)
+SWA = Attention(gqa_specs, swa_apply, swa_flops)
+MLA = Attention(mla_specs, mla_apply, mla_flops)

@@ -1,0 +1,133 @@
+"""NSA: DeepSeek native sparse attention (Yuan et al., 2025), training form.
+
+Three branches, each with its own keys and values, mixed by per-head sigmoid gates:
+  cmp  keys/values of blocks of l tokens (stride d), compressed by a learned MLP with an
+       intra-block position embedding; a query reads the blocks that end at or before it;
+  slc  the top-n blocks of l' tokens ranked by the cmp attention probabilities (summed over the
+       overlap of cmp and slc blocks and over the query heads of a GQA group, so a group shares
+       its blocks); the first block and the query's own block are always taken;
+  win  a sliding window of the latest `window` tokens.
+The slc branch gathers n * l' keys per query, so every branch costs O(T) per query or less except
+cmp (O(T / d)). Axis letters: B batch, T positions, D model, G kv heads, H query heads per kv
+head, N head dim, J cmp blocks, K slc blocks, I selected blocks (n), S keys.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax.attention.core import Attention, masked_softmax, sliding_window_attention
+from moejax.layers import dense, rope
+from moejax.params import ParamSpec
+
+BRANCHES = ('cmp', 'slc', 'win')
+
+
+def specs(cfg):
+  D, H, G, N, l = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.nsa_block
+  s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+  kv = lambda: ParamSpec((D, G, N), ('embed', 'kv_heads', 'head_dim'), scale=s)
+  sp = {'wq': ParamSpec((D, H, N), ('embed', 'heads', 'head_dim'), scale=s),
+        'w_gate': ParamSpec((D, H, 3), ('embed', 'heads', None), scale=s),
+        'wo': ParamSpec((H, N, D), ('heads', 'head_dim', 'embed'), scale=out),
+        'cmp_pos': ParamSpec((l, N), (None, 'head_dim'), scale=s)}
+  for b in BRANCHES:
+    sp[f'wk_{b}'], sp[f'wv_{b}'] = kv(), kv()
+  for kind in ('k', 'v'):   # compression MLP: l*N -> N (hidden N), shared by the kv heads
+    sp[f'cmp_{kind}1'] = ParamSpec((l, N, N), (None, 'head_dim', None), scale=(l * N) ** -0.5)
+    sp[f'cmp_{kind}2'] = ParamSpec((N, N), (None, 'head_dim'), scale=N ** -0.5)
+  return sp
+
+
+def num_cmp_blocks(T: int, l: int, d: int) -> int:
+  return (T - l) // d + 1 if T >= l else 0
+
+
+def compress(x_BTGN, pos_lN, w1_lNF, w2_FN, l: int, d: int):
+  """Block j = positions [j d, j d + l) -> one vector per kv head: [B, J, G, N]."""
+  J = num_cmp_blocks(x_BTGN.shape[1], l, d)
+  idx_Jl = np.arange(J)[:, None] * d + np.arange(l)[None, :]
+  blocks = x_BTGN[:, idx_Jl] + pos_lN[None, None, :, None, :]          # [B, J, l, G, N]
+  h = jax.nn.silu(jnp.einsum('bjlgn,lnf->bjgf', blocks, w1_lNF))
+  return jnp.einsum('bjgf,fn->bjgn', h, w2_FN)
+
+
+def overlap_JK(T: int, l: int, d: int, l_sel: int) -> np.ndarray:
+  """1 where cmp block j and slc block k share a position (maps cmp scores onto slc blocks)."""
+  J, K = num_cmp_blocks(T, l, d), -(-T // l_sel)
+  start_J, start_K = np.arange(J) * d, np.arange(K) * l_sel
+  return ((start_J[:, None] < start_K[None, :] + l_sel) &
+          (start_K[None, :] < start_J[:, None] + l)).astype(np.float32)
+
+
+def branches(p, x_BTD, cfg):
+  """The three branch outputs o_BTGHN by name, before gating."""
+  B, T, _ = x_BTD.shape
+  G, N = cfg.num_kv_heads, cfg.head_dim
+  l, d, l_sel, n = cfg.nsa_block, cfg.nsa_stride, cfg.nsa_select_block, cfg.nsa_num_selected
+  q = rope(dense(x_BTD, p['wq']), cfg.rope_theta).reshape(B, T, G, -1, N)
+  k = {b: rope(dense(x_BTD, p[f'wk_{b}']), cfg.rope_theta) for b in BRANCHES}
+  v = {b: dense(x_BTD, p[f'wv_{b}']) for b in BRANCHES}
+  t_T = jnp.arange(T)
+  out = {}
+
+  # compressed branch
+  J = num_cmp_blocks(T, l, d)
+  if J:
+    kc_BJGN = compress(k['cmp'], p['cmp_pos'], p['cmp_k1'], p['cmp_k2'], l, d)
+    vc_BJGN = compress(v['cmp'], p['cmp_pos'], p['cmp_v1'], p['cmp_v2'], l, d)
+    s = jnp.einsum('btghn,bjgn->bghtj', q, kc_BJGN).astype(jnp.float32) * N ** -0.5
+    ends_J = jnp.arange(J) * d + l - 1
+    p_cmp = masked_softmax(s, ends_J[None, :] <= t_T[:, None])        # [B, G, H, T, J]
+    out['cmp'] = jnp.einsum('bghtj,bjgn->btghn', p_cmp.astype(vc_BJGN.dtype), vc_BJGN)
+    score_BGTK = jnp.einsum('bghtj,jk->bgtk', p_cmp, jnp.asarray(overlap_JK(T, l, d, l_sel)))
+  else:
+    out['cmp'] = jnp.zeros_like(q)
+    score_BGTK = jnp.zeros((B, G, T, -(-T // l_sel)), jnp.float32)
+
+  # selected branch: top-n slc blocks per (query, kv group)
+  K = score_BGTK.shape[-1]
+  blk_K = jnp.arange(K)
+  own_TK = blk_K[None, :] == (t_T // l_sel)[:, None]
+  causal_TK = blk_K[None, :] * l_sel <= t_T[:, None]
+  score_BGTK = jnp.where((blk_K == 0)[None, :] | own_TK, jnp.inf,
+                         jnp.where(causal_TK, jax.lax.stop_gradient(score_BGTK), -jnp.inf))
+  top_BGTI, idx_BGTI = jax.lax.top_k(score_BGTK, min(n, K))
+  ks_BGKlN = jnp.moveaxis(_pad_blocks(k['slc'], K, l_sel), 3, 1)       # [B, G, K, l', N]
+  vs_BGKlN = jnp.moveaxis(_pad_blocks(v['slc'], K, l_sel), 3, 1)
+  b_ix, g_ix = jnp.arange(B)[:, None, None, None], jnp.arange(G)[None, :, None, None]
+  kg, vg = ks_BGKlN[b_ix, g_ix, idx_BGTI], vs_BGKlN[b_ix, g_ix, idx_BGTI]   # [B, G, T, I, l', N]
+  s = jnp.einsum('btghn,bgtisn->bghtis', q, kg).astype(jnp.float32) * N ** -0.5
+  pos_BGTIS = idx_BGTI[..., None] * l_sel + jnp.arange(l_sel)
+  mask = (top_BGTI > -jnp.inf)[..., None] & (pos_BGTIS <= t_T[:, None, None])
+  mask = mask[:, :, None]                                               # [B, G, 1, T, I, l']
+  probs = masked_softmax(s.reshape(*s.shape[:4], -1), mask.reshape(*mask.shape[:4], -1)).reshape(s.shape)
+  out['slc'] = jnp.einsum('bghtis,bgtisn->btghn', probs.astype(vg.dtype), vg)
+
+  out['win'] = sliding_window_attention(q, k['win'], v['win'], cfg.window)
+  return out
+
+
+def _pad_blocks(x_BTGN, K: int, l_sel: int):
+  x = jnp.pad(x_BTGN, ((0, 0), (0, K * l_sel - x_BTGN.shape[1]), (0, 0), (0, 0)))
+  return x.reshape(x.shape[0], K, l_sel, *x.shape[2:])
+
+
+def apply(p, x_BTD, cfg):
+  B, T, _ = x_BTD.shape
+  o = branches(p, x_BTD, cfg)
+  gate = jax.nn.sigmoid(dense(x_BTD, p['w_gate'])).reshape(B, T, cfg.num_kv_heads, -1, 3)
+  o_BTGHN = sum(gate[..., i, None].astype(o[b].dtype) * o[b] for i, b in enumerate(BRANCHES))
+  return dense(o_BTGHN.reshape(B, T, -1, cfg.head_dim), p['wo'], n_in=2)
+
+
+def flops_per_token(cfg, seq_len):
+  D, H, G, N = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  l, d = cfg.nsa_block, cfg.nsa_stride
+  proj = 2 * D * N * (2 * H + 6 * G) + 2 * D * H * 3
+  compress_ = 2 * 2 * G * (l * N * N + N * N) / d          # one k and one v block every d tokens
+  keys = num_cmp_blocks(seq_len, l, d) / 2 + min(cfg.nsa_num_selected * cfg.nsa_select_block, seq_len) \
+      + min(cfg.window, seq_len)
+  return proj + compress_ + 4 * H * N * keys
+
+
+NSA = Attention(specs, apply, flops_per_token)

@@ -8,7 +8,7 @@ over the whole stack, dense blocks first) uses pattern[i % len(pattern)].
 from moejax.attention.core import Attention, causal_softmax_attention, sliding_window_attention  # noqa: F401
 from moejax.attention.kda import KDA
 from moejax.attention.nsa import NSA
-from moejax.attention.softmax import GQA, MHA, MLA, SWA
+from moejax.attention.softmax import GQA, MHA, MLA, SWA, latent_scale  # noqa: F401
 from moejax.layers import rope  # noqa: F401
 
 ATTENTIONS = {'gqa': GQA, 'mha': MHA, 'mla': MLA, 'swa': SWA, 'nsa': NSA, 'kda': KDA}

@@ -53,6 +53,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.kda_chunk = 16
   m.kda_conv = 4
   # Mixture of experts.
+  m.block = 'standard'         # MoE block layout: 'standard' or 'scmoe' (shortcut-connected, LongCat-Flash)
   m.num_experts = 16
   m.top_k = 2
   m.expert_ffn_dim = 128
@@ -75,7 +76,6 @@ def base_config() -> ml_collections.ConfigDict:
   m.hidden_z_loss_weight = 0.0  # hidden-state z-loss on the residual stream (LongCat-Flash), e.g. 1e-6
   m.dispatch = 'dropless'      # name in moejax.moe.DISPATCHES
   m.capacity_factor = 1.25     # used by dispatch == 'capacity'
-  m.block_size = 0             # rows per expert block in dropless dispatch; 0 = choose from the shapes
   m.tie_embeddings = False
   m.variance_alignment = False  # init-variance compensation for fine-grained experts and MLA ranks
   m.init_std = 0.02

@@ -38,6 +38,10 @@ def forward_flops_per_token(cfg, seq_len: int, real_experts_per_token: float | N
                  + 3 * D * cfg.expert_ffn_dim * (routed + cfg.num_shared_experts))
   head = 2 * D * cfg.vocab_size
   num_moe = cfg.num_layers - cfg.num_dense_layers
+  names = layer_attentions(cfg)
+  if cfg.block == 'scmoe':   # each MoE block also runs a second attention and two dense FFNs
+    attention += sum(ATTENTIONS[a].flops_per_token(cfg, seq_len) for a in names[cfg.num_dense_layers:])
+    moe_ffn += 2 * dense_ffn
   return attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
 
 

@@ -58,6 +58,15 @@ def block_specs(cfg, ffn: str, attention: str):
       'ffn_norm': ParamSpec((D,), ('embed',), init='ones'),
   }
   specs['ffn'] = swiglu_specs(D, cfg.dense_ffn_dim, cfg) if ffn == 'dense' else moe_specs(cfg)
+  if ffn == 'moe' and cfg.block == 'scmoe':   # the second half of a shortcut-connected MoE block
+    specs.update({
+        'dense_norm': ParamSpec((D,), ('embed',), init='ones'),
+        'dense': swiglu_specs(D, cfg.dense_ffn_dim, cfg),
+        'attn2_norm': ParamSpec((D,), ('embed',), init='ones'),
+        'attn2': ATTENTIONS[attention].specs(cfg),
+        'dense2_norm': ParamSpec((D,), ('embed',), init='ones'),
+        'dense2': swiglu_specs(D, cfg.dense_ffn_dim, cfg),
+    })
   return specs
 
 
@@ -196,6 +205,8 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
   policy = REMAT_POLICIES[cfg.remat]
   names = layer_attentions(cfg)
 
+  mlp_einsum = precision.einsum_for(precision.fp8_mlp(cfg))
+
   def block(attention, x_BTD, p):
     x_BTD = jax.lax.with_sharding_constraint(x_BTD, act)
     y_BTD = ATTENTIONS[attention].apply(p['attn'], rms_norm(x_BTD, p['attn_norm'], cfg.norm_eps), cfg)
@@ -204,13 +215,21 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
 
   def dense_block(attention, x_BTD, p):
     x_BTD, h = block(attention, x_BTD, p)
-    x_BTD = x_BTD + swiglu(p['ffn'], h, precision.einsum_for(precision.fp8_mlp(cfg)))
+    x_BTD = x_BTD + swiglu(p['ffn'], h, mlp_einsum)
     return x_BTD, _residual_aux(x_BTD, cfg)
 
   def moe_block(attention, x_BTD, p_and_bias):
     p, bias_E = p_and_bias
     x_BTD, h = block(attention, x_BTD, p)
     y, aux = moe_ffn(p['ffn'], bias_E, h, cfg, mesh, batch_axes)
+    if cfg.block == 'scmoe':
+      # Shortcut-connected MoE (LongCat-Flash sec. 2.2): the MoE branch takes the first attention's
+      # output while a dense FFN, a second attention and a second dense FFN run on the main path,
+      # so the experts' token exchange can overlap that dense compute; the branch joins at the end.
+      x_BTD = x_BTD + swiglu(p['dense'], rms_norm(x_BTD, p['dense_norm'], cfg.norm_eps), mlp_einsum)
+      x_BTD = x_BTD + ATTENTIONS[attention].apply(
+          p['attn2'], rms_norm(x_BTD, p['attn2_norm'], cfg.norm_eps), cfg)
+      x_BTD = x_BTD + swiglu(p['dense2'], rms_norm(x_BTD, p['dense2_norm'], cfg.norm_eps), mlp_einsum)
     x_BTD = x_BTD + y
     return x_BTD, {**aux, **_residual_aux(x_BTD, cfg)}
 

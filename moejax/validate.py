@@ -53,6 +53,7 @@ def validate_model(m):
   _check(isinstance(m.nsa_num_selected, int) and m.nsa_num_selected >= 2, 'model.nsa_num_selected',
          f'must be an integer >= 2 (the first and the local block are always selected), got {m.nsa_num_selected!r}')
   _one_of(m.dispatch, moe.DISPATCHES, 'model.dispatch')
+  _one_of(m.block, ('standard', 'scmoe'), 'model.block')
   _one_of(m.router_score, ('sigmoid', 'softmax'), 'model.router_score')
   _one_of(m.remat, REMAT_POLICIES, 'model.remat')
   _one_of(m.compute_dtype, ('float32', 'bfloat16', 'float16'), 'model.compute_dtype')

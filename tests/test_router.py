@@ -202,3 +202,37 @@ def test_variance_alignment_keeps_mla_key_value_variance_across_latent_ranks(ali
   for i in range(2):
     spread = max(v[i] for v in var.values()) / min(v[i] for v in var.values())
     assert (spread < 1.2) if aligned else (spread > 4), var
+
+
+def test_scmoe_block_matches_a_naive_composition_of_its_sub_blocks():
+  from moejax.attention import ATTENTIONS
+  from moejax.layers import rms_norm, swiglu
+  cfg = tiny_model_config(block='scmoe', num_layers=1, num_dense_layers=0)
+  mesh = make_test_mesh({'data': 1, 'expert': 1})
+  p = params.init_params(model.model_specs(cfg), jax.random.key(0))
+  tok = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+  bias = jax.random.normal(jax.random.key(2), (1, cfg.num_experts)) * 0.1
+  logits, _ = model.forward(p, bias, tok, cfg, mesh)
+
+  b = jax.tree.map(lambda a: a[0], p['moe_blocks'])
+  norm = lambda x, s: rms_norm(x, s, cfg.norm_eps)
+  attn = ATTENTIONS[cfg.attention].apply
+  x = p['embed'][tok]
+  h1 = x + attn(b['attn'], norm(x, b['attn_norm']), cfg)
+  moe_out, _ = model.moe_ffn(b['ffn'], bias[0], norm(h1, b['ffn_norm']), cfg, mesh, ())
+  h2 = h1 + swiglu(b['dense'], norm(h1, b['dense_norm']))
+  h3 = h2 + attn(b['attn2'], norm(h2, b['attn2_norm']), cfg)
+  h4 = h3 + swiglu(b['dense2'], norm(h3, b['dense2_norm']))
+  expect = norm(h4 + moe_out, p['final_norm']) @ p['head']
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(expect), rtol=1e-4, atol=1e-5)
+
+
+def test_scmoe_losses_agree_on_one_device_and_an_expert_parallel_mesh():
+  cfg = tiny_model_config(block='scmoe')
+  p = params.init_params(model.model_specs(cfg), jax.random.key(0))
+  tok = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+  batch = {'inputs': tok, 'targets': jnp.roll(tok, -1, 1), 'loss_mask': jnp.ones((8, 16))}
+  bias = jnp.zeros((2, cfg.num_experts))
+  losses = [float(jax.jit(lambda q, m=m: model.loss_fn(q, bias, batch, cfg, m)[0])(p))
+            for m in (make_test_mesh({'data': 1, 'expert': 1}), make_test_mesh({'data': 2, 'expert': 4}))]
+  np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

@@ -41,7 +41,7 @@ def summarize(workdir: str) -> dict:
   mean = lambda k: float(np.mean([r[k] for r in tail if k in r])) if any(k in r for r in tail) else float('nan')
   return {'eval_loss': evals[-1]['eval/loss'], 'maxvio_global': mean('moe/maxvio_global'),
           'dead_experts': train[-1].get('moe/dead_experts', 0),
-          'real_experts_per_token': mean('moe/real_experts_per_token'),
+          'active_experts_per_token': mean('moe/active_experts_per_token'),
           'tokens_per_sec': float(np.median([r['tokens_per_sec'] for r in train[1:]])),
           'train': train, 'evals': evals}
 
@@ -87,7 +87,7 @@ def main(argv):
            '|---|---|---|---|---|---|---|']
   for name, r in results.items():
     lines.append(f'| {name} | `{" ".join(module.VARIANTS[name]) or "(defaults)"}` | {r["eval_loss"]:.3f} | '
-                 f'{r["maxvio_global"]:.3f} | {r["dead_experts"]} | {r["real_experts_per_token"]:.2f} | '
+                 f'{r["maxvio_global"]:.3f} | {r["dead_experts"]} | {r["active_experts_per_token"]:.2f} | '
                  f'{r["tokens_per_sec"]:,.0f} |')
   lines += ['', f'![held-out loss and MaxVio]({stem}.png)', '']
   lines += [f'![{name}: expert load]({stem}_{slug(name)}_load.png)' for name in results]

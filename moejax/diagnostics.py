@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-ROUTER_STATS = ('entropy', 'top1_margin', 'topk_margin', 'real_experts_per_token')
+ROUTER_STATS = ('entropy', 'top1_margin', 'topk_margin', 'active_experts_per_token')
 
 
 def gradient_norm_ratio(grad_router_LDE, aux, balance_coef_L, z_loss_weight: float):

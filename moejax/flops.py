@@ -27,13 +27,13 @@ def peak_flops_per_device(override: float = 0.0) -> float:
   return float('nan')
 
 
-def forward_flops_per_token(cfg, seq_len: int, real_experts_per_token: float | None = None) -> float:
+def forward_flops_per_token(cfg, seq_len: int, active_experts_per_token: float | None = None) -> float:
   """2 x active matmul parameters + attention scores. Routed experts count top_k of them, or the
   measured real experts per token when zero-computation experts take some of the top_k."""
   D = cfg.d_model
   attention = sum(ATTENTIONS[a].flops_per_token(cfg, seq_len) for a in layer_attentions(cfg))
   dense_ffn = 2 * 3 * D * cfg.dense_ffn_dim
-  routed = cfg.top_k if real_experts_per_token is None else real_experts_per_token
+  routed = cfg.top_k if active_experts_per_token is None else active_experts_per_token
   moe_ffn = 2 * (D * (cfg.num_experts + cfg.num_zero_experts)
                  + 3 * D * cfg.expert_ffn_dim * (routed + cfg.num_shared_experts))
   head = 2 * D * cfg.vocab_size
@@ -45,5 +45,5 @@ def forward_flops_per_token(cfg, seq_len: int, real_experts_per_token: float | N
   return attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
 
 
-def train_flops_per_token(cfg, seq_len: int, real_experts_per_token: float | None = None) -> float:
-  return 3 * forward_flops_per_token(cfg, seq_len, real_experts_per_token)   # forward + backward (2x)
+def train_flops_per_token(cfg, seq_len: int, active_experts_per_token: float | None = None) -> float:
+  return 3 * forward_flops_per_token(cfg, seq_len, active_experts_per_token)   # forward + backward (2x)

@@ -17,7 +17,7 @@ class Window:
   """Accumulates what happens between two log records (device-side sums; read only when logged)."""
 
   def __init__(self, flops_per_step, peak_flops: float, tokens_per_step: int):
-    """`flops_per_step(real_experts_per_token or None)` -> model FLOPs of one step."""
+    """`flops_per_step(active_experts_per_token or None)` -> model FLOPs of one step."""
     self.flops_per_step, self.peak_flops, self.tokens_per_step = flops_per_step, peak_flops, tokens_per_step
     self.reset()
 
@@ -77,7 +77,7 @@ class MetricsLog:
     summary, layers = diagnostics.summarize(out, window_load, self.num_real_experts)
     record.update(summary)
     # MFU counts the real experts a token actually used (zero-computation experts cost nothing)
-    record['mfu'] = window.flops_per_step(record.get('moe/real_experts_per_token')) / step_time / window.peak_flops
+    record['mfu'] = window.flops_per_step(record.get('moe/active_experts_per_token')) / step_time / window.peak_flops
     record.update(extra or {})   # e.g. data/<source>/... from the input pipeline
     window.reset()
     record.update(self.alerts(step, record))
@@ -101,8 +101,8 @@ class MetricsLog:
             f' | mfu {r["mfu"]:.1%} | eta {int(eta // 60)}m{int(eta % 60):02d}s')
     if 'moe/maxvio' in r:
       line += f' | maxvio {r["moe/maxvio"]:.2f} dead {r["moe/dead_experts"]}'
-    if self.num_real_experts and 'moe/real_experts_per_token' in r:
-      line += f' | real/token {r["moe/real_experts_per_token"]:.2f}'
+    if self.num_real_experts and 'moe/active_experts_per_token' in r:
+      line += f' | real/token {r["moe/active_experts_per_token"]:.2f}'
     print(line, flush=True, file=sys.stdout)
 
   def close(self):

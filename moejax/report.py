@@ -83,7 +83,7 @@ def summary(workdir: str, train: list[dict], evals: list[dict], alerts: list[str
     lines.append(f'| held-out loss (step {evals[0]["step"]} -> {evals[-1]["step"]}) | '
                  f'{evals[0]["eval/loss"]:.3f} -> {evals[-1]["eval/loss"]:.3f} |')
   for key in ('loss', 'tokens_per_sec', 'mfu', 'moe/maxvio', 'moe/maxvio_global', 'moe/dead_experts',
-              'moe/entropy', 'moe/real_experts_per_token', 'moe/grad_norm_ratio',
+              'moe/entropy', 'moe/active_experts_per_token', 'moe/grad_norm_ratio',
               'moe/expert_cos_max', 'resid/max_abs'):
     if key in last:
       lines.append(f'| {key} (step {last["step"]}) | {last[key]:.4g} |')

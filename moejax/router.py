@@ -56,7 +56,7 @@ def router_stats(scores_TE, selection_TE, expert_TK, num_real: int) -> dict:
   top_TK1 = jax.lax.top_k(selection_TE, min(K + 1, selection_TE.shape[-1]))[0]
   real_T = jnp.sum(expert_TK < num_real, axis=-1).astype(jnp.float32)
   stats = {'entropy': entropy, 'top1_margin': jnp.mean(top_TK1[:, 0] - top_TK1[:, 1]),
-           'real_experts_per_token': jnp.mean(real_T),
+           'active_experts_per_token': jnp.mean(real_T),
            # fraction of tokens using 0..K real experts (differs from "all K" only with zero experts)
            'real_experts_hist': jnp.bincount(real_T.astype(jnp.int32), length=K + 1) / real_T.shape[0]}
   if top_TK1.shape[-1] > K:   # how far the k-th choice is from being replaced by the (k+1)-th

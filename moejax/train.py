@@ -139,8 +139,8 @@ def train(config, workdir: str):
 
   if start == 0:
     evaluate(0)
-  def flops_per_step(real_experts_per_token=None):
-    return flops.train_flops_per_token(c.model, t.seq_len, real_experts_per_token) * t.batch_size * t.seq_len
+  def flops_per_step(active_experts_per_token=None):
+    return flops.train_flops_per_token(c.model, t.seq_len, active_experts_per_token) * t.batch_size * t.seq_len
 
   peak = flops.peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
   window = metrics_lib.Window(flops_per_step, peak, t.batch_size * t.seq_len)

@@ -74,22 +74,22 @@ def test_zero_computation_experts_return_their_input_and_cost_no_expert_flops():
   bias = jnp.concatenate([jnp.full((cfg.num_experts,), -10.0), jnp.zeros((4,))])  # only zero experts
   y_BTD, aux = model.moe_ffn(p, bias, x_BTD, cfg, mesh, ())
   np.testing.assert_allclose(np.asarray(y_BTD), np.asarray(x_BTD), rtol=1e-5, atol=1e-6)  # weights sum to 1
-  assert float(aux['real_experts_per_token']) == 0.0
+  assert float(aux['active_experts_per_token']) == 0.0
   assert float(aux['load_E'][:cfg.num_experts].sum()) == 0.0
-  base = flops.forward_flops_per_token(cfg, 8, real_experts_per_token=0.0)
-  two = flops.forward_flops_per_token(cfg, 8, real_experts_per_token=2.0)
+  base = flops.forward_flops_per_token(cfg, 8, active_experts_per_token=0.0)
+  two = flops.forward_flops_per_token(cfg, 8, active_experts_per_token=2.0)
   moe_layers = cfg.num_layers - cfg.num_dense_layers
   assert two - base == pytest.approx(moe_layers * 2 * 2 * 3 * cfg.d_model * cfg.expert_ffn_dim)
 
 
-def test_bias_steers_mean_real_experts_per_token_to_the_target():
+def test_bias_steers_mean_active_experts_per_token_to_the_target():
   cfg = tiny_model_config(num_zero_experts=4, target_active_experts=0.6, top_k=2)
   E = cfg.num_experts + 4
   x_TD = jax.random.normal(jax.random.key(2), (512, cfg.d_model))
   w_DE = jax.random.normal(jax.random.key(3), (cfg.d_model, E)) * 0.3
   step = jax.jit(lambda b: (lambda r: (router_lib.update_router_bias(
       b[None], r.load_E[None], 0.01, num_real=cfg.num_experts, target_active=0.6, top_k=2)[0],
-      r.stats['real_experts_per_token']))(router_lib.route(x_TD, w_DE, b, cfg, 64)))
+      r.stats['active_experts_per_token']))(router_lib.route(x_TD, w_DE, b, cfg, 64)))
   bias, real = jnp.zeros((E,)), []
   for _ in range(300):
     bias, r = step(bias)
@@ -109,9 +109,9 @@ def test_router_stats_match_a_hand_computed_case():
   # selection rows: [.5, .35, .25] and [.6, .4, .1]
   np.testing.assert_allclose(float(stats['top1_margin']), np.mean([0.15, 0.2]), rtol=1e-5)
   np.testing.assert_allclose(float(stats['topk_margin']), np.mean([0.1, 0.3]), rtol=1e-5)
-  assert float(stats['real_experts_per_token']) == 2.0   # experts 0 and 1 are real
+  assert float(stats['active_experts_per_token']) == 2.0   # experts 0 and 1 are real
   stats = router_lib.router_stats(scores, selection, jnp.array([[0, 2], [2, 1]]), num_real=2)
-  assert float(stats['real_experts_per_token']) == 1.0
+  assert float(stats['active_experts_per_token']) == 1.0
   np.testing.assert_allclose(np.asarray(stats['real_experts_hist']), [0.0, 1.0, 0.0])
 
 

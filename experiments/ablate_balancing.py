@@ -2,7 +2,7 @@
 
 `VARIANTS` maps a name to command-line overrides; `python -m moejax.ablate` trains each.
 """
-from moejax.configs import base_config
+from experiments import default
 
 VARIANTS = {
     'no balancing': ['--config.model.bias_update_rate=0'],
@@ -15,14 +15,9 @@ VARIANTS = {
 
 
 def get_config():
-  c = base_config()
-  m = c.model
-  m.d_model, m.num_layers, m.num_dense_layers, m.dense_ffn_dim = 128, 4, 1, 512
-  m.num_heads, m.num_kv_heads, m.head_dim = 4, 2, 32
-  m.num_experts, m.top_k, m.expert_ffn_dim, m.num_shared_experts = 16, 2, 128, 1
-  c.train.steps, c.train.batch_size, c.train.seq_len = 250, 16, 128
-  c.train.log_every, c.train.eval_every, c.train.eval_batches = 10, 50, 4
+  c = default.get_config()   # the `make train` model, trained shorter and logged more often
+  c.train.steps, c.train.log_every, c.train.eval_every = 250, 10, 50
   c.train.alert_maxvio = 0.0        # the unbalanced variants would alert every window
-  c.optim.lr, c.optim.warmup_steps = 3e-3, 25
+  c.optim.warmup_steps = 25
   c.checkpoint.every = 1000
   return c

@@ -33,7 +33,7 @@ def time_fwd_bwd(name, cfg, T, repeats):
   attn = ATTENTIONS[name]
   p = params.init_params(attn.specs(cfg), jax.random.key(0))
   x = jax.random.normal(jax.random.key(1), (1, T, cfg.d_model))
-  step = jax.jit(jax.grad(lambda p, x: jnp.sum(attn.apply(p, x, cfg) ** 2), argnums=(0, 1)))
+  step = jax.jit(jax.grad(lambda p, x: jnp.sum(attn.apply(p, x, cfg)[0] ** 2), argnums=(0, 1)))
   jax.block_until_ready(step(p, x))   # compile
   times = []
   for _ in range(repeats):

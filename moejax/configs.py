@@ -36,6 +36,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.num_kv_heads = 2
   m.head_dim = 32
   m.rope_theta = 10000.0
+  m.document_mask = False      # attend only within a document (segment ids of packed sequences)
+  m.qk_norm = False            # GQA/MHA/SWA: RMSNorm each head's query and key before RoPE
+  m.attn_softcap = 0.0         # softmax types: logits -> cap * tanh(logits / cap); 0 = off
+  m.attn_sinks = False         # GQA/MHA/SWA: a learned sink logit per head in the softmax
   # MLA (DeepSeek-V2/V3) shapes, used when attention == 'mla'.
   m.q_lora_rank = 0            # 0 = full-rank query projection
   m.kv_lora_rank = 64
@@ -110,6 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
   o.eps = 1e-8
   o.weight_decay = 0.1         # decoupled: u -= lr * wd * p where the group's decay_mask matches
   o.clip_norm = 1.0            # global norm over all groups
+  o.qk_clip = 0.0              # > 0: QK-clip threshold tau on attention logits (MuonClip, moejax.qk_clip)
   # Parameter groups: every parameter matches exactly one `match` rule (see moejax.optim).
   o.groups = ml_collections.ConfigDict()
   for g, match, mult in (

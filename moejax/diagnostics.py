@@ -81,4 +81,16 @@ def summarize(out: dict, window_load_LE, num_real: int) -> tuple[dict, dict]:
   if 'resid_max' in out:
     layers['resid_max'] = np.asarray(out['resid_max'])
     record['resid/max_abs'] = float(layers['resid_max'].max())
-  return record, {k: np.round(v, 5).tolist() for k, v in layers.items()}
+  if 'attn_logit_max' in out:   # [L, heads]; NaN for layers without softmax logits (KDA)
+    logit_LH = np.asarray(out['attn_logit_max'], np.float64)
+    softmax_L = ~np.isnan(logit_LH).all(-1)
+    layers['attn_logit_max'] = np.where(softmax_L, np.nanmax(np.where(softmax_L[:, None], logit_LH, 0.0), -1), np.nan)
+    if softmax_L.any():
+      record['attn/logit_max'] = float(np.nanmax(logit_LH))
+  return record, {k: _json_list(np.round(v, 5)) for k, v in layers.items()}
+
+
+def _json_list(a: np.ndarray) -> list:
+  """NaN -> None, so the per-layer lists stay valid JSON."""
+  a = np.asarray(a)
+  return np.where(np.isnan(a), None, a).tolist() if a.dtype.kind == 'f' else a.tolist()

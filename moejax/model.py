@@ -186,16 +186,18 @@ def hidden_z_loss(x_BTD):
   return jnp.mean(jax.nn.logsumexp(jnp.abs(x_BTD.astype(jnp.float32)), axis=-1) ** 2)
 
 
-def _residual_aux(x_BTD, cfg) -> dict:
-  aux = {'resid_max': jnp.max(jnp.abs(x_BTD)).astype(jnp.float32)}
+def _residual_aux(x_BTD, cfg, logit_max_H) -> dict:
+  aux = {'resid_max': jnp.max(jnp.abs(x_BTD)).astype(jnp.float32), 'attn_logit_max': logit_max_H}
   if cfg.hidden_z_loss_weight:
     aux['hidden_z_loss'] = hidden_z_loss(x_BTD)
   return aux
 
 
-def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'expert')):
+def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'expert'),
+            segment_ids_BT=None):
   """Returns logits_BTV (float32) and aux: per-layer values stacked over layers; MoE layers' under
-  their own keys, and per-block residual values (`resid_max`, `hidden_z_loss`) under 'blocks'."""
+  their own keys, and per-block values (`resid_max`, `hidden_z_loss`, `attn_logit_max` [L, heads])
+  under 'blocks'. With `cfg.document_mask`, attention stays within `segment_ids_BT`'s documents."""
   dtype = precision.compute_dtype(cfg)
   params = jax.tree_util.tree_map_with_path(
       lambda path, w: w if any(n in jax.tree_util.keystr(path) for n in FLOAT32_PARAMS)
@@ -207,31 +209,37 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
 
   mlp_einsum = precision.einsum_for(precision.fp8_mlp(cfg))
 
+  segments = segment_ids_BT if cfg.document_mask else None
+
+  def attend(attention, p, norm, x_BTD):
+    return ATTENTIONS[attention].apply(p, rms_norm(x_BTD, norm, cfg.norm_eps), cfg, segments)
+
   def block(attention, x_BTD, p):
     x_BTD = jax.lax.with_sharding_constraint(x_BTD, act)
-    y_BTD = ATTENTIONS[attention].apply(p['attn'], rms_norm(x_BTD, p['attn_norm'], cfg.norm_eps), cfg)
+    y_BTD, logit_max_H = attend(attention, p['attn'], p['attn_norm'], x_BTD)
     x_BTD = x_BTD + y_BTD
-    return x_BTD, rms_norm(x_BTD, p['ffn_norm'], cfg.norm_eps)
+    return x_BTD, rms_norm(x_BTD, p['ffn_norm'], cfg.norm_eps), logit_max_H
 
   def dense_block(attention, x_BTD, p):
-    x_BTD, h = block(attention, x_BTD, p)
+    x_BTD, h, logit_max_H = block(attention, x_BTD, p)
     x_BTD = x_BTD + swiglu(p['ffn'], h, mlp_einsum)
-    return x_BTD, _residual_aux(x_BTD, cfg)
+    return x_BTD, _residual_aux(x_BTD, cfg, logit_max_H)
 
   def moe_block(attention, x_BTD, p_and_bias):
     p, bias_E = p_and_bias
-    x_BTD, h = block(attention, x_BTD, p)
+    x_BTD, h, logit_max_H = block(attention, x_BTD, p)
     y, aux = moe_ffn(p['ffn'], bias_E, h, cfg, mesh, batch_axes)
     if cfg.block == 'scmoe':
       # Shortcut-connected MoE (LongCat-Flash sec. 2.2): the MoE branch takes the first attention's
       # output while a dense FFN, a second attention and a second dense FFN run on the main path,
       # so the experts' token exchange can overlap that dense compute; the branch joins at the end.
       x_BTD = x_BTD + swiglu(p['dense'], rms_norm(x_BTD, p['dense_norm'], cfg.norm_eps), mlp_einsum)
-      x_BTD = x_BTD + ATTENTIONS[attention].apply(
-          p['attn2'], rms_norm(x_BTD, p['attn2_norm'], cfg.norm_eps), cfg)
+      y2_BTD, logit_max2_H = attend(attention, p['attn2'], p['attn2_norm'], x_BTD)
+      x_BTD = x_BTD + y2_BTD
       x_BTD = x_BTD + swiglu(p['dense2'], rms_norm(x_BTD, p['dense2_norm'], cfg.norm_eps), mlp_einsum)
+      logit_max_H = jnp.maximum(logit_max_H, logit_max2_H)
     x_BTD = x_BTD + y
-    return x_BTD, {**aux, **_residual_aux(x_BTD, cfg)}
+    return x_BTD, {**aux, **_residual_aux(x_BTD, cfg, logit_max_H)}
 
   if policy is not None:
     dense_block = jax.checkpoint(dense_block, policy=policy, static_argnums=(0,))
@@ -247,7 +255,8 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
   if 'moe_blocks' in params:
     x_BTD, aux = scan_layers(moe_block, x_BTD, params['moe_blocks'], router_bias_LE, names[nd:],
                              cfg.scan_unroll)
-    block_aux.append({k: aux.pop(k) for k in list(aux) if k in ('resid_max', 'hidden_z_loss')})
+    block_aux.append({k: aux.pop(k) for k in list(aux)
+                      if k in ('resid_max', 'hidden_z_loss', 'attn_logit_max')})
   aux['blocks'] = jax.tree.map(lambda *xs: jnp.concatenate(xs), *block_aux)
   x_BTD = rms_norm(x_BTD, params['final_norm'], cfg.norm_eps)
   head_DV = params['embed'].T if cfg.tie_embeddings else params['head']
@@ -259,7 +268,8 @@ def loss_fn(params, router_bias_LE, batch, cfg, mesh, balance_coef_L=None):
   """Mean next-token cross-entropy over unmasked targets, plus the weighted auxiliary losses.
 
   `balance_coef_L` (per MoE layer) replaces `balance_loss_weight` when the coefficient adapts."""
-  logits_BTV, aux = forward(params, router_bias_LE, batch['inputs'], cfg, mesh)
+  logits_BTV, aux = forward(params, router_bias_LE, batch['inputs'], cfg, mesh,
+                            segment_ids_BT=batch.get('segment_ids'))
   logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
   nll_BT = -jnp.take_along_axis(logp_BTV, batch['targets'][..., None], axis=-1)[..., 0]
   mask_BT = batch['loss_mask']

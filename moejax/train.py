@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from moejax import checkpoint, diagnostics, flops, metrics as metrics_lib, model, optim, router, sharding
+from moejax import checkpoint, diagnostics, flops, metrics as metrics_lib, model, optim, qk_clip, router, sharding
 from moejax.data import pipeline
 from moejax.data.prepare import PrepareError
 from moejax.params import logical_axes
@@ -39,12 +39,14 @@ def make_train_step(s: Setup):
     (loss, aux), grads = grad_fn(state['params'], state['router_bias'], batch, cfg, s.mesh,
                                  state['balance_coef'])
     updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
-    new_state = {**state, 'step': state['step'] + 1, 'params': optax.apply_updates(state['params'], updates),
-                 'opt_state': opt_state}
+    params = optax.apply_updates(state['params'], updates)
+    if s.config.optim.qk_clip:
+      params = qk_clip.qk_clip(params, aux['blocks']['attn_logit_max'], cfg, s.config.optim.qk_clip)
+    new_state = {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
     lrs = optim.learning_rates(opt_state)   # what each group used in this step
     out = {'loss': loss, 'lm_loss': aux['lm_loss'], 'grad_norm': optax.global_norm(grads),
            'lr': lrs.get('lr/hidden', next(iter(lrs.values()))), **lrs,
-           'resid_max': aux['blocks']['resid_max']}
+           'resid_max': aux['blocks']['resid_max'], 'attn_logit_max': aux['blocks']['attn_logit_max']}
     if cfg.hidden_z_loss_weight:
       out['moe/hidden_z_loss'] = aux['blocks']['hidden_z_loss'].mean()
     if 'load_E' in aux:

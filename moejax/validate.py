@@ -8,6 +8,10 @@ from moejax.attention import ATTENTIONS, parse_pattern
 from moejax.model import REMAT_POLICIES
 
 
+GQA_FAMILY = ('gqa', 'mha', 'swa')
+DOCUMENT_MASKED = ('gqa', 'mha', 'swa', 'mla')   # attention types that honour segment ids
+
+
 class ConfigError(ValueError):
   """A config value that cannot work; the message starts with the field's name."""
 
@@ -52,6 +56,13 @@ def validate_model(m):
     _check(isinstance(m[name], int) and m[name] > 0, f'model.{name}', f'must be a positive integer, got {m[name]!r}')
   _check(isinstance(m.nsa_num_selected, int) and m.nsa_num_selected >= 2, 'model.nsa_num_selected',
          f'must be an integer >= 2 (the first and the local block are always selected), got {m.nsa_num_selected!r}')
+  names = set(parse_pattern(m.attention))
+  for flag, supported in (('qk_norm', GQA_FAMILY), ('attn_sinks', GQA_FAMILY),
+                          ('attn_softcap', GQA_FAMILY + ('mla',)), ('document_mask', DOCUMENT_MASKED)):
+    unsupported = sorted(names - set(supported))
+    _check(not m[flag] or not unsupported, f'model.{flag}',
+           f'not supported by attention {", ".join(unsupported)} (only by {", ".join(supported)})')
+  _check(m.attn_softcap >= 0, 'model.attn_softcap', f'must be >= 0, got {m.attn_softcap}')
   _one_of(m.dispatch, moe.DISPATCHES, 'model.dispatch')
   _one_of(m.block, ('standard', 'scmoe'), 'model.block')
   _one_of(m.router_score, ('sigmoid', 'softmax'), 'model.router_score')
@@ -100,6 +111,9 @@ def validate(config, num_devices: int, check_data: bool = True):
   _positive(config, 'optim', 'lr', 'clip_norm')
   _check(config.optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
   _check(config.optim.eps > 0, 'optim.eps', 'must be positive')
+  _check(config.optim.qk_clip >= 0, 'optim.qk_clip', f'must be >= 0, got {config.optim.qk_clip}')
+  _check(not (config.optim.qk_clip and config.model.qk_norm), 'optim.qk_clip',
+         'has no effect with model.qk_norm (the norm undoes the rescaled projections)')
   from moejax.model import model_specs
   from moejax.params import logical_axes
   optim.validate_optim(config.optim, logical_axes(model_specs(config.model)), config.train.steps)

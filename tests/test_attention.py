@@ -119,7 +119,7 @@ def test_attention_forward_and_grad_match_naive_per_head_reference(case):
   attention = ATTENTIONS[cfg.attention]
 
   def lib(p, x):
-    y = attention.apply(p, x, cfg)
+    y = attention.apply(p, x, cfg)[0]
     return jnp.sum(y * r), y
 
   def ref(p, x):
@@ -136,7 +136,7 @@ def test_attention_forward_and_grad_match_naive_per_head_reference(case):
 @pytest.mark.parametrize('case', list(CASES))
 def test_attention_output_at_t_has_exactly_zero_gradient_wrt_inputs_after_t(case):
   cfg, p, x, _ = setup(case, seed=3)
-  jac = jax.jit(jax.jacrev(lambda x: ATTENTIONS[cfg.attention].apply(p, x, cfg)))(x)
+  jac = jax.jit(jax.jacrev(lambda x: ATTENTIONS[cfg.attention].apply(p, x, cfg)[0]))(x)
   jac = np.asarray(jac)                   # [B, T, D, B, S, D]
   for b in range(B):
     for t in range(T):

@@ -160,7 +160,7 @@ def test_attention_type_forward_and_grad_match_naive_reference(case):
   cfg, p, x, r = setup(attention, T, batch=1, **overrides)
 
   def lib(p, x):
-    y = ATTENTIONS[attention].apply(p, x, cfg)
+    y = ATTENTIONS[attention].apply(p, x, cfg)[0]
     return jnp.sum(y * r), y
 
   def ref(p, x):
@@ -178,7 +178,7 @@ def test_attention_type_forward_and_grad_match_naive_reference(case):
 def test_attention_type_output_at_t_has_exactly_zero_gradient_wrt_inputs_after_t(attention):
   T = 9
   cfg, p, x, _ = setup(attention, T, seed=3)
-  jac = np.asarray(jax.jit(jax.jacrev(lambda x: ATTENTIONS[attention].apply(p, x, cfg)))(x))
+  jac = np.asarray(jax.jit(jax.jacrev(lambda x: ATTENTIONS[attention].apply(p, x, cfg)[0]))(x))
   for b in range(B):
     for t in range(T):
       assert np.all(jac[b, t, :, b, t + 1:, :] == 0.0), (b, t)
@@ -191,7 +191,7 @@ def test_kda_chunk_size_does_not_change_output_or_gradient():
   outs = []
   for chunk in (1, 3, 16):
     c = tiny_model_config(**{**cfg, 'kda_chunk': chunk})
-    f = lambda p: jnp.sum(ATTENTIONS['kda'].apply(p, x, c) * r)
+    f = lambda p: jnp.sum(ATTENTIONS['kda'].apply(p, x, c)[0] * r)
     outs.append(jax.jit(jax.value_and_grad(f))(p))
   for o in outs[1:]:
     chex.assert_trees_all_close(o, outs[0], **TOL)
@@ -208,7 +208,7 @@ def test_kda_chunkwise_form_equals_library_recurrent_form():
 def test_nsa_selected_branch_covering_every_block_equals_full_causal_attention():
   T = 16
   cfg, p, x, _ = setup('nsa', T, nsa_select_block=4, nsa_num_selected=4)   # 4 blocks of 4 = T
-  o = nsa.branches(p, x, cfg)['slc']                                        # [B, T, G, H/G, N]
+  o = nsa.branches(p, x, cfg)[0]['slc']                                        # [B, T, G, H/G, N]
   H, G = cfg.num_heads, cfg.num_kv_heads
   for b in range(B):
     for h in range(H):
@@ -224,7 +224,7 @@ def test_nsa_selected_branch_reads_only_n_blocks_when_the_sequence_is_longer():
   cfg, p, x, _ = setup('nsa', T, nsa_select_block=2, nsa_num_selected=3)
   full = ref_nsa(p, x, tiny_model_config(**{**cfg, 'nsa_num_selected': 8}), branch='slc')
   sparse = ref_nsa(p, x, cfg, branch='slc')
-  lib = nsa.branches(p, x, cfg)['slc'].reshape(B, T, cfg.num_heads, -1)
+  lib = nsa.branches(p, x, cfg)[0]['slc'].reshape(B, T, cfg.num_heads, -1)
   assert float(jnp.max(jnp.abs(full - sparse))) > 1e-3       # the sparsity is real
   y_lib = jnp.einsum('bthn,hnd->btd', lib, p['wo'])
   chex.assert_trees_all_close(y_lib, sparse, **TOL)
@@ -250,7 +250,7 @@ def test_hybrid_pattern_model_equals_layer_by_layer_loop():
     loads = []
     for i, (kind, stack, j) in enumerate(layers):
       lp = jax.tree.map(lambda a: a[j], stack)
-      x = x + ATTENTIONS[['swa', 'mla'][i % 2]].apply(lp['attn'], rms_norm(x, lp['attn_norm'], cfg.norm_eps), cfg)
+      x = x + ATTENTIONS[['swa', 'mla'][i % 2]].apply(lp['attn'], rms_norm(x, lp['attn_norm'], cfg.norm_eps), cfg)[0]
       h = rms_norm(x, lp['ffn_norm'], cfg.norm_eps)
       if kind == 'dense':
         x = x + swiglu(lp['ffn'], h)

@@ -216,7 +216,7 @@ def test_scmoe_block_matches_a_naive_composition_of_its_sub_blocks():
 
   b = jax.tree.map(lambda a: a[0], p['moe_blocks'])
   norm = lambda x, s: rms_norm(x, s, cfg.norm_eps)
-  attn = ATTENTIONS[cfg.attention].apply
+  attn = lambda *a: ATTENTIONS[cfg.attention].apply(*a)[0]
   x = p['embed'][tok]
   h1 = x + attn(b['attn'], norm(x, b['attn_norm']), cfg)
   moe_out, _ = model.moe_ffn(b['ffn'], bias[0], norm(h1, b['ffn_norm']), cfg, mesh, ())

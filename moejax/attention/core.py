@@ -15,8 +15,26 @@ NEG = -1e30   # additive mask value (finite, so fully masked rows stay NaN-free)
 @dataclass(frozen=True)
 class Attention:
   specs: Callable             # cfg -> {name: ParamSpec}
-  apply: Callable             # (p, x_BTD, cfg) -> y_BTD
+  # (p, x_BTD, cfg, segment_ids_BT=None) -> (y_BTD, logit_max_H): with segment ids, a position
+  # attends only within its own document; logit_max_H is each query head's largest attention logit
+  # (after the 1/sqrt(d) scale) over the batch, float32 (the diagnostic and QK-clip's input).
+  apply: Callable
   flops_per_token: Callable   # (cfg, seq_len) -> forward FLOPs of one layer for one token
+
+
+def same_segment(seg_q, seg_k):
+  """[..., T] x [..., S] -> [..., T, S]: True where query and key are in the same document
+  (everything, when there are no segment ids)."""
+  if seg_q is None:
+    return True
+  return seg_q[..., :, None] == seg_k[..., None, :]
+
+
+def logit_max(scores, mask, head_axes: tuple):
+  """Max of the unmasked scores, kept per head (axes `head_axes`), flattened to [heads]."""
+  s = jnp.where(mask, scores, -jnp.inf)
+  other = tuple(a for a in range(s.ndim) if a not in head_axes)
+  return jax.lax.stop_gradient(jnp.max(s, axis=other).reshape(-1).astype(jnp.float32))
 
 
 def masked_softmax(scores, mask):
@@ -25,15 +43,30 @@ def masked_softmax(scores, mask):
   return jnp.where(mask, probs, 0.0)
 
 
-def causal_softmax_attention(q_BTGHN, k_BSGN, v_BSGM):
-  """softmax(q k^T / sqrt(N)) v with a causal mask; H query heads share each of G kv heads."""
+def softmax_probs(scores, mask, softcap: float = 0.0, sink=None):
+  """Softmax over the last axis of the unmasked scores, optionally soft-capped (cap * tanh(s / cap),
+  Gemma 2) and with a learned per-head sink logit that joins the denominator only (StreamingLLM /
+  gpt-oss attention sinks; `sink` broadcasts against scores without the last axis)."""
+  if softcap:
+    scores = softcap * jnp.tanh(scores / softcap)
+  scores = jnp.where(mask, scores, NEG)
+  if sink is None:
+    return jax.nn.softmax(scores, axis=-1)
+  sink = jnp.broadcast_to(sink.astype(jnp.float32), scores.shape[:-1])[..., None]
+  return jax.nn.softmax(jnp.concatenate([scores, sink], axis=-1), axis=-1)[..., :-1]
+
+
+def causal_softmax_attention(q_BTGHN, k_BSGN, v_BSGM, segment_ids_BT=None, softcap=0.0, sink_GH=None):
+  """softmax(q k^T / sqrt(N)) v with a causal (and document) mask; H query heads share each of G
+  kv heads. Returns o_BTGHM and logit_max over [G * H] query heads (before any soft cap)."""
   T = q_BTGHN.shape[1]
   scores = jnp.einsum('btghn,bsgn->bghts', q_BTGHN, k_BSGN).astype(jnp.float32)
   scores = scores * (q_BTGHN.shape[-1] ** -0.5)
-  mask_TS = jnp.tril(jnp.ones((T, T), bool))
-  scores = jnp.where(mask_TS, scores, NEG)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_BSGM.dtype)
-  return jnp.einsum('bghts,bsgm->btghm', probs, v_BSGM)
+  mask_BTS = jnp.tril(jnp.ones((T, T), bool)) & same_segment(segment_ids_BT, segment_ids_BT)
+  mask_BGHTS = jnp.expand_dims(mask_BTS, (-4, -3)) if mask_BTS.ndim == 3 else mask_BTS
+  sink = None if sink_GH is None else sink_GH[:, :, None]
+  probs = softmax_probs(scores, mask_BGHTS, softcap, sink).astype(v_BSGM.dtype)
+  return jnp.einsum('bghts,bsgm->btghm', probs, v_BSGM), logit_max(scores, mask_BGHTS, (1, 2))
 
 
 def _blocks(x_BT, W: int, C: int):
@@ -43,9 +76,11 @@ def _blocks(x_BT, W: int, C: int):
   return x_BT.reshape(x_BT.shape[0], C, W, *x_BT.shape[2:])
 
 
-def sliding_window_attention(q_BTGHN, k_BTGN, v_BTGM, window: int):
-  """Causal attention to the `window` latest keys (t - window < s <= t), blocked: each block of
-  W = window queries reads only its own and the previous key block, so cost is O(T * window)."""
+def sliding_window_attention(q_BTGHN, k_BTGN, v_BTGM, window: int, segment_ids_BT=None,
+                             softcap=0.0, sink_GH=None):
+  """Causal attention to the `window` latest keys (t - window < s <= t) of the same document,
+  blocked: each block of W = window queries reads only its own and the previous key block, so cost
+  is O(T * window). Returns o_BTGHM and logit_max over [G * H] query heads."""
   B, T, G, H, N = q_BTGHN.shape
   W = min(window, T)
   C = -(-T // W)
@@ -58,6 +93,13 @@ def sliding_window_attention(q_BTGHN, k_BTGN, v_BTGM, window: int):
   t_W, s_S = jnp.arange(W)[:, None] + W, jnp.arange(2 * W)[None, :]   # offsets from the previous block's start
   mask_WS = (s_S <= t_W) & (s_S > t_W - window)
   mask_CWS = mask_WS[None] & ((jnp.arange(C) > 0)[:, None, None] | (s_S >= W)[None])  # block 0 has no previous
-  probs = jax.nn.softmax(jnp.where(mask_CWS[None, :, None, None], scores, NEG), axis=-1)
+  real_CW = (jnp.arange(C)[:, None] * W + jnp.arange(W)[None, :]) < T   # not a padding query
+  mask = (mask_CWS & real_CW[..., None])[None, :, None, None]           # [B, C, G, H, W, S]
+  if segment_ids_BT is not None:
+    seg_BCW = _blocks(segment_ids_BT, W, C)
+    seg_BCS = jnp.concatenate([prev(seg_BCW), seg_BCW], axis=2)
+    mask = mask & same_segment(seg_BCW, seg_BCS)[:, :, None, None]
+  sink = None if sink_GH is None else sink_GH[:, :, None]
+  probs = softmax_probs(scores, mask, softcap, sink)
   o = jnp.einsum('bcghws,bcsgm->bcwghm', probs.astype(v_BTGM.dtype), v_BCSGM)
-  return o.reshape(B, C * W, G, H, -1)[:, :T]
+  return o.reshape(B, C * W, G, H, -1)[:, :T], logit_max(scores, mask, (2, 3))

@@ -124,11 +124,14 @@ def chunk_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, chunk: int):
   return o_BTHV[:, :T]
 
 
-def apply(p, x_BTD, cfg):
+def apply(p, x_BTD, cfg, segment_ids_BT=None):
+  """Returns y_BTD and, for the attention interface, NaN per head: KDA has no softmax logits."""
+  if segment_ids_BT is not None:
+    raise NotImplementedError('kda: document masking (model.document_mask) is not supported yet')
   q, k, v, beta, g = gates_and_inputs(p, x_BTD, cfg)
   o_BTHV = chunk_delta_rule(q, k, v, beta, g, cfg.kda_chunk)
   o_BTHV = rms_norm(o_BTHV, p['o_norm'], cfg.norm_eps) * jax.nn.sigmoid(dense(x_BTD, p['w_gate']))
-  return dense(o_BTHV.astype(x_BTD.dtype), p['wo'], n_in=2)
+  return dense(o_BTHV.astype(x_BTD.dtype), p['wo'], n_in=2), jnp.full((cfg.num_heads,), jnp.nan)
 
 
 def flops_per_token(cfg, seq_len):

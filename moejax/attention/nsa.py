@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.attention.core import Attention, masked_softmax, sliding_window_attention
+from moejax.attention.core import Attention, logit_max, masked_softmax, sliding_window_attention
 from moejax.layers import dense, rope
 from moejax.params import ParamSpec
 
@@ -60,7 +60,8 @@ def overlap_JK(T: int, l: int, d: int, l_sel: int) -> np.ndarray:
 
 
 def branches(p, x_BTD, cfg):
-  """The three branch outputs o_BTGHN by name, before gating."""
+  """The three branch outputs o_BTGHN by name, before gating, and the largest logit per query
+  head over the three branches."""
   B, T, _ = x_BTD.shape
   G, N = cfg.num_kv_heads, cfg.head_dim
   l, d, l_sel, n = cfg.nsa_block, cfg.nsa_stride, cfg.nsa_select_block, cfg.nsa_num_selected
@@ -68,7 +69,7 @@ def branches(p, x_BTD, cfg):
   k = {b: rope(dense(x_BTD, p[f'wk_{b}']), cfg.rope_theta) for b in BRANCHES}
   v = {b: dense(x_BTD, p[f'wv_{b}']) for b in BRANCHES}
   t_T = jnp.arange(T)
-  out = {}
+  out, maxes = {}, []
 
   # compressed branch
   J = num_cmp_blocks(T, l, d)
@@ -78,6 +79,7 @@ def branches(p, x_BTD, cfg):
     s = jnp.einsum('btghn,bjgn->bghtj', q, kc_BJGN).astype(jnp.float32) * N ** -0.5
     ends_J = jnp.arange(J) * d + l - 1
     p_cmp = masked_softmax(s, ends_J[None, :] <= t_T[:, None])        # [B, G, H, T, J]
+    maxes.append(logit_max(s, ends_J[None, :] <= t_T[:, None], (1, 2)))
     out['cmp'] = jnp.einsum('bghtj,bjgn->btghn', p_cmp.astype(vc_BJGN.dtype), vc_BJGN)
     score_BGTK = jnp.einsum('bghtj,jk->bgtk', p_cmp, jnp.asarray(overlap_JK(T, l, d, l_sel)))
   else:
@@ -102,9 +104,10 @@ def branches(p, x_BTD, cfg):
   mask = mask[:, :, None]                                               # [B, G, 1, T, I, l']
   probs = masked_softmax(s.reshape(*s.shape[:4], -1), mask.reshape(*mask.shape[:4], -1)).reshape(s.shape)
   out['slc'] = jnp.einsum('bghtis,bgtisn->btghn', probs.astype(vg.dtype), vg)
+  maxes.append(logit_max(s, mask, (1, 2)))
 
-  out['win'] = sliding_window_attention(q, k['win'], v['win'], cfg.window)
-  return out
+  out['win'], win_max = sliding_window_attention(q, k['win'], v['win'], cfg.window)
+  return out, jnp.max(jnp.stack(maxes + [win_max]), axis=0)
 
 
 def _pad_blocks(x_BTGN, K: int, l_sel: int):
@@ -112,12 +115,14 @@ def _pad_blocks(x_BTGN, K: int, l_sel: int):
   return x.reshape(x.shape[0], K, l_sel, *x.shape[2:])
 
 
-def apply(p, x_BTD, cfg):
+def apply(p, x_BTD, cfg, segment_ids_BT=None):
+  if segment_ids_BT is not None:
+    raise NotImplementedError('nsa: document masking (model.document_mask) is not supported yet')
   B, T, _ = x_BTD.shape
-  o = branches(p, x_BTD, cfg)
+  o, logit_max_H = branches(p, x_BTD, cfg)
   gate = jax.nn.sigmoid(dense(x_BTD, p['w_gate'])).reshape(B, T, cfg.num_kv_heads, -1, 3)
   o_BTGHN = sum(gate[..., i, None].astype(o[b].dtype) * o[b] for i, b in enumerate(BRANCHES))
-  return dense(o_BTGHN.reshape(B, T, -1, cfg.head_dim), p['wo'], n_in=2)
+  return dense(o_BTGHN.reshape(B, T, -1, cfg.head_dim), p['wo'], n_in=2), logit_max_H
 
 
 def flops_per_token(cfg, seq_len):

@@ -15,12 +15,18 @@ def gqa_specs(cfg, num_kv_heads: int | None = None):
   D, H, N = cfg.d_model, cfg.num_heads, cfg.head_dim
   G = num_kv_heads or cfg.num_kv_heads
   s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
-  return {
+  specs = {
       'wq': ParamSpec((D, H, N), ('embed', 'heads', 'head_dim'), scale=s),
       'wk': ParamSpec((D, G, N), ('embed', 'kv_heads', 'head_dim'), scale=s),
       'wv': ParamSpec((D, G, N), ('embed', 'kv_heads', 'head_dim'), scale=s),
       'wo': ParamSpec((H, N, D), ('heads', 'head_dim', 'embed'), scale=out),
   }
+  if cfg.qk_norm:   # RMSNorm of each head's query and key before RoPE (OLMo 2, Qwen 3)
+    specs['q_norm'] = ParamSpec((N,), ('head_dim',), init='ones')
+    specs['k_norm'] = ParamSpec((N,), ('head_dim',), init='ones')
+  if cfg.attn_sinks:   # one learned sink logit per query head
+    specs['sinks'] = ParamSpec((H,), ('heads',), init='zeros')
+  return specs
 
 
 def mha_specs(cfg):
@@ -31,9 +37,17 @@ def gqa_qkv(p, x_BTD, cfg):
   """q_BTGHN, k_BTGN, v_BTGN with RoPE; G is read from the parameters (so MHA shares this)."""
   B, T, _ = x_BTD.shape
   G, N = p['wk'].shape[1], p['wk'].shape[2]
-  q_BTHN = rope(dense(x_BTD, p['wq']), cfg.rope_theta)
-  k_BTGN = rope(dense(x_BTD, p['wk']), cfg.rope_theta)
+  q_BTHN, k_BTGN = dense(x_BTD, p['wq']), dense(x_BTD, p['wk'])
+  if 'q_norm' in p:
+    q_BTHN = rms_norm(q_BTHN, p['q_norm'], cfg.norm_eps)
+    k_BTGN = rms_norm(k_BTGN, p['k_norm'], cfg.norm_eps)
+  q_BTHN, k_BTGN = rope(q_BTHN, cfg.rope_theta), rope(k_BTGN, cfg.rope_theta)
   return q_BTHN.reshape(B, T, G, -1, N), k_BTGN, dense(x_BTD, p['wv'])
+
+
+def _softmax_options(p, cfg, G: int) -> dict:
+  sink = p['sinks'].reshape(G, -1) if 'sinks' in p else None
+  return {'softcap': cfg.attn_softcap, 'sink_GH': sink}
 
 
 def gqa_out(p, o_BTGHN):
@@ -41,12 +55,18 @@ def gqa_out(p, o_BTGHN):
   return dense(o_BTGHN.reshape(B, T, -1, N), p['wo'], n_in=2)
 
 
-def gqa_apply(p, x_BTD, cfg):
-  return gqa_out(p, causal_softmax_attention(*gqa_qkv(p, x_BTD, cfg)))
+def gqa_apply(p, x_BTD, cfg, segment_ids_BT=None):
+  G = p['wk'].shape[1]
+  o, logit_max_H = causal_softmax_attention(*gqa_qkv(p, x_BTD, cfg), segment_ids_BT,
+                                            **_softmax_options(p, cfg, G))
+  return gqa_out(p, o), logit_max_H
 
 
-def swa_apply(p, x_BTD, cfg):
-  return gqa_out(p, sliding_window_attention(*gqa_qkv(p, x_BTD, cfg), cfg.window))
+def swa_apply(p, x_BTD, cfg, segment_ids_BT=None):
+  G = p['wk'].shape[1]
+  o, logit_max_H = sliding_window_attention(*gqa_qkv(p, x_BTD, cfg), cfg.window, segment_ids_BT,
+                                            **_softmax_options(p, cfg, G))
+  return gqa_out(p, o), logit_max_H
 
 
 def _proj_flops(cfg, G):
@@ -95,7 +115,7 @@ def latent_scale(cfg, rank: int) -> float:
   return (cfg.d_model / rank) ** 0.5 if cfg.variance_alignment else 1.0
 
 
-def mla_apply(p, x_BTD, cfg):
+def mla_apply(p, x_BTD, cfg, segment_ids_BT=None):
   Nn, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
   if cfg.q_lora_rank:
     q_lat = rms_norm(dense(x_BTD, p['wq_a']), p['q_norm'], cfg.norm_eps)
@@ -112,8 +132,9 @@ def mla_apply(p, x_BTD, cfg):
       [kv_BTHK[..., :Nn], jnp.broadcast_to(k_rope_BT1R, (*k_rope_BT1R.shape[:2], H, k_rope_BT1R.shape[-1]))],
       axis=-1)
   v_BTHM = kv_BTHK[..., Nn:]
-  o = causal_softmax_attention(q_BTHK[:, :, :, None], k_BTHK, v_BTHM)   # G = H groups of one head
-  return dense(o[:, :, :, 0], p['wo'], n_in=2)
+  o, logit_max_H = causal_softmax_attention(q_BTHK[:, :, :, None], k_BTHK, v_BTHM,  # G = H groups
+                                            segment_ids_BT, softcap=cfg.attn_softcap)  # of one head
+  return dense(o[:, :, :, 0], p['wo'], n_in=2), logit_max_H
 
 
 def mla_flops(cfg, seq_len):

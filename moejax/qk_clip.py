@@ -8,8 +8,9 @@ query and key projections rescaled so the logit scales by gamma_h = min(1, tau /
   GQA:  a kv head is shared by its group, so it takes sqrt(min gamma of the group) and each query
         head the rest, gamma_h / sqrt(min gamma): every head's logits scale by exactly gamma_h.
 
-Heads that stayed under tau are untouched. KDA has no softmax logits (its logit max is NaN, and
-NaN never clips). `config.optim.qk_clip` = tau; 0 turns it off. Axis letters: L layers, H query
+Heads that stayed under tau are untouched. Applies to GQA, MHA, SWA and MLA layers; KDA has no
+softmax logits (its logit max is NaN, and NaN never clips), and NSA's compressed keys pass through an
+MLP, so rescaling its key projections would not rescale its logits (validation refuses NSA). `config.optim.qk_clip` = tau; 0 turns it off. Axis letters: L layers, H query
 heads, G kv heads.
 """
 import jax.numpy as jnp
@@ -42,17 +43,15 @@ def clip_attention(p: dict, attention: str, gamma_LH, cfg) -> dict:
     kv = p['wkv_b']                                        # [L, C, H, Nn + M]
     p['wkv_b'] = jnp.concatenate([_scale_heads(kv[..., :Nn], half, 1), kv[..., Nn:]], axis=-1)
     return p
-  if attention not in ('gqa', 'mha', 'swa', 'nsa'):
+  if attention not in ('gqa', 'mha', 'swa'):
     return p
   L, H = gamma_LH.shape
-  k_keys = [k for k in p if k == 'wk' or k.startswith('wk_')]
-  G = p[k_keys[0]].shape[2]                                # wk [L, D, G, N]
+  G = p['wk'].shape[2]                                     # wk [L, D, G, N]
   gamma_LGh = gamma_LH.reshape(L, G, H // G)
   k_factor_LG = jnp.sqrt(gamma_LGh.min(-1))
   q_factor_LH = (gamma_LGh / k_factor_LG[..., None]).reshape(L, H)
   p['wq'] = _scale_heads(p['wq'], q_factor_LH, 1)
-  for k in k_keys:
-    p[k] = _scale_heads(p[k], k_factor_LG, 1)
+  p['wk'] = _scale_heads(p['wk'], k_factor_LG, 1)
   return p
 
 

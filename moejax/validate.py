@@ -114,6 +114,8 @@ def validate(config, num_devices: int, check_data: bool = True):
   _check(config.optim.qk_clip >= 0, 'optim.qk_clip', f'must be >= 0, got {config.optim.qk_clip}')
   _check(not (config.optim.qk_clip and config.model.qk_norm), 'optim.qk_clip',
          'has no effect with model.qk_norm (the norm undoes the rescaled projections)')
+  _check(not (config.optim.qk_clip and 'nsa' in parse_pattern(config.model.attention)), 'optim.qk_clip',
+         'not supported by attention nsa (its compressed keys pass through an MLP)')
   from moejax.model import model_specs
   from moejax.params import logical_axes
   optim.validate_optim(config.optim, logical_axes(model_specs(config.model)), config.train.steps)

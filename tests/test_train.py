@@ -25,7 +25,7 @@ SMOKE = '--config=experiments/smoke.py'
 BASE_FLAGS = ['--config.train.log_every=1', '--config.checkpoint.every=4',
               '--config.mesh.data=8', '--config.mesh.expert=1']
 METRIC_KEYS = ('step', 'loss', 'lm_loss', 'grad_norm', 'lr', 'tokens_per_sec', 'mfu', 'moe/maxvio',
-               'moe/dead_experts', 'moe/dropped_frac')
+               'moe/dead_experts', 'moe/dropped_frac', 'attn/logit_max')
 
 
 def _env():

@@ -1,8 +1,9 @@
 """Plots and a summary of a run: `python -m moejax.report --workdir=<dir>`.
 
 Writes into <workdir>/report/: expert_load.png (expert load fractions over steps, one heatmap per
-MoE layer), balance.png (MaxVio per batch and over each log window, dead experts), loss.png (train
-and held-out loss), and summary.md.
+MoE layer), balance.png (MaxVio per batch and over each log window, dead experts), stability.png
+(max attention logit and max residual activation, the early signs of logit and activation blow-up),
+loss.png (train and held-out loss), and summary.md.
 """
 import json
 import os
@@ -64,6 +65,23 @@ def plot_balance(train: list[dict], path: str):
   return True
 
 
+def plot_stability(train: list[dict], path: str):
+  series = [(k, label) for k, label in (('attn/logit_max', 'max attention logit'),
+                                        ('resid/max_abs', 'max |residual|')) if any(k in r for r in train)]
+  if not series:
+    return False
+  fig, axes = plt.subplots(len(series), 1, figsize=(8, 2.5 * len(series)), sharex=True, squeeze=False)
+  for ax, (key, label) in zip(axes[:, 0], series):
+    rows = [r for r in train if key in r]
+    ax.plot([r['step'] for r in rows], [r[key] for r in rows])
+    ax.set_ylabel(label)
+  axes[-1, 0].set_xlabel('step')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
 def plot_loss(train: list[dict], evals: list[dict], path: str):
   fig, ax = plt.subplots(figsize=(8, 4))
   ax.plot([r['step'] for r in train], [r['lm_loss'] for r in train], label='train lm_loss')
@@ -84,11 +102,12 @@ def summary(workdir: str, train: list[dict], evals: list[dict], alerts: list[str
                  f'{evals[0]["eval/loss"]:.3f} -> {evals[-1]["eval/loss"]:.3f} |')
   for key in ('loss', 'tokens_per_sec', 'mfu', 'moe/maxvio', 'moe/maxvio_global', 'moe/dead_experts',
               'moe/entropy', 'moe/active_experts_per_token', 'moe/grad_norm_ratio',
-              'moe/expert_cos_max', 'resid/max_abs'):
+              'moe/expert_cos_max', 'attn/logit_max', 'resid/max_abs'):
     if key in last:
       lines.append(f'| {key} (step {last["step"]}) | {last[key]:.4g} |')
   lines += ['', f'Alerts: {len(alerts)}'] + [f'- {a}' for a in alerts[:20]]
-  lines += ['', '![expert load](expert_load.png)', '![balance](balance.png)', '![loss](loss.png)']
+  lines += ['', '![expert load](expert_load.png)', '![balance](balance.png)',
+            '![stability](stability.png)', '![loss](loss.png)']
   return '\n'.join(lines) + '\n'
 
 
@@ -103,6 +122,7 @@ def report(workdir: str) -> str:
   os.makedirs(out, exist_ok=True)
   plot_expert_load(read_jsonl(os.path.join(workdir, 'loads.jsonl')), os.path.join(out, 'expert_load.png'))
   plot_balance(train, os.path.join(out, 'balance.png'))
+  plot_stability(train, os.path.join(out, 'stability.png'))
   plot_loss(train, evals, os.path.join(out, 'loss.png'))
   with open(os.path.join(out, 'summary.md'), 'w') as f:
     f.write(summary(workdir, train, evals, alerts))

@@ -293,3 +293,18 @@ def test_sample_on_empty_workdir_fails_with_one_line_naming_workdir(tmp_path):
   assert len(lines) == 1, proc.stdout
   assert str(workdir) in lines[0], proc.stdout
   assert 'Traceback' not in proc.stdout
+
+
+def test_report_draws_every_plot_and_a_summary_from_a_run(run_a, tmp_path):
+  workdir = tmp_path / 'run'
+  shutil.copytree(run_a, workdir, ignore=shutil.ignore_patterns('checkpoints'))
+  proc = subprocess.run(_cmd('moejax.report', workdir), cwd=REPO, env=_env(),
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stdout[-4000:]
+  out = workdir / 'report'
+  for png in ('expert_load.png', 'balance.png', 'stability.png', 'loss.png'):
+    assert (out / png).read_bytes()[:8] == b'\x89PNG\r\n\x1a\n', png
+  text = (out / 'summary.md').read_text()
+  last = train_records(run_a)[-1]
+  assert f'| moe/maxvio (step {last["step"]}) | {last["moe/maxvio"]:.4g} |' in text
+  assert 'attn/logit_max' in text

@@ -107,7 +107,7 @@ def train(config, workdir: str):
   ds, train_data = pipeline.train_data(
       pipeline.sources_from_config(c.data), seq_len=t.seq_len, batch_size=t.batch_size, seed=c.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenizer_sha256=pipeline.load_manifest(c.data.dir).get('tokenizer_sha256'))
+      tokenizer_dir=c.data.dir)
   if len(ds) < t.steps:
     raise pipeline.DataError(f'data: the sources\' epoch budgets give {len(ds)} batches; train.steps is {t.steps}')
   data_iter = pipeline.train_iterator(ds)

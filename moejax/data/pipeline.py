@@ -19,7 +19,8 @@ from pathlib import Path
 
 import grain
 import numpy as np
-from tokenizers import Tokenizer
+
+from moejax.data import tokenizer as tokenizers
 
 POLICIES = ('original', 'cycle', 'random')
 UNBOUNDED_EPOCHS = 1000   # epochs = 0 means "repeat": this many epochs
@@ -83,10 +84,13 @@ def load_manifest(data_dir: str) -> dict:
         raise DataError(f'{path}: not valid JSON ({e.msg})') from None
 
 
-def load_tokenizer(data_dir: str) -> Tokenizer:
-    """Loads the tokenizer the data in `data_dir` was tokenized with."""
-    load_manifest(data_dir)
-    return Tokenizer.from_file(str(Path(data_dir) / 'tokenizer.json'))
+def load_tokenizer(data_dir: str):
+    """The tokenizer the data in `data_dir` was tokenized with (moejax.data.tokenizer: encode,
+    decode, eod_id, vocab_size)."""
+    try:
+        return tokenizers.from_prepared(data_dir, load_manifest(data_dir))
+    except tokenizers.TokenizerError as e:
+        raise DataError(str(e)) from None
 
 
 @dataclasses.dataclass
@@ -308,17 +312,19 @@ class TrainData:
     """The sources' windows, their mixture, and per-source progress metrics."""
 
     def __init__(self, sources: list[Source], *, seq_len: int, batch_size: int, seed: int,
-                 tokenizer_sha256: str | None = None):
+                 tokenizer_dir: str | None = None):
+        """tokenizer_dir: the prepared directory whose tokenizer every source must share (default:
+        the first source's)."""
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
         self.windows, eod_ids = [], set()
+        ref_dir = tokenizer_dir or sources[0].dir
+        ref = load_manifest(ref_dir)
         for s in sources:
             split = load_split(s.dir, 'train')
-            sha = split.manifest.get('tokenizer_sha256')
-            if tokenizer_sha256 is not None and sha != tokenizer_sha256:
-                raise DataError(f'data.sources.{s.name}.dir: {s.dir} was tokenized with another '
-                                f'tokenizer (sha256 {str(sha)[:12]}, expected {tokenizer_sha256[:12]}); '
-                                'prepare it with --tokenizer=<data.dir>/tokenizer.json')
-            tokenizer_sha256 = sha
+            if split.manifest.get('tokenizer_sha256') != ref.get('tokenizer_sha256'):
+                raise DataError(f'data.sources.{s.name}.dir: {s.dir} was tokenized with another tokenizer, '
+                                f'{tokenizers.describe(split.manifest)}, not {tokenizers.describe(ref)} '
+                                f'of {ref_dir}; prepare it again with --tokenizer={ref_dir}')
             eod_ids.add(split.manifest['eod_id'])
             w = SourceWindows(split, seq_len=seq_len, seed=seed, policy=s.variant_policy,
                               epochs=s.epochs or UNBOUNDED_EPOCHS, doc_fraction=s.doc_fraction,
@@ -343,7 +349,7 @@ class TrainData:
 
 def train_data(sources: list[Source] | str, *, seq_len: int, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1,
-               tokenizer_sha256: str | None = None) -> tuple[grain.MapDataset, TrainData]:
+               tokenizer_dir: str | None = None) -> tuple[grain.MapDataset, TrainData]:
     """Per-process training batches (process p gets rows [p*B:(p+1)*B] of each global batch,
     B = batch_size // process_count) and the TrainData behind them."""
     if seq_len < 1 or batch_size < 1:
@@ -354,7 +360,7 @@ def train_data(sources: list[Source] | str, *, seq_len: int, batch_size: int, se
     if isinstance(sources, str):
         sources = [Source('main', sources)]
     data = TrainData(sources, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                     tokenizer_sha256=tokenizer_sha256)
+                     tokenizer_dir=tokenizer_dir)
     parents = [grain.MapDataset.source(w) for w in data.windows]
     ds = grain.MapDataset.select_from_datasets(parents, data.mix)
     num_global_batches = len(ds) // batch_size

@@ -40,9 +40,12 @@ class Source:
     epochs: int = 0               # 0 = repeat (UNBOUNDED_EPOCHS)
     variant_policy: str = 'original'
     doc_fraction: float = 1.0     # train on a seeded subset of this fraction of the documents
+    field: str = ''               # config path in messages; '' = data.sources.<name>
 
     def __post_init__(self):
-        field = f'data.sources.{self.name}'
+        if not self.field:
+            object.__setattr__(self, 'field', f'data.sources.{self.name}')
+        field = self.field
         if not isinstance(self.weight, (int, float)) or not self.weight > 0:
             raise DataError(f'{field}.weight: must be > 0, got {self.weight!r}')
         if self.variant_policy not in POLICIES:
@@ -60,11 +63,11 @@ def sources_from_config(data_cfg) -> list[Source]:
     specs = dict(data_cfg.get('sources') or {})
     if not specs:
         return [Source('main', data_cfg.dir, 1.0, data_cfg.get('epochs', 0),
-                       data_cfg.get('variant_policy', 'original'))]
+                       data_cfg.get('variant_policy', 'original'), field='data')]
     out = []
     for name, s in sorted(specs.items()):
         s = dict(s)
-        unknown = set(s) - {f.name for f in dataclasses.fields(Source)}
+        unknown = set(s) - {f.name for f in dataclasses.fields(Source)} | ({'field', 'name'} & set(s))
         if unknown:
             raise DataError(f'data.sources.{name}: unknown field(s) {sorted(unknown)}')
         if 'dir' not in s:
@@ -99,6 +102,17 @@ class Split:
     offsets_i64: np.ndarray   # [num_entries + 1]: entry k = tokens[offsets[k]:offsets[k+1]]
     variants_i64: np.ndarray  # [num_docs + 1]: doc d = entries variants[d]..variants[d+1]-1
     manifest: dict
+
+    def __getstate__(self):  # prefetch workers reopen the memmap rather than get a copy of it
+        state = dict(self.__dict__)
+        if isinstance(self.tokens, np.memmap):
+            state['tokens'] = str(self.tokens.filename)
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state['tokens'], str):
+            state['tokens'] = np.load(state['tokens'], mmap_mode='r')
+        self.__dict__.update(state)
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
@@ -322,7 +336,7 @@ class TrainData:
         for s in sources:
             split = load_split(s.dir, 'train')
             if split.manifest.get('tokenizer_sha256') != ref.get('tokenizer_sha256'):
-                raise DataError(f'data.sources.{s.name}.dir: {s.dir} was tokenized with another tokenizer, '
+                raise DataError(f'{s.field}.dir: {s.dir} was tokenized with another tokenizer, '
                                 f'{tokenizers.describe(split.manifest)}, not {tokenizers.describe(ref)} '
                                 f'of {ref_dir}; prepare it again with --tokenizer={ref_dir}')
             eod_ids.add(split.manifest['eod_id'])
@@ -330,7 +344,7 @@ class TrainData:
                               epochs=s.epochs or UNBOUNDED_EPOCHS, doc_fraction=s.doc_fraction,
                               salt=zlib.crc32(s.name.encode()))
             if len(w) == 0:
-                raise DataError(f'data.sources.{s.name}.dir: {s.dir} has fewer than seq_len+1 tokens')
+                raise DataError(f'{s.field}.dir: {s.dir} has fewer than seq_len+1 tokens')
             self.windows.append(w)
         self.eod_id = eod_ids.pop()
         self.mix = PhasedMix([len(w) for w in self.windows], [s.weight for s in sources])
@@ -381,10 +395,54 @@ def train_dataset(data_dir: str, *, seq_len: int, batch_size: int, seed: int,
                       process_index=process_index, process_count=process_count)[0]
 
 
-def train_iterator(ds: grain.MapDataset) -> grain.DatasetIterator:
-    """Iterator over `ds` with small prefetch; get_state()/set_state() are JSON-serialisable."""
-    read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
-    return iter(ds.to_iter_dataset(read_options))
+class BatchIterator:
+    """Iterates a MapDataset of batches, optionally prefetched by `workers` processes (grain
+    `mp_prefetch`; 0 = in-process threads). The state is the index of the next batch,
+    {'next_index': n} (grain's own state for an in-process iterator over a MapDataset): every batch
+    is a pure function of its index, so a state resumes exactly whatever the number of workers.
+    """
+
+    def __init__(self, ds: grain.MapDataset, workers: int = 0):
+        if not isinstance(workers, int) or workers < 0:
+            raise DataError(f'data.workers: must be an integer >= 0, got {workers!r}')
+        self._ds, self._workers, self._next, self._it = ds, workers, 0, None
+
+    def _open(self):
+        ds = self._ds[self._next:].to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+        if self._workers:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app use defaults
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+        self._it = iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:   # opened lazily: set_state right after creation starts no workers
+            self._open()
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {'next_index': self._next}
+
+    def set_state(self, state: dict):
+        self.close()
+        self._next = int(state['next_index'])
+
+    def close(self):
+        """Stops the prefetch threads/processes (also done at garbage collection)."""
+        if self._it is not None and hasattr(self._it, 'close'):
+            self._it.close()
+        self._it = None
+
+
+def train_iterator(ds: grain.MapDataset, workers: int = 0) -> BatchIterator:
+    """Iterator over `ds`; get_state()/set_state() are JSON-serialisable (see BatchIterator)."""
+    return BatchIterator(ds, workers)
 
 
 def eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:

@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     except PrepareError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. a full disk while writing: --out is left as it was
+        print(f"prepare: error: {e.filename or a.out}: {e.strerror or e}", file=sys.stderr)
+        return 2
     print(msg if "up to date" in msg else f"{msg} in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -33,9 +33,11 @@ def run_prepare(*args) -> int:
     return prepare.main([*args, "--val_fraction=0.25"])
 
 
-@pytest.fixture(autouse=True)
-def no_tiktoken_cache(monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", "")  # tiktoken would copy the ranks file into /tmp
+@pytest.fixture(scope="module", autouse=True)
+def no_tiktoken_cache():
+    with pytest.MonkeyPatch.context() as mp:   # else tiktoken copies each ranks file into /tmp
+        mp.setenv("TIKTOKEN_CACHE_DIR", "")
+        yield
 
 
 @pytest.fixture(scope="module")

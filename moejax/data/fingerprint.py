@@ -61,9 +61,10 @@ def resume_state(saved: dict, current_fp: dict, allow_change: bool, log=print) -
         what = describe(saved['fingerprint'], current_fp)
         n = saved['iterator']['next_index']
         if not allow_change:
-            raise DataError(f'data: config differs from the checkpoint\'s: {what}; its saved position '
-                            f'(batch {n}) would index another stream; restore those values or pass '
-                            '--allow_data_change to go on from that batch index of the new stream')
+            raise DataError(f'data: config differs from the checkpoint\'s: {what}; its saved '
+                            f'position (batch {n}) would index another stream; restore those values '
+                            'or pass --allow_data_change to go on from that batch index of the new '
+                            'stream')
         log(f'--allow_data_change: data config differs from the checkpoint\'s: {what}; going on '
             f'from batch {n} of the new stream')
     return saved['iterator']

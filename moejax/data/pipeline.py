@@ -67,7 +67,8 @@ def sources_from_config(data_cfg) -> list[Source]:
     out = []
     for name, s in sorted(specs.items()):
         s = dict(s)
-        unknown = set(s) - {f.name for f in dataclasses.fields(Source)} | ({'field', 'name'} & set(s))
+        settable = {f.name for f in dataclasses.fields(Source)} - {'name', 'field'}
+        unknown = set(s) - settable
         if unknown:
             raise DataError(f'data.sources.{name}: unknown field(s) {sorted(unknown)}')
         if 'dir' not in s:

@@ -1,4 +1,5 @@
-"""Checkpoints: an orbax CheckpointManager holding the train state and the data iterator's state.
+"""Checkpoints: an orbax CheckpointManager holding the train state and the data iterator's state
+(JSON: {'iterator': its state, 'fingerprint': the data config it refers to, moejax.data.fingerprint}).
 
 Orbax writes each step into a temporary directory and renames it when complete, so an interrupted
 save never leaves a checkpoint that restores garbage. Restoring takes the target shardings from

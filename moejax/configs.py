@@ -23,6 +23,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Mixture: name -> {dir, weight, epochs, variant_policy, doc_fraction}; empty = data.dir alone.
   # Eval always reads the originals of data.dir's val split; all sources share its tokenizer.
   c.data.sources = ml_collections.ConfigDict()
+  c.data.workers = 0                         # batch-prefetch processes (grain mp_prefetch); 0 = in-process
 
   m = c.model = ml_collections.ConfigDict()
   m.vocab_size = 4096          # must cover the tokenizer's vocabulary

@@ -65,7 +65,7 @@ def main(argv):
   except FileNotFoundError as e:
     sys.exit(f'error: {e}')
   tok = pipeline.load_tokenizer(config.data.dir)
-  prompt_ids = tok.encode(_PROMPT.value).ids
+  prompt_ids = tok.encode(_PROMPT.value)
   ids = generate(config, mesh, state['params'], state['router_bias'], prompt_ids, _MAX_NEW.value,
                  _TEMPERATURE.value, _TOP_K.value, _SEED.value)
   print(f'--- sample from step {int(state["step"])} ---')

@@ -4,6 +4,7 @@ State = {step, params, opt_state, router_bias, balance_coef, rng}; the router bi
 balance coefficients per MoE layer are updated by the train step, not by the optimizer. Shardings come from the parameters' logical
 axes and `config.sharding`; the optimizer state takes the shardings of the parameters it mirrors.
 """
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +32,25 @@ class Setup:
 
 
 def ensure_data(config):
-  """Prepares `data.dir` from the raw text in `data.raw` (a no-op when it is up to date)."""
+  """Prepares `data.dir` from the raw text in `data.raw` (a no-op when it is up to date). A data.dir
+  prepared some other way (other inputs, e.g. raw text plus rephrasings, or a given tokenizer) is
+  left as it is."""
   d = config.data
-  if d.raw and os.path.isdir(d.raw):
-    msg = prepare(Path(d.raw), Path(d.dir), d.vocab_size, None, 0.05, config.seed,
-                  variant_regex=d.get('variant_regex', ''))
-    if 'up to date' not in msg:
-      print(msg, flush=True)
+  if not (d.raw and os.path.isdir(d.raw)):
+    return
+  manifest = Path(d.dir) / 'manifest.json'
+  if manifest.is_file():
+    try:
+      m = json.loads(manifest.read_text())
+    except json.JSONDecodeError:
+      m = None   # unreadable: prepare it again
+    if m is not None and ([Path(p).resolve() for p in m.get('inputs', [])] != [Path(d.raw).resolve()]
+                          or m.get('args', {}).get('tokenizer_sha256')):
+      return
+  msg = prepare(Path(d.raw), Path(d.dir), d.vocab_size, None, 0.05, config.seed,
+                variant_regex=d.get('variant_regex', ''))
+  if 'up to date' not in msg:
+    print(msg, flush=True)
 
 
 def mirror_shardings(abstract_opt, abstract_params, param_shardings, default):

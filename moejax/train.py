@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from moejax import checkpoint, diagnostics, flops, metrics as metrics_lib, model, optim, qk_clip, router, sharding
-from moejax.data import pipeline
+from moejax.data import fingerprint, pipeline
 from moejax.data.prepare import PrepareError
 from moejax.params import logical_axes
 from moejax.state import Setup, init_state, setup
@@ -28,6 +28,9 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/default.py', 'E
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
 _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (TPU pods, '
                                'SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).')
+_ALLOW_DATA_CHANGE = flags.DEFINE_bool(
+    'allow_data_change', False, 'Resume even though the data config differs from the checkpoint\'s '
+    '(the saved batch index then points into the new data stream).')
 
 
 def make_train_step(s: Setup):
@@ -96,7 +99,7 @@ class Preemption:
     self.requested = True
 
 
-def train(config, workdir: str):
+def train(config, workdir: str, allow_data_change: bool = False):
   s = setup(config)
   c, t = config, config.train
   print(optim.group_table(c.optim, logical_axes(model.model_specs(c.model)), s.abstract_state['params']),
@@ -106,17 +109,21 @@ def train(config, workdir: str):
     f.write(config.to_json_best_effort(indent=2))
   preemption = Preemption()
 
+  sources = pipeline.sources_from_config(c.data)
   ds, train_data = pipeline.train_data(
-      pipeline.sources_from_config(c.data), seq_len=t.seq_len, batch_size=t.batch_size, seed=c.seed,
+      sources, seq_len=t.seq_len, batch_size=t.batch_size, seed=c.seed,
       process_index=jax.process_index(), process_count=jax.process_count(),
-      tokenizer_sha256=pipeline.load_manifest(c.data.dir).get('tokenizer_sha256'))
+      tokenizer_dir=c.data.dir)
   if len(ds) < t.steps:
     raise pipeline.DataError(f'data: the sources\' epoch budgets give {len(ds)} batches; train.steps is {t.steps}')
-  data_iter = pipeline.train_iterator(ds)
+  # Saved with the iterator position: resuming under another data config is refused.
+  data_fp = fingerprint.fingerprint(sources, seq_len=t.seq_len, batch_size=t.batch_size, seed=c.seed)
+  data_iter = pipeline.train_iterator(ds, c.data.workers)
   mngr = checkpoint.manager(workdir, c.checkpoint.max_to_keep, c.checkpoint.async_save)
   if mngr.latest_step() is not None:
     state, data_state = checkpoint.restore(mngr, s.abstract_state)
-    data_iter.set_state(data_state)
+    data_iter.set_state(fingerprint.resume_state(data_state, data_fp, allow_data_change,
+                                                 log=lambda m: print(m, flush=True)))
     start = int(state['step'])
     print(f'resumed from step {start} in {workdir}', flush=True)
   else:
@@ -165,12 +172,14 @@ def train(config, workdir: str):
         pending = None
       window.start += evaluate(step)   # throughput counts training time only
     if step % c.checkpoint.every == 0 or step == t.steps or stop:
-      checkpoint.save(mngr, step, state, data_iter.get_state(), force=True)
+      checkpoint.save(mngr, step, state, {'iterator': data_iter.get_state(), 'fingerprint': data_fp},
+                      force=True)
     if stop:
       print(f'SIGTERM: saved a checkpoint at step {step}; exiting', flush=True)
       break
   if pending is not None:
     log.write_train(*pending, window, total_steps=t.steps, extra=train_data.metrics(pending[0]))
+  data_iter.close()
   mngr.wait_until_finished()
   mngr.close()
   log.close()
@@ -186,7 +195,7 @@ def main(argv):
   if _MULTIHOST.value:
     jax.distributed.initialize()
   try:
-    train(config, _WORKDIR.value)
+    train(config, _WORKDIR.value, _ALLOW_DATA_CHANGE.value)
   except (ConfigError, pipeline.DataError, PrepareError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

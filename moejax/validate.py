@@ -137,6 +137,8 @@ def validate(config, num_devices: int, check_data: bool = True):
 
 def validate_data(config):
   from moejax.data import pipeline
+  w = config.data.get('workers', 0)
+  _check(isinstance(w, int) and w >= 0, 'data.workers', f'must be an integer >= 0, got {w!r}')
   d = config.data.dir
   _check(os.path.isdir(d), 'data.dir',
          f'{d} does not exist and data.raw ({config.data.raw}) has no text to prepare it from; '

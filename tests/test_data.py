@@ -112,7 +112,7 @@ def test_every_document_ends_with_eod_and_eod_occurs_nowhere_else(data_dir):
 def test_tokenizer_round_trips_text(data_dir):
     tok = pipeline.load_tokenizer(data_dir)
     for text in ("  Thou art, my lord!\n\n\tNay —  'tis ünïcode ✓", "x", "\n"):
-        assert tok.decode(tok.encode(text).ids) == text
+        assert tok.decode(tok.encode(text)) == text
 
 
 def test_prepare_reports_missing_raw_dir_and_empty_corpus_as_one_line_exit_2(tmp_path, capsys):

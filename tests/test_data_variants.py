@@ -240,3 +240,157 @@ def test_txt_files_named_by_variant_regex_become_one_document_with_variants(tmp_
     m = pipeline.load_manifest(str(tmp_path / "p"))
     assert m["variants"] == {"names": {"original": 3, "f": 1},
                              "docs_with_n_variants": {"1": 2, "2": 1}}
+
+
+def _mixture(srcs, **changes):
+    a = dict(name="a", dir=srcs["a"], weight=2.0, epochs=2, variant_policy="random")
+    a.update(changes)
+    return [pipeline.Source(**a), pipeline.Source("b", srcs["b"], weight=1.0, epochs=3, variant_policy="cycle")]
+
+
+def _assert_same_batches(xs, ys):
+    assert len(xs) == len(ys)
+    for x, y in zip(xs, ys):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_resume_with_prefetch_workers_yields_the_uninterrupted_batches(srcs):
+    """workers=2 (grain mp_prefetch): the batches of the in-process run, and a state saved with
+    workers=2 resumes exactly with workers=2 or with none."""
+    ds = pipeline.train_data(_mixture(srcs), seq_len=L, batch_size=B, seed=3)[0]
+    uninterrupted = [ds[i] for i in range(12)]
+    it = pipeline.train_iterator(ds, workers=2)
+    first = [next(it) for _ in range(5)]
+    state = json.loads(json.dumps(it.get_state()))
+    it.close()
+    assert state == {"next_index": 5}
+    for workers in (2, 0):
+        resumed = pipeline.train_iterator(pipeline.train_data(_mixture(srcs), seq_len=L, batch_size=B, seed=3)[0],
+                                          workers=workers)
+        resumed.set_state(state)
+        _assert_same_batches(first + [next(resumed) for _ in range(7)], uninterrupted)
+        resumed.close()
+
+
+def test_bad_worker_count_is_one_line_naming_data_workers(srcs):
+    ds = pipeline.train_data(_mixture(srcs), seq_len=L, batch_size=B, seed=3)[0]
+    with pytest.raises(pipeline.DataError, match=r"^data.workers: must be an integer >= 0, got -1$"):
+        pipeline.train_iterator(ds, workers=-1)
+
+
+def test_data_fingerprint_names_each_changed_field_and_is_stable(srcs, tmp_path):
+    from moejax.data import fingerprint
+    fp = lambda sources, **kw: fingerprint.fingerprint(sources, **{"seq_len": L, "batch_size": B, "seed": 3, **kw})
+    base = fp(_mixture(srcs))
+    assert fp(_mixture(srcs)) == base and json.loads(json.dumps(base)) == base
+    assert fingerprint.changes(base, fp(_mixture(srcs, weight=3.0))) == ["data.sources.a.weight 2.0 -> 3.0"]
+    assert fingerprint.changes(base, fp(_mixture(srcs, variant_policy="cycle"), seq_len=2 * L)) == [
+        "data.sources.a.variant_policy 'random' -> 'cycle'", f"train.seq_len {L} -> {2 * L}"]
+    assert fingerprint.changes(base, fp(_mixture(srcs)[:1])) == [
+        f"data.sources.b.{f} {v} -> absent" for f, v in (
+            ("dir", repr(srcs["b"])), ("dir/manifest.json sha256", base["data.sources.b.dir/manifest.json sha256"][:12]),
+            ("doc_fraction", "1.0"), ("epochs", "3"), ("variant_policy", "'cycle'"), ("weight", "1.0"))]
+    # The same directory prepared again from other raw data: only its manifest hash tells.
+    import shutil
+    copy = tmp_path / "a"
+    shutil.copytree(srcs["a"], copy)
+    before = fp(_mixture(srcs, dir=str(copy)))
+    make_source(tmp_path, "a", 12, 1, 9, tokenizer=f"{srcs['a']}/tokenizer.json")
+    c = fingerprint.changes(before, fp(_mixture(srcs, dir=str(copy))))
+    assert len(c) == 1 and c[0].startswith("data.sources.a.dir/manifest.json sha256 ")
+
+
+def test_resume_state_refuses_another_data_config_in_one_line_unless_allowed(srcs):
+    from moejax.data import fingerprint
+    fp = lambda sources: fingerprint.fingerprint(sources, seq_len=L, batch_size=B, seed=3)
+    saved = {"iterator": {"next_index": 7}, "fingerprint": fp(_mixture(srcs))}
+    logs = []
+    assert fingerprint.resume_state(saved, fp(_mixture(srcs)), False, logs.append) == {"next_index": 7}
+    assert logs == []
+    changed = fp(_mixture(srcs, epochs=4))
+    with pytest.raises(pipeline.DataError) as e:
+        fingerprint.resume_state(saved, changed, False, logs.append)
+    msg = str(e.value)
+    assert "\n" not in msg and msg.startswith("data: config differs from the checkpoint's: "
+                                              "data.sources.a.epochs 2 -> 4;")
+    assert "--allow_data_change" in msg and "batch 7" in msg
+    assert fingerprint.resume_state(saved, changed, True, logs.append) == {"next_index": 7}
+    assert len(logs) == 1 and "data.sources.a.epochs 2 -> 4" in logs[0]
+    # a checkpoint from before fingerprints holds the bare iterator state
+    assert fingerprint.resume_state({"next_index": 3}, changed, False, logs.append) == {"next_index": 3}
+
+
+def test_a_prepare_failing_while_writing_leaves_the_prepared_dir_and_no_temp_dir(srcs, tmp_path, capsys,
+                                                                               monkeypatch):
+    raw = tmp_path / "good.jsonl"
+    write_jsonl(raw, [{"id": i, "text": _text(random.Random(i))} for i in range(5)])
+    out = tmp_path / "out"
+    assert prepare.main([f"--raw={raw}", f"--out={out}", "--vocab_size=300"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    write_split = prepare.write_split
+
+    def full_disk(out_dir, split, *args):
+        if split == "val":   # train is already written into the staging dir
+            raise OSError(28, "No space left on device", str(out_dir / "val.tokens.npy"))
+        return write_split(out_dir, split, *args)
+
+    monkeypatch.setattr(prepare, "write_split", full_disk)
+    capsys.readouterr()
+    err = _prepare_err(capsys, f"--raw={raw}", f"--out={out}", "--vocab_size=300", "--seed=5")
+    assert "val.tokens.npy: No space left on device" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_missing_shard_file_is_one_line_naming_it(srcs, tmp_path):
+    import shutil
+    d = tmp_path / "copy"
+    shutil.copytree(srcs["a"], d)
+    (d / "train.variants.npy").unlink()
+    with pytest.raises(pipeline.DataError, match=r"train.variants.npy: missing; prepare the data again$") as e:
+        pipeline.load_split(str(d), "train")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("overrides,field", [
+    ({"data.variant_policy": "sometimes"}, "data.variant_policy: unknown policy 'sometimes'"),
+    ({"data.sources": {"x": {"dir": "D", "weight": 0.0}}}, "data.sources.x.weight: must be > 0, got 0.0"),
+    ({"data.sources": {"x": {"dir": "D", "weight": -2}}}, "data.sources.x.weight: must be > 0, got -2"),
+    ({"data.sources": {"x": {"dir": "D", "variant_policy": "shuffle"}}}, "data.sources.x.variant_policy: unknown"),
+    ({"data.sources": {"x": {"dir": "D", "wieght": 1.0}}}, "data.sources.x: unknown field(s) ['wieght']"),
+    ({"data.workers": -1}, "data.workers: must be an integer >= 0"),
+])
+def test_bad_data_config_is_a_config_error_naming_the_field(srcs, overrides, field):
+    from moejax.configs import base_config
+    from moejax.validate import ConfigError, validate_data
+    c = base_config()
+    c.data.dir = srcs["a"]
+    for key, value in overrides.items():
+        sub, name = key.split(".")
+        c[sub][name] = {k: {**v, "dir": v["dir"].replace("D", srcs["a"])} for k, v in value.items()} \
+            if name == "sources" else value
+    with pytest.raises(ConfigError) as e:
+        validate_data(c)
+    assert str(e.value).startswith(field) and "\n" not in str(e.value), str(e.value)
+
+
+def test_training_setup_leaves_a_data_dir_prepared_from_other_inputs_alone(srcs, tmp_path):
+    """ensure_data (run before training) prepares data.dir from data.raw, but never overwrites a
+    data.dir made from other inputs or with a given tokenizer (e.g. originals + rephrasings)."""
+    from moejax.configs import base_config
+    from moejax.state import ensure_data
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_jsonl(raw / "x.jsonl", [{"id": i, "text": _text(random.Random(i))} for i in range(6)])
+    c = base_config()
+    c.data.raw, c.data.dir, c.data.vocab_size, c.data.variant_regex = str(raw), str(tmp_path / "p"), 300, ""
+    ensure_data(c)   # missing: prepared from data.raw
+    assert pipeline.load_manifest(c.data.dir)["inputs"] == [str(raw)]
+    for made_otherwise in ([f"--raw={raw}", f"--raw={srcs['root'] / 'a.jsonl'}"],
+                           [f"--raw={raw}", f"--tokenizer={srcs['a']}"]):
+        assert prepare.main([*made_otherwise, f"--out={c.data.dir}", "--vocab_size=300"]) == 0
+        before = (tmp_path / "p" / "manifest.json").read_bytes()
+        ensure_data(c)
+        assert (tmp_path / "p" / "manifest.json").read_bytes() == before

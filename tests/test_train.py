@@ -137,6 +137,21 @@ def test_restore_onto_different_mesh_continues_with_close_losses(run_a, run_b4, 
   assert eval_records(c)[-1]['step'] == 6
 
 
+def test_resume_under_another_data_config_is_refused_in_one_line_naming_the_field(run_b4, tmp_path):
+  """The checkpoint's data fingerprint (moejax.data.fingerprint) against the resumed config; the
+  --allow_data_change path is tested on moejax.data.fingerprint.resume_state directly."""
+  d = _copy_run(run_b4, tmp_path / 'd')
+  proc = subprocess.run(_cmd('moejax.train', d, SMOKE, *BASE_FLAGS, '--config.train.steps=6',
+                             '--config.data.variant_policy=original'),
+                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+  err = proc.stderr.strip().splitlines()[-1]
+  assert err.startswith("error: data: config differs from the checkpoint's: "
+                        "data.variant_policy 'cycle' -> 'original';"), proc.stderr[-2000:]
+  assert '--allow_data_change' in err and 'Traceback' not in proc.stderr
+  assert sorted(os.listdir(d / 'checkpoints')) == ['4']
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import grain
 import numpy as np
-from tokenizers import Tokenizer
+
+from moejax.data import tokenizer as tokenizers
 
 POLICIES = ('original', 'cycle', 'random')
 UNBOUNDED_EPOCHS = 1000   # epochs = 0 means "repeat": this many epochs
@@ -39,9 +40,12 @@ class Source:
     epochs: int = 0               # 0 = repeat (UNBOUNDED_EPOCHS)
     variant_policy: str = 'original'
     doc_fraction: float = 1.0     # train on a seeded subset of this fraction of the documents
+    field: str = ''               # config path in messages; '' = data.sources.<name>
 
     def __post_init__(self):
-        field = f'data.sources.{self.name}'
+        if not self.field:
+            object.__setattr__(self, 'field', f'data.sources.{self.name}')
+        field = self.field
         if not isinstance(self.weight, (int, float)) or not self.weight > 0:
             raise DataError(f'{field}.weight: must be > 0, got {self.weight!r}')
         if self.variant_policy not in POLICIES:
@@ -59,11 +63,12 @@ def sources_from_config(data_cfg) -> list[Source]:
     specs = dict(data_cfg.get('sources') or {})
     if not specs:
         return [Source('main', data_cfg.dir, 1.0, data_cfg.get('epochs', 0),
-                       data_cfg.get('variant_policy', 'original'))]
+                       data_cfg.get('variant_policy', 'original'), field='data')]
     out = []
     for name, s in sorted(specs.items()):
         s = dict(s)
-        unknown = set(s) - {f.name for f in dataclasses.fields(Source)}
+        settable = {f.name for f in dataclasses.fields(Source)} - {'name', 'field'}
+        unknown = set(s) - settable
         if unknown:
             raise DataError(f'data.sources.{name}: unknown field(s) {sorted(unknown)}')
         if 'dir' not in s:
@@ -83,10 +88,13 @@ def load_manifest(data_dir: str) -> dict:
         raise DataError(f'{path}: not valid JSON ({e.msg})') from None
 
 
-def load_tokenizer(data_dir: str) -> Tokenizer:
-    """Loads the tokenizer the data in `data_dir` was tokenized with."""
-    load_manifest(data_dir)
-    return Tokenizer.from_file(str(Path(data_dir) / 'tokenizer.json'))
+def load_tokenizer(data_dir: str):
+    """The tokenizer the data in `data_dir` was tokenized with (moejax.data.tokenizer: encode,
+    decode, eod_id, vocab_size)."""
+    try:
+        return tokenizers.from_prepared(data_dir, load_manifest(data_dir))
+    except tokenizers.TokenizerError as e:
+        raise DataError(str(e)) from None
 
 
 @dataclasses.dataclass
@@ -95,6 +103,17 @@ class Split:
     offsets_i64: np.ndarray   # [num_entries + 1]: entry k = tokens[offsets[k]:offsets[k+1]]
     variants_i64: np.ndarray  # [num_docs + 1]: doc d = entries variants[d]..variants[d+1]-1
     manifest: dict
+
+    def __getstate__(self):  # prefetch workers reopen the memmap rather than get a copy of it
+        state = dict(self.__dict__)
+        if isinstance(self.tokens, np.memmap):
+            state['tokens'] = str(self.tokens.filename)
+        return state
+
+    def __setstate__(self, state):
+        if isinstance(state['tokens'], str):
+            state['tokens'] = np.load(state['tokens'], mmap_mode='r')
+        self.__dict__.update(state)
 
 
 def _load_npy(path: Path, mmap: bool) -> np.ndarray:
@@ -308,23 +327,25 @@ class TrainData:
     """The sources' windows, their mixture, and per-source progress metrics."""
 
     def __init__(self, sources: list[Source], *, seq_len: int, batch_size: int, seed: int,
-                 tokenizer_sha256: str | None = None):
+                 tokenizer_dir: str | None = None):
+        """tokenizer_dir: the prepared directory whose tokenizer every source must share (default:
+        the first source's)."""
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
         self.windows, eod_ids = [], set()
+        ref_dir = tokenizer_dir or sources[0].dir
+        ref = load_manifest(ref_dir)
         for s in sources:
             split = load_split(s.dir, 'train')
-            sha = split.manifest.get('tokenizer_sha256')
-            if tokenizer_sha256 is not None and sha != tokenizer_sha256:
-                raise DataError(f'data.sources.{s.name}.dir: {s.dir} was tokenized with another '
-                                f'tokenizer (sha256 {str(sha)[:12]}, expected {tokenizer_sha256[:12]}); '
-                                'prepare it with --tokenizer=<data.dir>/tokenizer.json')
-            tokenizer_sha256 = sha
+            if split.manifest.get('tokenizer_sha256') != ref.get('tokenizer_sha256'):
+                raise DataError(f'{s.field}.dir: {s.dir} was tokenized with another tokenizer, '
+                                f'{tokenizers.describe(split.manifest)}, not {tokenizers.describe(ref)} '
+                                f'of {ref_dir}; prepare it again with --tokenizer={ref_dir}')
             eod_ids.add(split.manifest['eod_id'])
             w = SourceWindows(split, seq_len=seq_len, seed=seed, policy=s.variant_policy,
                               epochs=s.epochs or UNBOUNDED_EPOCHS, doc_fraction=s.doc_fraction,
                               salt=zlib.crc32(s.name.encode()))
             if len(w) == 0:
-                raise DataError(f'data.sources.{s.name}.dir: {s.dir} has fewer than seq_len+1 tokens')
+                raise DataError(f'{s.field}.dir: {s.dir} has fewer than seq_len+1 tokens')
             self.windows.append(w)
         self.eod_id = eod_ids.pop()
         self.mix = PhasedMix([len(w) for w in self.windows], [s.weight for s in sources])
@@ -343,7 +364,7 @@ class TrainData:
 
 def train_data(sources: list[Source] | str, *, seq_len: int, batch_size: int, seed: int,
                process_index: int = 0, process_count: int = 1,
-               tokenizer_sha256: str | None = None) -> tuple[grain.MapDataset, TrainData]:
+               tokenizer_dir: str | None = None) -> tuple[grain.MapDataset, TrainData]:
     """Per-process training batches (process p gets rows [p*B:(p+1)*B] of each global batch,
     B = batch_size // process_count) and the TrainData behind them."""
     if seq_len < 1 or batch_size < 1:
@@ -354,7 +375,7 @@ def train_data(sources: list[Source] | str, *, seq_len: int, batch_size: int, se
     if isinstance(sources, str):
         sources = [Source('main', sources)]
     data = TrainData(sources, seq_len=seq_len, batch_size=batch_size, seed=seed,
-                     tokenizer_sha256=tokenizer_sha256)
+                     tokenizer_dir=tokenizer_dir)
     parents = [grain.MapDataset.source(w) for w in data.windows]
     ds = grain.MapDataset.select_from_datasets(parents, data.mix)
     num_global_batches = len(ds) // batch_size
@@ -375,10 +396,54 @@ def train_dataset(data_dir: str, *, seq_len: int, batch_size: int, seed: int,
                       process_index=process_index, process_count=process_count)[0]
 
 
-def train_iterator(ds: grain.MapDataset) -> grain.DatasetIterator:
-    """Iterator over `ds` with small prefetch; get_state()/set_state() are JSON-serialisable."""
-    read_options = grain.ReadOptions(num_threads=2, prefetch_buffer_size=8)
-    return iter(ds.to_iter_dataset(read_options))
+class BatchIterator:
+    """Iterates a MapDataset of batches, optionally prefetched by `workers` processes (grain
+    `mp_prefetch`; 0 = in-process threads). The state is the index of the next batch,
+    {'next_index': n} (grain's own state for an in-process iterator over a MapDataset): every batch
+    is a pure function of its index, so a state resumes exactly whatever the number of workers.
+    """
+
+    def __init__(self, ds: grain.MapDataset, workers: int = 0):
+        if not isinstance(workers, int) or workers < 0:
+            raise DataError(f'data.workers: must be an integer >= 0, got {workers!r}')
+        self._ds, self._workers, self._next, self._it = ds, workers, 0, None
+
+    def _open(self):
+        ds = self._ds[self._next:].to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=8))
+        if self._workers:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():  # grain reads absl flags; outside an absl app use defaults
+                flags.FLAGS.mark_as_parsed()
+            ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers))
+        self._it = iter(ds)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:   # opened lazily: set_state right after creation starts no workers
+            self._open()
+        batch = next(self._it)
+        self._next += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {'next_index': self._next}
+
+    def set_state(self, state: dict):
+        self.close()
+        self._next = int(state['next_index'])
+
+    def close(self):
+        """Stops the prefetch threads/processes (also done at garbage collection)."""
+        if self._it is not None and hasattr(self._it, 'close'):
+            self._it.close()
+        self._it = None
+
+
+def train_iterator(ds: grain.MapDataset, workers: int = 0) -> BatchIterator:
+    """Iterator over `ds`; get_state()/set_state() are JSON-serialisable (see BatchIterator)."""
+    return BatchIterator(ds, workers)
 
 
 def eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_batches: int) -> list[dict]:

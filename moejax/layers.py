@@ -21,11 +21,12 @@ def rms_norm(x, scale, eps: float):
   return (y * scale).astype(x.dtype)
 
 
-def rope(x_BTHN, theta: float):
-  """Rotary embedding (rotate-half form) at positions 0..T-1."""
+def rope(x_BTHN, theta: float, offset=0):
+  """Rotary embedding (rotate-half form) at positions offset..offset+T-1 (offset may be traced:
+  decoding passes the position of its one token)."""
   T, N = x_BTHN.shape[1], x_BTHN.shape[-1]
   inv_freq = theta ** (-jnp.arange(0, N, 2, dtype=jnp.float32) / N)
-  angle_TN = jnp.arange(T, dtype=jnp.float32)[:, None] * inv_freq[None, :]
+  angle_TN = (offset + jnp.arange(T)).astype(jnp.float32)[:, None] * inv_freq[None, :]
   cos, sin = jnp.cos(angle_TN)[None, :, None, :], jnp.sin(angle_TN)[None, :, None, :]
   x1, x2 = jnp.split(x_BTHN.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

@@ -193,15 +193,20 @@ def _residual_aux(x_BTD, cfg, logit_max_H) -> dict:
   return aux
 
 
+def cast_params(params, cfg):
+  """Every parameter in the compute dtype, except FLOAT32_PARAMS."""
+  dtype = precision.compute_dtype(cfg)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, w: w if any(n in jax.tree_util.keystr(path) for n in FLOAT32_PARAMS)
+      else w.astype(dtype), params)
+
+
 def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'expert'),
             segment_ids_BT=None):
   """Returns logits_BTV (float32) and aux: per-layer values stacked over layers; MoE layers' under
   their own keys, and per-block values (`resid_max`, `hidden_z_loss`, `attn_logit_max` [L, heads])
   under 'blocks'. With `cfg.document_mask`, attention stays within `segment_ids_BT`'s documents."""
-  dtype = precision.compute_dtype(cfg)
-  params = jax.tree_util.tree_map_with_path(
-      lambda path, w: w if any(n in jax.tree_util.keystr(path) for n in FLOAT32_PARAMS)
-      else w.astype(dtype), params)
+  params = cast_params(params, cfg)
   batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   act = NamedSharding(mesh, P(batch_axes))
   policy = REMAT_POLICIES[cfg.remat]

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from moejax import checkpoint, model
+from moejax import checkpoint, decode
 from moejax.data import pipeline
 from moejax.state import setup
 
@@ -35,25 +35,36 @@ def load(workdir: str):
 
 def generate(config, mesh, params, router_bias, prompt_ids: list[int], max_new: int,
              temperature: float, top_k: int, seed: int) -> list[int]:
-  """Autoregressive sampling over a window of seq_len tokens (the model is re-run per token)."""
-  T = config.train.seq_len
+  """Autoregressive sampling with per-layer decode caches (moejax.decode): each token is one
+  jitted decode step. The context holds at most seq_len tokens (the prompt's last seq_len); when
+  it is full, the caches restart from its latest seq_len // 2 tokens."""
+  if not prompt_ids:
+    raise ValueError('prompt: empty (nothing to continue)')
+  cfg, T = config.model, config.train.seq_len
 
   @jax.jit
-  def next_token(tokens_1T, length, key):
-    logits_1TV, _ = model.forward(params, router_bias, tokens_1T, config.model, mesh)
-    logits_V = logits_1TV[0, length - 1]
+  def step(params, router_bias, caches, token, pos, key):
+    logits_1V, caches = decode.decode_step(params, router_bias, caches, token[None], pos, cfg, mesh)
+    logits_V = logits_1V[0]
     if temperature == 0:
-      return jnp.argmax(logits_V)
+      return jnp.argmax(logits_V), caches
     top_vals, _ = jax.lax.top_k(logits_V, top_k)
     logits_V = jnp.where(logits_V < top_vals[-1], -jnp.inf, logits_V)
-    return jax.random.categorical(key, logits_V / temperature)
+    return jax.random.categorical(key, logits_V / temperature), caches
 
+  empty = decode.init_caches(params, cfg, 1, T)
   ids = list(prompt_ids)
   key = jax.random.key(seed)
+  caches, pos, pending = empty, 0, ids[-T:]   # pending: tokens not yet in the caches
   for i in range(max_new):
-    window = ids[-T:]
-    tokens = jnp.zeros((1, T), jnp.int32).at[0, :len(window)].set(jnp.asarray(window))
-    ids.append(int(next_token(tokens, len(window), jax.random.fold_in(key, i))))
+    if pos + len(pending) > T:
+      caches, pos, pending = empty, 0, ids[-(T // 2):]
+    for token in pending:
+      next_token, caches = step(params, router_bias, caches, jnp.int32(token), jnp.int32(pos),
+                                jax.random.fold_in(key, i))
+      pos += 1
+    ids.append(int(next_token))
+    pending = ids[-1:]
   return ids
 
 

@@ -20,6 +20,12 @@ class Attention:
   # (after the 1/sqrt(d) scale) over the batch, float32 (the diagnostic and QK-clip's input).
   apply: Callable
   flops_per_token: Callable   # (cfg, seq_len) -> forward FLOPs of one layer for one token
+  # (cfg, batch, max_len, dtype) -> the decode cache pytree for sequences of up to max_len tokens.
+  init_cache: Callable
+  # (p, x_BD, cache, pos, cfg) -> (y_BD, cache): the output for one new token per row at position
+  # `pos` (a scalar, the same for every row) given the cache of positions 0..pos-1; equals apply's
+  # output at that position.
+  decode: Callable
 
 
 def same_segment(seg_q, seg_k):
@@ -103,3 +109,34 @@ def sliding_window_attention(q_BTGHN, k_BTGN, v_BTGM, window: int, segment_ids_B
   probs = softmax_probs(scores, mask, softcap, sink)
   o = jnp.einsum('bcghws,bcsgm->bcwghm', probs.astype(v_BTGM.dtype), v_BCSGM)
   return o.reshape(B, C * W, G, H, -1)[:, :T], logit_max(scores, mask, (2, 3))
+
+
+# --- decoding: one query per row against a cache ---
+
+def cache_write(cache_BS, x_B, index):
+  """cache_BS with x_B written at `index` (traced) of axis 1."""
+  return jax.lax.dynamic_update_slice_in_dim(cache_BS, x_B[:, None].astype(cache_BS.dtype), index, 1)
+
+
+def decode_softmax_attention(q_BGHN, k_BSGN, v_BSGM, mask_S, softcap=0.0, sink_GH=None):
+  """softmax(q k^T / sqrt(N)) v for one query per row over the cached keys where mask_S: o_BGHM."""
+  scores = jnp.einsum('bghn,bsgn->bghs', q_BGHN, k_BSGN).astype(jnp.float32)
+  probs = softmax_probs(scores * q_BGHN.shape[-1] ** -0.5, mask_S, softcap, sink_GH)
+  return jnp.einsum('bghs,bsgm->bghm', probs.astype(v_BSGM.dtype), v_BSGM)
+
+
+def ring_cache(batch: int, window: int, max_len: int, G: int, N: int, dtype) -> dict:
+  """Keys and values of the latest min(window, max_len) positions, position s in slot s % size."""
+  size = min(window, max_len)
+  return {'k': jnp.zeros((batch, size, G, N), dtype), 'v': jnp.zeros((batch, size, G, N), dtype)}
+
+
+def ring_attention(q_BGHN, k_BGN, v_BGN, cache, pos, softcap=0.0, sink_GH=None):
+  """Sliding-window decode step: writes this position's key/value into the ring, then attends to
+  every filled slot (the ring holds exactly the positions pos - size < s <= pos, so the window
+  mask is the ring itself; softmax does not care about the slot order). Returns o_BGHN, cache."""
+  size = cache['k'].shape[1]
+  cache = {'k': cache_write(cache['k'], k_BGN, pos % size),
+           'v': cache_write(cache['v'], v_BGN, pos % size)}
+  o = decode_softmax_attention(q_BGHN, cache['k'], cache['v'], jnp.arange(size) <= pos, softcap, sink_GH)
+  return o, cache

@@ -143,4 +143,45 @@ def flops_per_token(cfg, seq_len):
   return proj + conv + core
 
 
-KDA = Attention(specs, apply, flops_per_token)
+# --- decoding: the recurrent form, one token per row ---
+
+CONVS = ('q', 'k', 'v')
+
+
+def init_cache(cfg, batch, max_len, dtype):
+  """The state S [B, H, K, V] (float32) and the last kda_conv - 1 inputs of each short convolution;
+  memory independent of max_len."""
+  del max_len
+  H, N, W = cfg.num_heads, cfg.head_dim, cfg.kda_conv
+  cache = {f'conv_{c}': jnp.zeros((batch, W - 1, H, N), dtype) for c in CONVS}
+  cache['state'] = jnp.zeros((batch, H, N, N), jnp.float32)
+  return cache
+
+
+def conv_step(buf_BWHN, x_BHN, w_WHN):
+  """One output of `short_conv` from the previous W - 1 inputs and this one; returns the new buffer."""
+  window = jnp.concatenate([buf_BWHN, x_BHN[:, None].astype(buf_BWHN.dtype)], axis=1)
+  return sum(window[:, j] * w_WHN[j] for j in range(w_WHN.shape[0])), window[:, 1:]
+
+
+def decode(p, x_BD, cache, pos, cfg):
+  """As `gates_and_inputs` + `apply` at one position, with the convolutions fed from the cache and
+  one step of `recurrent_delta_rule` on the cached state."""
+  del pos
+  N, x_B1D = cfg.head_dim, x_BD[:, None]
+  cache, conv = dict(cache), {}
+  for c in CONVS:
+    conv[c], cache[f'conv_{c}'] = conv_step(cache[f'conv_{c}'], dense(x_BD, p[f'w{c}']), p[f'conv_{c}'])
+  q = l2_normalize(jax.nn.silu(conv['q'])) * N ** -0.5
+  k = l2_normalize(jax.nn.silu(conv['k']))
+  v = jax.nn.silu(conv['v']).astype(jnp.float32)
+  beta = jax.nn.sigmoid(dense(x_BD, p['w_beta']).astype(jnp.float32))
+  f = dense(dense(x_BD, p['wa_down']), p['wa_up']).astype(jnp.float32)
+  g = -jnp.exp(p['a_log'].astype(jnp.float32))[:, None] * jax.nn.softplus(f + p['dt_bias'])
+  o_B1HV, cache['state'] = recurrent_delta_rule(
+      *(a[:, None] for a in (q, k, v, beta, g)), state_BHKV=cache['state'])
+  o_B1HV = rms_norm(o_B1HV, p['o_norm'], cfg.norm_eps) * jax.nn.sigmoid(dense(x_B1D, p['w_gate']))
+  return dense(o_B1HV.astype(x_BD.dtype), p['wo'], n_in=2)[:, 0], cache
+
+
+KDA = Attention(specs, apply, flops_per_token, init_cache, decode)

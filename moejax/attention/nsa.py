@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.attention.core import Attention, logit_max, masked_softmax, sliding_window_attention
+from moejax.attention.core import (Attention, cache_write, logit_max, masked_softmax, ring_attention,
+                                   ring_cache, sliding_window_attention)
 from moejax.layers import dense, rope
 from moejax.params import ParamSpec
 
@@ -135,4 +136,82 @@ def flops_per_token(cfg, seq_len):
   return proj + compress_ + 4 * H * N * keys
 
 
-NSA = Attention(specs, apply, flops_per_token)
+# --- decoding: one token per row against a cache ---
+
+def init_cache(cfg, batch, max_len, dtype):
+  """Per branch: cmp  the latest l raw keys/values (a ring; a block is compressed when it
+  completes) and the compressed keys/values of every block [B, J, G, N];  slc  the raw keys/values
+  of every position, padded to whole selection blocks;  win  a ring of the latest `window`."""
+  G, N, l, d, l_sel = cfg.num_kv_heads, cfg.head_dim, cfg.nsa_block, cfg.nsa_stride, cfg.nsa_select_block
+  zeros = lambda S: jnp.zeros((batch, S, G, N), dtype)
+  J, K = num_cmp_blocks(max_len, l, d), -(-max_len // l_sel)
+  cache = {'slc': {'k': zeros(K * l_sel), 'v': zeros(K * l_sel)},
+           'win': ring_cache(batch, cfg.window, max_len, G, N, dtype)}
+  if J:
+    cache['cmp'] = {'k': zeros(l), 'v': zeros(l), 'kc': zeros(J), 'vc': zeros(J)}
+  return cache
+
+
+def _compress_step(c, k_BGN, v_BGN, pos, p, cfg):
+  """Writes this position into the cmp ring; when it ends block j (pos = j d + l - 1), stores the
+  block's compressed key and value at j."""
+  l, d = cfg.nsa_block, cfg.nsa_stride
+  c = {**c, 'k': cache_write(c['k'], k_BGN, pos % l), 'v': cache_write(c['v'], v_BGN, pos % l)}
+  start = pos - l + 1
+  ring_l = (start + jnp.arange(l)) % l                               # block positions in order
+  j = jnp.clip(start // d, 0, c['kc'].shape[1] - 1)
+  complete = (start >= 0) & (start % d == 0)
+  for kind in ('k', 'v'):
+    new_BGN = compress(c[kind][:, ring_l], p['cmp_pos'], p[f'cmp_{kind}1'], p[f'cmp_{kind}2'], l, d)[:, 0]
+    old_BGN = jax.lax.dynamic_index_in_dim(c[f'{kind}c'], j, 1, keepdims=False)
+    c[f'{kind}c'] = cache_write(c[f'{kind}c'], jnp.where(complete, new_BGN, old_BGN), j)
+  return c
+
+
+def decode(p, x_BD, cache, pos, cfg):
+  """The three branches for one query per row, as in `branches` at position pos."""
+  B = x_BD.shape[0]
+  G, N, l, d = cfg.num_kv_heads, cfg.head_dim, cfg.nsa_block, cfg.nsa_stride
+  l_sel, n = cfg.nsa_select_block, cfg.nsa_num_selected
+  x_B1D = x_BD[:, None]
+  q = rope(dense(x_B1D, p['wq']), cfg.rope_theta, pos).reshape(B, G, -1, N)
+  k = {b: rope(dense(x_B1D, p[f'wk_{b}']), cfg.rope_theta, pos)[:, 0] for b in BRANCHES}
+  v = {b: dense(x_B1D, p[f'wv_{b}'])[:, 0] for b in BRANCHES}
+  cache, out = dict(cache), {}
+  K = cache['slc']['k'].shape[1] // l_sel
+
+  # compressed branch: the blocks completed at or before pos
+  if 'cmp' in cache:
+    c = cache['cmp'] = _compress_step(cache['cmp'], k['cmp'], v['cmp'], pos, p, cfg)
+    J = c['kc'].shape[1]
+    s = jnp.einsum('bghn,bjgn->bghj', q, c['kc']).astype(jnp.float32) * N ** -0.5
+    p_cmp = masked_softmax(s, jnp.arange(J) * d + l - 1 <= pos)          # [B, G, H, J]
+    out['cmp'] = jnp.einsum('bghj,bjgn->bghn', p_cmp.astype(c['vc'].dtype), c['vc'])
+    overlap = overlap_JK(K * l_sel, l, d, l_sel)[:J]   # row j depends on j alone
+    score_BGK = jnp.einsum('bghj,jk->bgk', p_cmp, jnp.asarray(overlap))
+  else:
+    out['cmp'] = jnp.zeros_like(q)
+    score_BGK = jnp.zeros((B, G, K), jnp.float32)
+
+  # selected branch: the top-n slc blocks of this query's group
+  slc = cache['slc'] = {kind: cache_write(cache['slc'][kind], x, pos) for kind, x in
+                        (('k', k['slc']), ('v', v['slc']))}
+  blk_K = jnp.arange(K)
+  forced_K = (blk_K == 0) | (blk_K == pos // l_sel)
+  score_BGK = jnp.where(forced_K, jnp.inf, jnp.where(blk_K * l_sel <= pos, score_BGK, -jnp.inf))
+  top_BGI, idx_BGI = jax.lax.top_k(score_BGK, min(n, K))
+  ks_BGKlN, vs_BGKlN = (jnp.moveaxis(slc[kind].reshape(B, K, l_sel, G, N), 3, 1) for kind in 'kv')
+  b_ix, g_ix = jnp.arange(B)[:, None, None], jnp.arange(G)[None, :, None]
+  kg, vg = ks_BGKlN[b_ix, g_ix, idx_BGI], vs_BGKlN[b_ix, g_ix, idx_BGI]     # [B, G, I, l', N]
+  s = jnp.einsum('bghn,bgisn->bghis', q, kg).astype(jnp.float32) * N ** -0.5
+  mask = (top_BGI > -jnp.inf)[..., None] & (idx_BGI[..., None] * l_sel + jnp.arange(l_sel) <= pos)
+  probs = masked_softmax(s.reshape(*s.shape[:3], -1), mask.reshape(B, G, 1, -1)).reshape(s.shape)
+  out['slc'] = jnp.einsum('bghis,bgisn->bghn', probs.astype(vg.dtype), vg)
+
+  out['win'], cache['win'] = ring_attention(q, k['win'], v['win'], cache['win'], pos)
+  gate = jax.nn.sigmoid(dense(x_BD, p['w_gate'])).reshape(B, G, -1, 3)
+  o_BGHN = sum(gate[..., i, None].astype(out[b].dtype) * out[b] for i, b in enumerate(BRANCHES))
+  return dense(o_BGHN.reshape(B, -1, N), p['wo'], n_in=2), cache
+
+
+NSA = Attention(specs, apply, flops_per_token, init_cache, decode)

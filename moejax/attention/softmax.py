@@ -3,7 +3,9 @@
 Axis letters: B batch, T positions, D model, H query heads, G key-value heads, N head dim,
 R rope dim, C latent rank.
 """
-from moejax.attention.core import Attention, causal_softmax_attention, sliding_window_attention
+from moejax.attention.core import (Attention, cache_write, causal_softmax_attention,
+                                   decode_softmax_attention, ring_attention, ring_cache,
+                                   sliding_window_attention, softmax_probs)
 from moejax.layers import dense, rms_norm, rope
 from moejax.params import ParamSpec
 import jax.numpy as jnp
@@ -33,15 +35,16 @@ def mha_specs(cfg):
   return gqa_specs(cfg, num_kv_heads=cfg.num_heads)
 
 
-def gqa_qkv(p, x_BTD, cfg):
-  """q_BTGHN, k_BTGN, v_BTGN with RoPE; G is read from the parameters (so MHA shares this)."""
+def gqa_qkv(p, x_BTD, cfg, offset=0):
+  """q_BTGHN, k_BTGN, v_BTGN with RoPE at positions offset..; G is read from the parameters (so
+  MHA shares this)."""
   B, T, _ = x_BTD.shape
   G, N = p['wk'].shape[1], p['wk'].shape[2]
   q_BTHN, k_BTGN = dense(x_BTD, p['wq']), dense(x_BTD, p['wk'])
   if 'q_norm' in p:
     q_BTHN = rms_norm(q_BTHN, p['q_norm'], cfg.norm_eps)
     k_BTGN = rms_norm(k_BTGN, p['k_norm'], cfg.norm_eps)
-  q_BTHN, k_BTGN = rope(q_BTHN, cfg.rope_theta), rope(k_BTGN, cfg.rope_theta)
+  q_BTHN, k_BTGN = rope(q_BTHN, cfg.rope_theta, offset), rope(k_BTGN, cfg.rope_theta, offset)
   return q_BTHN.reshape(B, T, G, -1, N), k_BTGN, dense(x_BTD, p['wv'])
 
 
@@ -145,7 +148,75 @@ def mla_flops(cfg, seq_len):
   return proj + seq_len * H * (Nn + R + M)
 
 
-GQA = Attention(gqa_specs, gqa_apply, gqa_flops)
-MHA = Attention(mha_specs, gqa_apply, mha_flops)
-SWA = Attention(gqa_specs, swa_apply, swa_flops)
-MLA = Attention(mla_specs, mla_apply, mla_flops)
+# --- decoding: one token per row against a cache ---
+
+def gqa_init_cache(cfg, batch, max_len, dtype, num_kv_heads=None):
+  """Keys (after QK-norm and RoPE) and values of every position: [B, max_len, G, N] each."""
+  shape = (batch, max_len, num_kv_heads or cfg.num_kv_heads, cfg.head_dim)
+  return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+def mha_init_cache(cfg, batch, max_len, dtype):
+  return gqa_init_cache(cfg, batch, max_len, dtype, num_kv_heads=cfg.num_heads)
+
+
+def gqa_decode(p, x_BD, cache, pos, cfg):
+  G = p['wk'].shape[1]
+  q, k, v = (a[:, 0] for a in gqa_qkv(p, x_BD[:, None], cfg, offset=pos))
+  cache = {'k': cache_write(cache['k'], k, pos), 'v': cache_write(cache['v'], v, pos)}
+  o_BGHN = decode_softmax_attention(q, cache['k'], cache['v'], jnp.arange(cache['k'].shape[1]) <= pos,
+                                    **_softmax_options(p, cfg, G))
+  return gqa_out(p, o_BGHN[:, None])[:, 0], cache
+
+
+def swa_init_cache(cfg, batch, max_len, dtype):
+  """A ring of the latest `window` keys and values: memory O(window), whatever max_len."""
+  return ring_cache(batch, cfg.window, max_len, cfg.num_kv_heads, cfg.head_dim, dtype)
+
+
+def swa_decode(p, x_BD, cache, pos, cfg):
+  G = p['wk'].shape[1]
+  q, k, v = (a[:, 0] for a in gqa_qkv(p, x_BD[:, None], cfg, offset=pos))
+  o_BGHN, cache = ring_attention(q, k, v, cache, pos, **_softmax_options(p, cfg, G))
+  return gqa_out(p, o_BGHN[:, None])[:, 0], cache
+
+
+def mla_init_cache(cfg, batch, max_len, dtype):
+  """Only the normalised latent [B, max_len, C] and the shared RoPE key [B, max_len, R]."""
+  return {'latent': jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
+          'k_rope': jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype)}
+
+
+def mla_decode(p, x_BD, cache, pos, cfg):
+  """Absorbed MLA (DeepSeek-V2 sec. 2.1.3): k_nope_h = W_UK_h c and v_h = W_UV_h c are never
+  formed; W_UK_h folds into the query (q_nope_h^T W_UK_h c = (W_UK_h^T q_nope_h)^T c) and W_UV_h
+  into the output (sum_s p_s W_UV_h c_s = W_UV_h sum_s p_s c_s), so each step reads only the
+  cached latents and RoPE keys."""
+  Nn, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+  x_B1D = x_BD[:, None]
+  if cfg.q_lora_rank:
+    q_lat = rms_norm(dense(x_B1D, p['wq_a']), p['q_norm'], cfg.norm_eps)
+    q_B1HK = dense(q_lat * latent_scale(cfg, cfg.q_lora_rank), p['wq_b'])
+  else:
+    q_B1HK = dense(x_B1D, p['wq'])
+  q_nope_BHN, q_rope_BHR = q_B1HK[:, 0, :, :Nn], rope(q_B1HK[..., Nn:], cfg.rope_theta, pos)[:, 0]
+  kv_a = dense(x_BD, p['wkv_a'])
+  latent_BC = rms_norm(kv_a[..., :C], p['kv_norm'], cfg.norm_eps) * latent_scale(cfg, C)
+  k_rope_BR = rope(kv_a[:, None, None, C:], cfg.rope_theta, pos)[:, 0, 0]
+  cache = {'latent': cache_write(cache['latent'], latent_BC, pos),
+           'k_rope': cache_write(cache['k_rope'], k_rope_BR, pos)}
+  w_uk_CHN, w_uv_CHM = p['wkv_b'][..., :Nn], p['wkv_b'][..., Nn:]
+  q_lat_BHC = jnp.einsum('bhn,chn->bhc', q_nope_BHN, w_uk_CHN)
+  scores_BHS = (jnp.einsum('bhc,bsc->bhs', q_lat_BHC, cache['latent'])
+                + jnp.einsum('bhr,bsr->bhs', q_rope_BHR, cache['k_rope'])).astype(jnp.float32)
+  scores_BHS = scores_BHS * q_B1HK.shape[-1] ** -0.5
+  probs = softmax_probs(scores_BHS, jnp.arange(cache['latent'].shape[1]) <= pos, cfg.attn_softcap)
+  o_lat_BHC = jnp.einsum('bhs,bsc->bhc', probs.astype(cache['latent'].dtype), cache['latent'])
+  o_BHM = jnp.einsum('bhc,chm->bhm', o_lat_BHC, w_uv_CHM)
+  return dense(o_BHM, p['wo'], n_in=2), cache
+
+
+GQA = Attention(gqa_specs, gqa_apply, gqa_flops, gqa_init_cache, gqa_decode)
+MHA = Attention(mha_specs, gqa_apply, mha_flops, mha_init_cache, gqa_decode)
+SWA = Attention(gqa_specs, swa_apply, swa_flops, swa_init_cache, swa_decode)
+MLA = Attention(mla_specs, mla_apply, mla_flops, mla_init_cache, mla_decode)

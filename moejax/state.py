@@ -58,17 +58,19 @@ def mirror_shardings(abstract_opt, abstract_params, param_shardings, default):
   parameter's path and it has the parameter's shape) like that parameter; the rest `default`.
 
   Works for any chain, including `optax.partition` groups whose states hold only their own leaves."""
+  container_keys = (jax.tree_util.DictKey, jax.tree_util.SequenceKey)   # params: dicts and lists
+  key = lambda k: k.key if isinstance(k, jax.tree_util.DictKey) else k.idx
   by_path = {}
   for (path, a), sh in zip(jax.tree_util.tree_flatten_with_path(abstract_params)[0],
                            jax.tree.leaves(param_shardings)):
-    by_path[tuple(k.key for k in path)] = (a.shape, sh)
+    by_path[tuple(key(k) for k in path)] = (a.shape, sh)
 
   def one(path, leaf):
     keys = []
-    for k in reversed(path):   # the trailing run of dict keys
-      if not isinstance(k, jax.tree_util.DictKey):
+    for k in reversed(path):   # the trailing run of dict keys and list indices
+      if not isinstance(k, container_keys):
         break
-      keys.insert(0, k.key)
+      keys.insert(0, key(k))
     for i in range(len(keys)):
       hit = by_path.get(tuple(keys[i:]))
       if hit is not None and hit[0] == leaf.shape:

@@ -175,6 +175,24 @@ def test_muon_state_is_sharded_like_params_over_the_expert_axis(tmp_path):
     assert sh.spec == param_spec, (p, sh.spec)
 
 
+def test_hybrid_pattern_optimizer_state_is_sharded_like_its_list_of_param_stacks():
+  """A per-layer attention pattern stores blocks as a list of stacks; their optimizer state must
+  still find its parameter's sharding (list indices are part of the path)."""
+  from moejax.state import setup
+  from test_config import smoke_config
+  c = smoke_config()
+  c.model.attention = 'swa,mla'
+  c.mesh.data, c.mesh.expert = 4, 2
+  s = setup(c)
+  for j in (0, 1):
+    param_spec = s.state_shardings['params']['moe_blocks'][j]['ffn']['w_gate'].spec
+    assert 'expert' in str(param_spec)
+    found = [sh for p, sh in jax.tree_util.tree_flatten_with_path(s.state_shardings['opt_state'])[0]
+             if optim.path_str(p).endswith(f'moe_blocks/{j}/ffn/w_gate')]
+    assert len(found) >= 2, found   # AdamW's mu and nu
+    assert all(sh.spec == param_spec for sh in found)
+
+
 @pytest.mark.slow
 def test_muon_run_resumes_exactly_on_an_expert_sharded_mesh(tmp_path):
   flags = [*BASE_FLAGS[:2], '--config.mesh.data=4', '--config.mesh.expert=2',

@@ -52,7 +52,9 @@ def validate_model(m):
     _check(isinstance(m[name], int) and m[name] > 0, f'model.{name}', f'must be a positive integer, got {m[name]!r}')
   _check(isinstance(m.nsa_num_selected, int) and m.nsa_num_selected >= 2, 'model.nsa_num_selected',
          f'must be an integer >= 2 (the first and the local block are always selected), got {m.nsa_num_selected!r}')
-  _one_of(m.dispatch, moe.DISPATCHES, 'model.dispatch')
+  _one_of(m.dispatch, moe.DISPATCH_NAMES, 'model.dispatch')
+  _check(not (m.precision == 'fp8' and m.dispatch in moe.GROUPED_DISPATCHES), 'model.dispatch',
+         f'{m.dispatch!r} has no fp8 path; use dropless, capacity or capacity_a2a with precision fp8')
   _one_of(m.block, ('standard', 'scmoe'), 'model.block')
   _one_of(m.router_score, ('sigmoid', 'softmax'), 'model.router_score')
   _one_of(m.remat, REMAT_POLICIES, 'model.remat')

@@ -79,8 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
                                # ratio |d L_balance / d router| / |d L_lm / d router| under this target
   m.z_loss_weight = 0.0        # router z-loss (ST-MoE)
   m.hidden_z_loss_weight = 0.0  # hidden-state z-loss on the residual stream (LongCat-Flash), e.g. 1e-6
-  m.dispatch = 'dropless'      # name in moejax.moe.DISPATCHES
-  m.capacity_factor = 1.25     # used by dispatch == 'capacity'
+  m.dispatch = 'auto'          # 'auto' (per backend) or a name in moejax.moe.DISPATCHES: 'dropless',
+                               # 'capacity', 'capacity_a2a', 'ragged_dot', 'gmm', 'ragged_a2a'
+  m.capacity_factor = 1.25     # used by the 'capacity' dispatches
   m.tie_embeddings = False
   m.variance_alignment = False  # init-variance compensation for fine-grained experts and MLA ranks
   m.init_std = 0.02

@@ -96,6 +96,8 @@ class MetricsLog:
     return {'alerts': found} if found else {}
 
   def progress(self, step, r, total_steps, step_time):
+    if not self.is_writer:   # one console line per step, from process 0
+      return
     eta = (total_steps - step) * step_time
     line = (f'step {step:>6}/{total_steps} | loss {r["loss"]:.4f} | {r["tokens_per_sec"]:,.0f} tok/s'
             f' | mfu {r["mfu"]:.1%} | eta {int(eta // 60)}m{int(eta % 60):02d}s')

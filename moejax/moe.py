@@ -1,17 +1,30 @@
 """Expert dispatch: permute -> expert FFN -> unpermute, after routing (moejax/router.py).
 
-Axis letters: T tokens (batch x sequence, flattened), D model, E experts, K top-k, F expert FFN,
-A = T*K token-to-expert assignments, R dispatch rows, C capacity (rows) per expert.
+Axis letters: T tokens (batch x sequence, flattened), D model, E experts, L experts local to a
+device, K top-k, F expert FFN, A = T*K token-to-expert assignments, R dispatch rows, C capacity
+(rows) per expert, S devices on the `expert` mesh axis.
 
-Dispatch sorts assignments by expert into [E, C] slots and runs dense batched einsums, so its work
-grows with T*K, not with E (XLA:CPU lowers `ragged_dot` to a dense matmul over every group, and
-gathering per-block expert weights was measured 2-3x slower than this):
-  - 'dropless': C is chosen at run time from a few static sizes as the smallest that holds the
-    busiest expert (`lax.switch`), so no token is ever dropped and work is ~T*K*(1 + MaxVio); under
-    heavy imbalance a block layout (rows padded per expert to blocks of S) bounds the work instead.
-  - 'capacity': C = ceil(capacity_factor * A / E) slots; overflow is dropped and counted.
-Expert parallelism: tokens are all-gathered over the `expert` mesh axis, each device runs its local
-experts on the rows routed to them, and `psum_scatter` returns each device its tokens' outputs.
+One interface, `routed_experts`, with the implementation named by `model.dispatch`:
+  - 'dropless' (sort + dense einsums): assignments sorted by expert into [E, C] slots, C chosen at
+    run time from a few static sizes as the smallest that holds the busiest expert (`lax.switch`),
+    so no token is dropped and work is ~T*K*(1 + MaxVio); under heavy imbalance a block layout (rows
+    padded per expert to blocks) bounds the work instead. Its work grows with T*K, not with E, which
+    is what XLA:CPU needs (it lowers `ragged_dot` to a dense matmul over every group).
+  - 'capacity': C = ceil(capacity_factor * A / E) slots per expert for each device's A assignments
+    (GShard); overflow is dropped, in token order, and counted.
+  - 'capacity_a2a': the same slots and the same dropped tokens, exchanged with `all_to_all`.
+  - 'ragged_dot': dropless grouped matmul, `jax.lax.ragged_dot` over the rows sorted by expert.
+  - 'gmm': the same with the Pallas megablox grouped matmul (TPU; interpreted on other backends).
+  - 'ragged_a2a': dropless; each device sends every expert owner exactly its rows with
+    `jax.lax.ragged_all_to_all` (offsets in moejax/a2a.py), then a grouped matmul. XLA:CPU lacks the
+    op, so there the exchange is emulated with a padded `all_to_all` (tests only).
+  - 'auto' (the default): cpu -> 'dropless'; gpu -> 'ragged_a2a' when the expert axis has more than
+    one device, else 'ragged_dot'; tpu -> 'gmm'.
+Expert parallelism for 'dropless', 'capacity', 'ragged_dot' and 'gmm': tokens are all-gathered over
+the `expert` mesh axis, each device runs its local experts on the rows routed to them, and
+`psum_scatter` returns each device its tokens' outputs. The `*_a2a` variants move only the rows.
+The fp8 policy (moejax.precision) applies to the einsum dispatches; grouped matmuls run in the
+compute dtype.
 """
 import functools
 import math
@@ -19,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax import precision
+from moejax import a2a, precision
 
 
 def _swiglu(x_NSD, w_gate_NDF, w_up_NDF, w_down_NFD, einsum=jnp.einsum):
@@ -159,17 +172,201 @@ def dropless_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EF
                      w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
+def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+  """Slots per expert for one device's tokens: ceil(capacity_factor * T*K / E)."""
+  return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
+
+
 def capacity_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset,
-                     capacity_factor: float, num_experts: int, einsum=jnp.einsum):
-  """C = ceil(capacity_factor * T*K / E) slots per expert; overflow assignments are dropped."""
+                     capacity_factor: float, num_experts: int, num_sources: int = 1, einsum=jnp.einsum):
+  """Each expert takes the first C assignments of each source device's tokens, in token order.
+
+  The rows are the gathered tokens of `num_sources` devices (source-major). Slots are laid out
+  [L, S, C], as `capacity_a2a` receives them, so both drop the same assignments."""
+  S = num_sources
+  T, K = expert_TK.shape[0] // S, expert_TK.shape[1]
+  L = w_gate_EDF.shape[0]
+  C = capacity(T, K, num_experts, capacity_factor)
+  local_SA, valid_SA, rank_SA, _ = jax.vmap(lambda e: _group_by_expert(e, L, offset))(
+      expert_TK.reshape(S, T * K))
+  kept_SA = valid_SA & (rank_SA < C)
+  row_SA = jnp.where(kept_SA, local_SA * (S * C) + jnp.arange(S)[:, None] * C + rank_SA, L * S * C)
+  row_A = row_SA.reshape(-1)
+  tok_R = _rows_to_tokens(row_A, L * S * C, K, S * T)
+  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
+  out_LND = _swiglu(x_TD[tok_R].reshape(L, S * C, -1), w_gate_EDF, w_up_EDF, w_down_EFD, einsum)
+  dropped = jnp.sum(valid_SA & ~kept_SA).astype(jnp.float32)
+  return _combine(out_LND.reshape(L * S * C, -1), row_A, weight_TK), dropped
+
+
+# ----------------------------------------------------------------------------- grouped matmuls
+
+def _ragged_dot(x_RD, w_LDF, group_sizes_L):
+  return jax.lax.ragged_dot(x_RD, w_LDF, group_sizes_L)
+
+
+def _tile(n: int) -> int:
+  return math.gcd(n, 128)
+
+
+def _megablox_gmm(x_RD, w_LDF, group_sizes_L):
+  """Pallas megablox `gmm` (TPU kernel; run by the Pallas interpreter elsewhere)."""
+  from jax.experimental.pallas.ops.tpu.megablox import gmm
+  R, D = x_RD.shape
+  tiling = (_tile(R), _tile(D), _tile(w_LDF.shape[2]))
+  return gmm(x_RD, w_LDF, group_sizes_L.astype(jnp.int32), x_RD.dtype, tiling,
+             interpret=jax.devices()[0].platform != 'tpu')
+
+
+GROUPED_MATMULS = {'ragged_dot': _ragged_dot, 'gmm': _megablox_gmm}
+
+
+def _grouped_swiglu(x_RD, w_gate_LDF, w_up_LDF, w_down_LFD, group_sizes_L, matmul):
+  """SwiGLU of rows sorted by expert (group l = the next group_sizes_L[l] rows); rows past the groups
+  give zeros (gmm leaves them unwritten, so they are masked after every matmul)."""
+  in_groups_R1 = (jnp.arange(x_RD.shape[0]) < group_sizes_L.sum())[:, None]
+  mm = lambda x, w: jnp.where(in_groups_R1, matmul(x, w, group_sizes_L), 0)
+  h_RF = jax.nn.silu(mm(x_RD, w_gate_LDF)) * mm(x_RD, w_up_LDF)
+  return mm(h_RF, w_down_LFD)
+
+
+def _round_up(n: int, m: int) -> int:
+  return (n + m - 1) // m * m
+
+
+def grouped_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset, matmul,
+                    **_):
+  """Dropless: local assignments sorted by expert, one grouped matmul per projection."""
   T, K = expert_TK.shape
-  C = max(1, math.ceil(capacity_factor * T * K / num_experts))
-  local_A, valid_A, rank_A, _ = _group_by_expert(expert_TK.reshape(-1), w_gate_EDF.shape[0], offset)
-  return _capacity_ffn(C, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF, w_up_EDF,
-                       w_down_EFD, einsum)
+  L = w_gate_EDF.shape[0]
+  local_A, valid_A, rank_A, count_L = _group_by_expert(expert_TK.reshape(-1), L, offset)
+  R = _round_up(T * K, 8)
+  row_A = jnp.where(valid_A, (jnp.cumsum(count_L) - count_L)[local_A] + rank_A, R)
+  tok_R = _rows_to_tokens(row_A, R, K, T)
+  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
+  out_RD = _grouped_swiglu(x_TD[tok_R], w_gate_EDF, w_up_EDF, w_down_EFD, count_L, matmul)
+  return _combine(out_RD, row_A, weight_TK), jnp.zeros((), jnp.float32)
 
 
-DISPATCHES = {'dropless': dropless_experts, 'capacity': capacity_experts}
+# ----------------------------------------------------------------------------- transports
+# Each runs on one device's shard inside `shard_map`: (x_TD, expert_TK, weight_TK, local expert
+# weights) -> (y_TD, dropped assignments); `ep` is the expert mesh axis (None without one), S its size.
+
+def _gathered(experts_fn, x_TD, expert_TK, weight_TK, wg, wu, wd, *, ep, S, cfg, einsum):
+  """All-gather the expert group's tokens, run the local experts, `psum_scatter` the outputs."""
+  offset = 0
+  if ep is not None:
+    x_TD, expert_TK, weight_TK = (jax.lax.all_gather(a, ep, tiled=True) for a in (x_TD, expert_TK, weight_TK))
+    offset = jax.lax.axis_index(ep) * wg.shape[0]
+  y_TD, dropped = experts_fn(x_TD, expert_TK, weight_TK, wg, wu, wd, offset=offset, num_sources=S,
+                             capacity_factor=cfg.capacity_factor, num_experts=cfg.num_experts,
+                             einsum=einsum)
+  if ep is not None:
+    y_TD = jax.lax.psum_scatter(y_TD, ep, scatter_dimension=0, tiled=True)
+  return y_TD, dropped
+
+
+def capacity_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, *, ep, S, cfg, einsum):
+  """Capacity slots [E, C] filled from this device's tokens, sent to the experts' owners with
+  `all_to_all`: each device receives [S, L, C] rows, runs its L experts, and sends them back."""
+  T, K = expert_TK.shape
+  L = wg.shape[0]
+  E = S * L
+  C = capacity(T, K, cfg.num_experts, cfg.capacity_factor)
+  expert_A, valid_A, rank_A, _ = _group_by_expert(expert_TK.reshape(-1), E, 0)
+  kept_A = valid_A & (rank_A < C)
+  row_A = jnp.where(kept_A, expert_A * C + rank_A, E * C)
+  tok_R = _rows_to_tokens(row_A, E * C, K, T)
+  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
+  x_SND = x_TD[tok_R].reshape(S, L * C, -1)             # by destination device
+  if ep is not None:
+    x_SND = jax.lax.all_to_all(x_SND, ep, 0, 0)         # by source device
+  x_LND = x_SND.reshape(S, L, C, -1).swapaxes(0, 1).reshape(L, S * C, -1)
+  out_LND = _swiglu(x_LND, wg, wu, wd, einsum)
+  out_SND = out_LND.reshape(L, S, C, -1).swapaxes(0, 1).reshape(S, L * C, -1)
+  if ep is not None:
+    out_SND = jax.lax.all_to_all(out_SND, ep, 0, 0)
+  dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
+  return _combine(out_SND.reshape(E * C, -1), row_A, weight_TK), dropped
+
+
+def _ragged_exchange():
+  platform = jax.devices()[0].platform
+  return a2a.ragged_all_to_all_dense if platform == 'cpu' else jax.lax.ragged_all_to_all
+
+
+def ragged_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, *, ep, S, cfg, einsum):
+  """Dropless: rows sorted by global expert go to their owners with `ragged_all_to_all`, are regrouped
+  by local expert for a grouped matmul, and come back the same way.
+
+  The receive buffer holds S*A rows, the most one device can get (every token of the group on its
+  experts), so nothing is dropped whatever the imbalance."""
+  del einsum
+  matmul = GROUPED_MATMULS['gmm' if jax.devices()[0].platform == 'tpu' else 'ragged_dot']
+  if ep is None:
+    return grouped_experts(x_TD, expert_TK, weight_TK, wg, wu, wd, offset=0, matmul=matmul)
+  T, K = expert_TK.shape
+  A, L, D = T * K, wg.shape[0], x_TD.shape[1]
+  expert_A, valid_A, rank_A, count_E = _group_by_expert(expert_TK.reshape(-1), S * L, 0)
+  row_A = jnp.where(valid_A, (jnp.cumsum(count_E) - count_E)[expert_A] + rank_A, A)
+  tok_R = _rows_to_tokens(row_A, A, K, T)
+  x_AD = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)])[tok_R]
+  counts_SL = count_E.reshape(S, L).astype(jnp.int32)
+  recv_counts_SL = jax.lax.all_to_all(counts_SL, ep, 0, 0)
+  input_offsets, send_sizes = a2a.send_layout(counts_SL)
+  recv_offsets, recv_sizes = a2a.recv_layout(recv_counts_SL)
+  output_offsets = jax.lax.all_to_all(recv_offsets, ep, 0, 0, tiled=True)
+  exchange = functools.partial(_ragged_exchange(), axis_name=ep)
+  R = _round_up(S * A, 8)
+  x_RD = exchange(x_AD, jnp.zeros((R, D), x_AD.dtype), input_offsets, send_sizes, output_offsets,
+                  recv_sizes)
+  order_R = jnp.argsort(a2a.received_row_experts(recv_counts_SL, R), stable=True)
+  out_RD = _grouped_swiglu(x_RD[order_R], wg, wu, wd, recv_counts_SL.sum(0), matmul)
+  out_RD = jnp.zeros_like(out_RD).at[order_R].set(out_RD)
+  back_offsets = jax.lax.all_to_all(input_offsets, ep, 0, 0, tiled=True)
+  y_AD = exchange(out_RD, jnp.zeros((A, D), out_RD.dtype), recv_offsets, recv_sizes, back_offsets,
+                  send_sizes)
+  return _combine(y_AD, row_A, weight_TK), jnp.zeros((), jnp.float32)
+
+
+def _grouped(name):
+  def experts(*args, offset, **_):
+    return grouped_experts(*args, offset=offset, matmul=GROUPED_MATMULS[name])
+  return experts
+
+
+def _no_sources(experts_fn):
+  def experts(*args, num_sources, **kw):
+    del num_sources   # the dropless layouts treat the gathered tokens as one group
+    return experts_fn(*args, **kw)
+  return experts
+
+
+DISPATCHES = {
+    'dropless': functools.partial(_gathered, _no_sources(dropless_experts)),
+    'capacity': functools.partial(_gathered, capacity_experts),
+    'capacity_a2a': capacity_a2a,
+    'ragged_dot': functools.partial(_gathered, _grouped('ragged_dot')),
+    'gmm': functools.partial(_gathered, _grouped('gmm')),
+    'ragged_a2a': ragged_a2a,
+}
+DISPATCH_NAMES = ('auto', *DISPATCHES)
+GROUPED_DISPATCHES = ('ragged_dot', 'gmm', 'ragged_a2a')   # grouped matmuls: no fp8 path
+
+
+def resolve_dispatch(name: str, platform: str, expert_axis_size: int, fp8: bool = False) -> str:
+  """'auto' -> the implementation for the backend (see the module docstring); other names as given.
+
+  The grouped matmuls have no fp8 path, so under the fp8 policy 'auto' keeps the einsum 'dropless'."""
+  if name != 'auto':
+    return name
+  if fp8 or platform == 'cpu':
+    return 'dropless'
+  if platform == 'tpu':
+    return 'gmm'
+  if platform in ('gpu', 'cuda', 'rocm'):
+    return 'ragged_a2a' if expert_axis_size > 1 else 'ragged_dot'
+  return 'dropless'
 
 
 def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, batch_axes):
@@ -178,26 +375,19 @@ def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, b
   Assignments to zero-computation experts (ids >= num_experts) are local to no device, so they are
   not dispatched; the caller adds their identity output. Returns (y_TD, dropped assignments over
   the global batch)."""
-  experts_fn = functools.partial(DISPATCHES[cfg.dispatch], capacity_factor=cfg.capacity_factor,
-                                 num_experts=cfg.num_experts,
-                                 einsum=precision.einsum_for(precision.fp8_mlp(cfg)))
   ep = 'expert' if 'expert' in mesh.axis_names else None
+  S = mesh.shape['expert'] if ep else 1
+  fp8 = precision.fp8_mlp(cfg)
+  name = resolve_dispatch(cfg.dispatch, mesh.devices.flat[0].platform, S, fp8)
+  ep = ep if S > 1 else None
+  dispatch = functools.partial(DISPATCHES[name], ep=ep, S=S, cfg=cfg, einsum=precision.einsum_for(fp8))
 
-  def local(x_TD, expert_TK, weight_TK, wg, wu, wd):
-    if ep is not None:   # gather the expert group's tokens; each device runs its local experts
-      x_TD = jax.lax.all_gather(x_TD, ep, tiled=True)
-      expert_TK = jax.lax.all_gather(expert_TK, ep, tiled=True)
-      weight_TK = jax.lax.all_gather(weight_TK, ep, tiled=True)
-      offset = jax.lax.axis_index(ep) * wg.shape[0]
-    else:
-      offset = 0
-    y_TD, dropped = experts_fn(x_TD, expert_TK, weight_TK, wg, wu, wd, offset=offset)
-    if ep is not None:
-      y_TD = jax.lax.psum_scatter(y_TD, ep, scatter_dimension=0, tiled=True)
+  def local(*args):
+    y_TD, dropped = dispatch(*args)
     return y_TD, jax.lax.psum(dropped, tuple(mesh.axis_names))
 
   tok = P(batch_axes)
-  w = P(ep)
+  w = P('expert' if 'expert' in mesh.axis_names else None)
   fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w, w, w), out_specs=(tok, P()),
                      check_vma=False)
   return fn(x_TD, routing.expert_TK, routing.weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -12,6 +12,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import optax
+from jax.experimental import multihost_utils
 
 from moejax import model, optim, router, sharding
 from moejax.data.prepare import prepare
@@ -34,7 +35,20 @@ class Setup:
 def ensure_data(config):
   """Prepares `data.dir` from the raw text in `data.raw` (a no-op when it is up to date). A data.dir
   prepared some other way (other inputs, e.g. raw text plus rephrasings, or a given tokenizer) is
-  left as it is."""
+  left as it is.
+
+  With several processes, process 0 prepares first and the others then find it up to date on a
+  shared file system (or prepare the same bytes on their own disks)."""
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      _prepare(config)
+    multihost_utils.sync_global_devices('moejax.ensure_data')
+    if jax.process_index() == 0:
+      return
+  _prepare(config)
+
+
+def _prepare(config):
   d = config.data
   if not (d.raw and os.path.isdir(d.raw)):
     return

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from moejax import checkpoint, diagnostics, flops, metrics as metrics_lib, model, optim, qk_clip, router, sharding
+from moejax import checkpoint, diagnostics, distributed, flops, metrics as metrics_lib, model, optim, qk_clip, router, sharding
 from moejax.data import fingerprint, pipeline
 from moejax.data.prepare import PrepareError
 from moejax.params import logical_axes
@@ -26,8 +26,11 @@ from moejax.validate import ConfigError
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/default.py', 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
-_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Call jax.distributed.initialize() first (TPU pods, '
-                               'SLURM, or JAX_COORDINATOR_ADDRESS/JAX_NUM_PROCESSES/JAX_PROCESS_ID).')
+_MULTIHOST = flags.DEFINE_bool('multihost', False, 'Join a multi-process job detected by jax (TPU pod '
+                               'slices, SLURM, JAX_COORDINATOR_ADDRESS...); see moejax.distributed.')
+_COORDINATOR = flags.DEFINE_string('coordinator', '', 'host:port of process 0 (or MOEJAX_COORDINATOR).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the job (or MOEJAX_NUM_PROCESSES).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (or MOEJAX_PROCESS_ID).')
 _ALLOW_DATA_CHANGE = flags.DEFINE_bool(
     'allow_data_change', False, 'Resume even though the data config differs from the checkpoint\'s '
     '(the saved batch index then points into the new data stream).')
@@ -88,6 +91,12 @@ def to_global(batch: dict, batch_sharding):
   return {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
 
 
+def process_rows(batch: dict) -> dict:
+  """This process's rows of a global batch: rows [p*B:(p+1)*B], as the train pipeline shards them."""
+  n = jax.process_count()
+  return {k: np.split(v, n)[jax.process_index()] for k, v in batch.items()}
+
+
 class Preemption:
   """Turns SIGTERM into a flag the loop checks between steps (pre-emptible VMs send SIGTERM)."""
 
@@ -132,9 +141,8 @@ def train(config, workdir: str, allow_data_change: bool = False):
                                num_real_experts=c.model.num_experts, alert_maxvio=t.alert_maxvio,
                                alert_dead_experts=t.alert_dead_experts)
 
-  eval_data = [to_global(b, s.batch_sharding) for b in pipeline.eval_batches(
-      c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size // jax.process_count(),
-      max_batches=t.eval_batches)]
+  eval_data = [to_global(process_rows(b), s.batch_sharding) for b in pipeline.eval_batches(
+      c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size, max_batches=t.eval_batches)]
   eval_step = make_eval_step(s)
   train_step = make_train_step(s)
   similarity = jax.jit(lambda moe_blocks: diagnostics.expert_similarity(
@@ -192,11 +200,12 @@ def main(argv):
   if _WORKDIR.value is None:
     sys.exit('error: --workdir is required')
   config = _CONFIG.value
-  if _MULTIHOST.value:
-    jax.distributed.initialize()
   try:
+    distributed.initialize(dict(os.environ), coordinator=_COORDINATOR.value,
+                           num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
+                           multihost=_MULTIHOST.value)
     train(config, _WORKDIR.value, _ALLOW_DATA_CHANGE.value)
-  except (ConfigError, pipeline.DataError, PrepareError) as e:
+  except (ConfigError, pipeline.DataError, PrepareError, distributed.DistributedError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
 

@@ -63,7 +63,9 @@ def validate_model(m):
     _check(not m[flag] or not unsupported, f'model.{flag}',
            f'not supported by attention {", ".join(unsupported)} (only by {", ".join(supported)})')
   _check(m.attn_softcap >= 0, 'model.attn_softcap', f'must be >= 0, got {m.attn_softcap}')
-  _one_of(m.dispatch, moe.DISPATCHES, 'model.dispatch')
+  _one_of(m.dispatch, moe.DISPATCH_NAMES, 'model.dispatch')
+  _check(not (m.precision == 'fp8' and m.dispatch in moe.GROUPED_DISPATCHES), 'model.dispatch',
+         f'{m.dispatch!r} has no fp8 path; use dropless, capacity or capacity_a2a with precision fp8')
   _one_of(m.block, ('standard', 'scmoe'), 'model.block')
   _one_of(m.router_score, ('sigmoid', 'softmax'), 'model.router_score')
   _one_of(m.remat, REMAT_POLICIES, 'model.remat')

@@ -56,6 +56,7 @@ BAD_CONFIGS = [
     ('qk_clip_with_nsa', {'optim.qk_clip': 50.0, 'model.attention': 'nsa'}, 'optim.qk_clip'),
     ('unknown_optimizer', {'optim.name': 'sgdd'}, 'optim.name'),
     ('unknown_dispatch', {'model.dispatch': 'scatter'}, 'model.dispatch'),
+    ('fp8_grouped_dispatch', {'model.dispatch': 'ragged_dot', 'model.precision': 'fp8'}, 'model.dispatch'),
     ('unknown_router_score', {'model.router_score': 'tanh'}, 'model.router_score'),
     ('unknown_remat', {'model.remat': 'everything'}, 'model.remat'),
     ('mesh_product_ne_devices', {'mesh.data': 3, 'mesh.expert': 1}, 'mesh'),

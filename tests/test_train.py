@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -281,6 +282,45 @@ def test_capacity_dispatch_drops_tokens_dropless_does_not(run_a, tmp_path):
     assert min_dropped - 1e-6 <= r['moe/dropped_frac'] < 1, (min_dropped, r)
     assert math.isfinite(r['loss'])
   assert all(r['moe/dropped_frac'] == 0 for r in train_records(run_a))
+
+
+# ----------------------------------------------------------------------------- multi-process
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_of_four_devices_reproduce_one_process_of_eight(run_a, tmp_path):
+  """2 processes x 4 CPU devices on localhost (jax.distributed, gloo collectives), each reading its
+  half of every batch, give run_a's losses (1 process x 8 devices, same mesh data=8) and write one
+  checkpoint together."""
+  workdir = tmp_path / 'two_procs'
+  port = _free_port()
+  procs = []
+  for i in range(2):
+    env = {**_env(), 'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
+           'MOEJAX_COORDINATOR': f'127.0.0.1:{port}', 'MOEJAX_NUM_PROCESSES': '2', 'MOEJAX_PROCESS_ID': str(i)}
+    procs.append(subprocess.Popen(_cmd('moejax.train', workdir, SMOKE, *BASE_FLAGS, '--config.train.steps=3'),
+                                  cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-4000:]
+  ref, got = losses_by_step(run_a), losses_by_step(workdir)
+  assert sorted(got) == [1, 2, 3]      # process 0 alone writes the metrics
+  for step in got:
+    np.testing.assert_allclose(got[step], ref[step], rtol=1e-5, err_msg=f'step {step}')
+  eval_ref = {r['step']: r['eval/loss'] for r in eval_records(run_a)}
+  np.testing.assert_allclose(eval_records(workdir)[0]['eval/loss'], eval_ref[0], rtol=1e-5)
+  assert (workdir / 'checkpoints' / '3' / 'commit_success.txt').is_file()
 
 
 # ----------------------------------------------------------------------------- sample

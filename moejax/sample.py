@@ -12,12 +12,7 @@ from moejax import checkpoint, decode
 from moejax.data import pipeline
 from moejax.state import setup
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory of a trained model.', required=True)
-_PROMPT = flags.DEFINE_string('prompt', 'ROMEO:', 'Text to continue.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 60, 'Tokens to generate.')
-_TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
-_TOP_K = flags.DEFINE_integer('top_k', 40, 'Sample among the k most likely tokens.')
-_SEED = flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
 
 
 def load(workdir: str):
@@ -70,18 +65,30 @@ def generate(config, mesh, params, router_bias, prompt_ids: list[int], max_new: 
 
 def main(argv):
   del argv
+  F = flags.FLAGS
   logging.set_verbosity(logging.WARNING)
   try:
-    config, mesh, state = load(_WORKDIR.value)
+    config, mesh, state = load(F.workdir)
   except FileNotFoundError as e:
     sys.exit(f'error: {e}')
   tok = pipeline.load_tokenizer(config.data.dir)
-  prompt_ids = tok.encode(_PROMPT.value)
-  ids = generate(config, mesh, state['params'], state['router_bias'], prompt_ids, _MAX_NEW.value,
-                 _TEMPERATURE.value, _TOP_K.value, _SEED.value)
+  prompt_ids = tok.encode(F.prompt)
+  ids = generate(config, mesh, state['params'], state['router_bias'], prompt_ids, F.max_new_tokens,
+                 F.temperature, F.top_k, F.seed)
   print(f'--- sample from step {int(state["step"])} ---')
   print(tok.decode(ids))
 
 
+def define_flags():
+  """CLI flags, defined only when run as a program (so importing `generate` defines none)."""
+  flags.DEFINE_string('workdir', None, 'Run directory of a trained model.', required=True)
+  flags.DEFINE_string('prompt', 'ROMEO:', 'Text to continue.')
+  flags.DEFINE_integer('max_new_tokens', 60, 'Tokens to generate.')
+  flags.DEFINE_float('temperature', 0.8, '0 = greedy.')
+  flags.DEFINE_integer('top_k', 40, 'Sample among the k most likely tokens.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+
+
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

@@ -141,7 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
   # ignored. Unlisted names ('layers', 'head_dim', 'kv_lora', 'q_lora') are replicated.
   c.sharding = ml_collections.ConfigDict({
       'batch': 'data,fsdp,expert',
-      'embed': 'fsdp',           # the model dim of every weight: ZeRO-3 sharding of params + state
+      # The model dim of every weight: ZeRO-3 sharding of params + state over all the batch axes
+      # but 'data' (expert weights, whose expert dim takes 'expert', split it over fsdp only).
+      'embed': 'fsdp,expert',
       'vocab': 'tensor',
       'heads': 'tensor',
       'kv_heads': 'tensor',

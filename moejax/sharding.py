@@ -9,7 +9,8 @@ Mesh axes, outermost (slowest links) first; any may have size 1 or be absent:
   fsdp    ZeRO-3 / FSDP: batch split and parameters + optimizer state split (the default rules put
           'embed', the model dim of every weight, here); the compiler all-gathers each weight
           where it is used and reduce-scatters its gradient.
-  expert  expert parallelism: batch split and the experts of each MoE layer split (moejax.moe).
+  expert  expert parallelism: batch split and the experts of each MoE layer split (moejax.moe);
+          by default the other weights' model dim is split over it too, as over fsdp.
   tensor  tensor (Megatron) parallelism: attention heads, MLP and expert hidden units and the
           vocabulary split; activations between blocks stay whole over it.
 Rules naming an axis the mesh lacks ignore it, so one set of rules serves every mesh.

@@ -31,21 +31,21 @@ SINGLE = {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1}
 
 # What the default rules promise, written out independently of moejax.sharding: logical axis ->
 # mesh axes it is split over (a mesh axis already used by an earlier dim of the leaf is skipped).
-PROMISED = {'embed': ('fsdp',), 'vocab': ('tensor',), 'heads': ('tensor',), 'kv_heads': ('tensor',),
+PROMISED = {'embed': ('fsdp', 'expert'), 'vocab': ('tensor',), 'heads': ('tensor',), 'kv_heads': ('tensor',),
             'mlp': ('tensor',), 'expert_mlp': ('tensor',), 'expert': ('expert',)}
 
 # Hand-computed shard shapes of a few leaves (tiny model: V=128, D=32, H=8, G=4, N=4, E=8, F=16,
 # 2 MoE layers).
 SHARD_SHAPES = {
     'fsdp8': {'moe_blocks/ffn/w_gate': (2, 8, 4, 16), 'embed': (128, 4), 'moe_blocks/attn/wk': (2, 4, 4, 4)},
-    'data2_fsdp2_expert2': {'moe_blocks/ffn/w_gate': (2, 4, 16, 16), 'embed': (128, 16),
-                            'moe_blocks/attn/wk': (2, 16, 4, 4)},
+    'data2_fsdp2_expert2': {'moe_blocks/ffn/w_gate': (2, 4, 16, 16), 'embed': (128, 8),
+                            'moe_blocks/attn/wk': (2, 8, 4, 4)},
     'fsdp2_tensor4': {'moe_blocks/ffn/w_gate': (2, 8, 16, 4), 'embed': (32, 16),
                       'moe_blocks/attn/wk': (2, 16, 1, 4)},
-    'data2_expert2_tensor2': {'moe_blocks/ffn/w_gate': (2, 4, 32, 8), 'embed': (64, 32),
-                              'moe_blocks/attn/wk': (2, 32, 2, 4)},
-    'expert4_fsdp2_in_group': {'moe_blocks/ffn/w_gate': (2, 1, 32, 16), 'embed': (128, 16),
-                               'moe_blocks/attn/wk': (2, 16, 4, 4)},
+    'data2_expert2_tensor2': {'moe_blocks/ffn/w_gate': (2, 4, 32, 8), 'embed': (64, 16),
+                              'moe_blocks/attn/wk': (2, 16, 2, 4)},
+    'expert4_fsdp2_in_group': {'moe_blocks/ffn/w_gate': (2, 1, 32, 16), 'embed': (128, 4),
+                               'moe_blocks/attn/wk': (2, 4, 4, 4)},
 }
 B, T = 8, 16
 # Half the CPU compile time (the program and its numerics are the same up to fusion).

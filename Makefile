@@ -10,7 +10,7 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   $$( (ls -d "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3 2>/dev/null || true) | sort -rV); do \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
-.PHONY: setup data train test test-slow bench bench-attention clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention
+.PHONY: setup data train test test-slow bench bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -40,6 +40,10 @@ test-slow: data
 
 bench: data
 	$(PY) -m moejax.bench --out=docs/perf.md
+
+# Bytes per device of the 1B and 20B MoE configs on a 64-device mesh, from the shardings (seconds, no devices).
+memory: setup
+	JAX_PLATFORMS=cpu $(PY) -m moejax.memory --out=docs/memory.md
 
 # Optimizer and precision ablations on the smoke model (one CPU device, a few minutes each).
 ablate-optimizer: setup

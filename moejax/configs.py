@@ -140,11 +140,22 @@ def base_config() -> ml_collections.ConfigDict:
   k.max_to_keep = 2
   k.async_save = True
 
-  # Mesh axis name -> size; -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'expert': 1})
-  # Logical axis name -> mesh axis (or tuple of axes, or None = replicated).
+  # Mesh axis name -> size; -1 takes the remaining devices. Axes (moejax.sharding): 'data' (batch),
+  # 'fsdp' (batch + parameters and optimizer state, ZeRO-3), 'expert' (batch + experts), 'tensor'
+  # (heads, MLP hidden, vocabulary). E.g. --config.mesh.fsdp=4 shards the state 4 ways.
+  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'expert': 1, 'tensor': 1})
+  # Logical axis name -> mesh axes, comma-separated ('' = replicated); axes the mesh lacks are
+  # ignored. Unlisted names ('layers', 'head_dim', 'kv_lora', 'q_lora') are replicated.
   c.sharding = ml_collections.ConfigDict({
-      'batch': ('data', 'expert'),
-      'expert': 'expert',
+      'batch': 'data,fsdp,expert',
+      # The model dim of every weight: ZeRO-3 sharding of params + state over all the batch axes
+      # but 'data' (expert weights, whose expert dim takes 'expert', split it over fsdp only).
+      'embed': 'fsdp,expert',
+      'vocab': 'tensor',
+      'heads': 'tensor',
+      'kv_heads': 'tensor',
+      'mlp': 'tensor',
+      'expert': 'expert',        # 'expert,fsdp' also splits each expert group's experts over fsdp
+      'expert_mlp': 'tensor',
   })
   return c

@@ -17,6 +17,7 @@ from moejax import moe, precision, router
 from moejax.attention import ATTENTIONS, layer_attentions, repeating_unit
 from moejax.layers import dense, rms_norm, swiglu
 from moejax.params import ParamSpec, stacked
+from moejax.sharding import BATCH_AXES
 
 REMAT_POLICIES = {
     'none': None,
@@ -201,11 +202,14 @@ def cast_params(params, cfg):
       else w.astype(dtype), params)
 
 
-def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'expert'),
-            segment_ids_BT=None):
+def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=BATCH_AXES, segment_ids_BT=None):
   """Returns logits_BTV (float32) and aux: per-layer values stacked over layers; MoE layers' under
   their own keys, and per-block values (`resid_max`, `hidden_z_loss`, `attn_logit_max` [L, heads])
-  under 'blocks'. With `cfg.document_mask`, attention stays within `segment_ids_BT`'s documents."""
+  under 'blocks'. With `cfg.document_mask`, attention stays within `segment_ids_BT`'s documents.
+
+  Activations between blocks are split over `batch_axes` (those the mesh has) and whole over the
+  rest; weights are used as sharded and the compiler gathers them (fsdp) or splits the matmuls
+  (tensor)."""
   params = cast_params(params, cfg)
   batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   act = NamedSharding(mesh, P(batch_axes))
@@ -250,7 +254,11 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
     dense_block = jax.checkpoint(dense_block, policy=policy, static_argnums=(0,))
     moe_block = jax.checkpoint(moe_block, policy=policy, static_argnums=(0,))
 
-  x_BTD = params['embed'][tokens_BT]
+  # Look up whole rows (gather the table over fsdp first, ZeRO-3 style): rows split over D would
+  # leave activations split over D, which the compiler can re-split over the batch only by
+  # replicating them.
+  embed_VD = jax.lax.with_sharding_constraint(params['embed'], NamedSharding(mesh, P(P.UNCONSTRAINED, None)))
+  x_BTD = jax.lax.with_sharding_constraint(embed_VD[tokens_BT], act)
   aux, block_aux = {}, []
   nd = cfg.num_dense_layers
   if 'dense_blocks' in params:
@@ -269,11 +277,11 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=('data', 'e
   return logits_BTV, aux
 
 
-def loss_fn(params, router_bias_LE, batch, cfg, mesh, balance_coef_L=None):
+def loss_fn(params, router_bias_LE, batch, cfg, mesh, balance_coef_L=None, batch_axes=BATCH_AXES):
   """Mean next-token cross-entropy over unmasked targets, plus the weighted auxiliary losses.
 
   `balance_coef_L` (per MoE layer) replaces `balance_loss_weight` when the coefficient adapts."""
-  logits_BTV, aux = forward(params, router_bias_LE, batch['inputs'], cfg, mesh,
+  logits_BTV, aux = forward(params, router_bias_LE, batch['inputs'], cfg, mesh, batch_axes,
                             segment_ids_BT=batch.get('segment_ids'))
   logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
   nll_BT = -jnp.take_along_axis(logp_BTV, batch['targets'][..., None], axis=-1)[..., 0]

@@ -370,8 +370,13 @@ def resolve_dispatch(name: str, platform: str, expert_axis_size: int, fp8: bool 
 
 
 def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, batch_axes):
-  """Runs the routed experts under shard_map: tokens sharded over `batch_axes`, experts over 'expert'.
+  """Runs the routed experts under shard_map: tokens sharded over `batch_axes`, experts over
+  'expert' and their hidden units F over 'tensor' (when the mesh has those axes).
 
+  Whatever the weights' storage sharding (e.g. 'embed' over fsdp), they enter the shard_map split
+  only as [E / expert, D, F / tensor], so the compiler all-gathers the rest (ZeRO-3) first. With F
+  split, each tensor rank's expert FFN yields a partial sum over its F slice and a psum over
+  'tensor' completes it (Megatron-style; tokens are whole over 'tensor').
   Assignments to zero-computation experts (ids >= num_experts) are local to no device, so they are
   not dispatched; the caller adds their identity output. Returns (y_TD, dropped assignments over
   the global batch)."""
@@ -379,15 +384,19 @@ def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, b
   S = mesh.shape['expert'] if ep else 1
   fp8 = precision.fp8_mlp(cfg)
   name = resolve_dispatch(cfg.dispatch, mesh.devices.flat[0].platform, S, fp8)
-  ep = ep if S > 1 else None
+  ep_axis, ep = ep, (ep if S > 1 else None)
+  tp = 'tensor' if 'tensor' in mesh.axis_names else None
   dispatch = functools.partial(DISPATCHES[name], ep=ep, S=S, cfg=cfg, einsum=precision.einsum_for(fp8))
 
   def local(*args):
     y_TD, dropped = dispatch(*args)
-    return y_TD, jax.lax.psum(dropped, tuple(mesh.axis_names))
+    if tp is not None:   # sum the F slices' partial outputs
+      y_TD = jax.lax.psum(y_TD, tp)
+    # tensor ranks see the same assignments: count their drops once
+    return y_TD, jax.lax.psum(dropped, tuple(a for a in mesh.axis_names if a != tp))
 
   tok = P(batch_axes)
-  w = P('expert' if 'expert' in mesh.axis_names else None)
-  fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w, w, w), out_specs=(tok, P()),
-                     check_vma=False)
+  w_in, w_out = P(ep_axis, None, tp), P(ep_axis, tp, None)
+  fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                     out_specs=(tok, P()), check_vma=False)
   return fn(x_TD, routing.expert_TK, routing.weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD)

@@ -1,8 +1,19 @@
 """Device mesh from `config.mesh`, and logical axis names -> shardings by `config.sharding` rules.
 
-Parameters are declared with logical axis names (`('layers', 'expert', 'embed', 'mlp')`); the rules
-map a logical name to a mesh axis, a tuple of mesh axes, or nothing (replicated). Changing the mesh
-or the rules re-shards the model without touching model code.
+Parameters are declared with logical axis names (`('layers', 'expert', 'embed', 'expert_mlp')`); the
+rules map a logical name to a mesh axis, a tuple of mesh axes, or nothing (replicated). Changing the
+mesh or the rules re-shards the model without touching model code.
+
+Mesh axes, outermost (slowest links) first; any may have size 1 or be absent:
+  data    pure data parallelism: parameters replicated, batch split.
+  fsdp    ZeRO-3 / FSDP: batch split and parameters + optimizer state split (the default rules put
+          'embed', the model dim of every weight, here); the compiler all-gathers each weight
+          where it is used and reduce-scatters its gradient.
+  expert  expert parallelism: batch split and the experts of each MoE layer split (moejax.moe);
+          by default the other weights' model dim is split over it too, as over fsdp.
+  tensor  tensor (Megatron) parallelism: attention heads, MLP and expert hidden units and the
+          vocabulary split; activations between blocks stay whole over it.
+Rules naming an axis the mesh lacks ignore it, so one set of rules serves every mesh.
 """
 import math
 
@@ -10,12 +21,20 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+MESH_AXES = ('data', 'fsdp', 'expert', 'tensor')
+BATCH_AXES = ('data', 'fsdp', 'expert')
+# Every logical axis name the model's parameters and activations use (see model.py, attention/).
+LOGICAL_AXES = ('batch', 'layers', 'vocab', 'embed', 'heads', 'kv_heads', 'head_dim', 'mlp',
+                'expert', 'expert_mlp', 'kv_lora', 'q_lora')
+
 
 def mesh_shape(mesh_cfg: dict, num_devices: int) -> dict[str, int]:
-  """Resolves a `-1` axis size to the devices left over; sizes are validated elsewhere."""
+  """Resolves a `-1` axis size to the devices left over, in MESH_AXES order; sizes are validated
+  elsewhere."""
   sizes = dict(mesh_cfg)
   known = math.prod(s for s in sizes.values() if s != -1)
-  return {name: (num_devices // known if s == -1 else s) for name, s in sizes.items()}
+  order = [a for a in MESH_AXES if a in sizes] + [a for a in sizes if a not in MESH_AXES]
+  return {name: (num_devices // known if sizes[name] == -1 else sizes[name]) for name in order}
 
 
 def make_mesh(mesh_cfg: dict, devices=None) -> Mesh:
@@ -25,29 +44,40 @@ def make_mesh(mesh_cfg: dict, devices=None) -> Mesh:
   return Mesh(grid, tuple(shape), axis_types=(AxisType.Auto,) * len(shape))
 
 
-def logical_to_spec(axes: tuple, rules: dict) -> P:
-  """('batch', None, 'embed') -> P(('data', 'expert'), None, None) under the rules."""
+def rule_axes(value) -> tuple:
+  """A rule's value ('data,fsdp', 'fsdp', '' or None, or a tuple of names) as a tuple of mesh axes."""
+  if isinstance(value, str):
+    value = [] if value.strip() in ('', 'None') else value.split(',')
+  return tuple(a.strip() for a in value or ())
+
+
+def logical_to_spec(axes: tuple, rules: dict, mesh_axes=None) -> P:
+  """('batch', None, 'embed') -> P(('data', 'fsdp', 'expert'), None, None) under the rules, with
+  mesh axes outside `mesh_axes` (when given) dropped and each mesh axis used by one dim only."""
   out, used = [], set()
   for name in axes:
-    mesh_axes = rules.get(name) if name is not None else None
-    if isinstance(mesh_axes, str):
-      mesh_axes = (mesh_axes,)
-    if mesh_axes:
-      mesh_axes = tuple(a for a in mesh_axes if a not in used)  # a mesh axis shards one dim only
-      used.update(mesh_axes)
-    out.append(mesh_axes[0] if mesh_axes and len(mesh_axes) == 1 else (mesh_axes or None))
+    mesh = rule_axes(rules.get(name)) if name is not None else ()
+    mesh = tuple(a for a in mesh if a not in used and (mesh_axes is None or a in mesh_axes))
+    used.update(mesh)
+    out.append(mesh[0] if len(mesh) == 1 else (mesh or None))
   return P(*out)
 
 
-def named(mesh: Mesh, axes: tuple, rules: dict) -> NamedSharding:
-  return NamedSharding(mesh, logical_to_spec(axes, rules))
+def named(mesh, axes: tuple, rules: dict) -> NamedSharding:
+  """`mesh` may be a Mesh or an AbstractMesh (for shapes only, e.g. moejax.memory)."""
+  return NamedSharding(mesh, logical_to_spec(axes, rules, mesh.axis_names))
 
 
-def tree_shardings(mesh: Mesh, axes_tree, rules: dict):
+def tree_shardings(mesh, axes_tree, rules: dict):
   """A pytree of logical-axes tuples -> the matching pytree of NamedShardings."""
   return jax.tree.map(lambda a: named(mesh, a, rules), axes_tree,
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
+def batch_axes(rules: dict, mesh) -> tuple:
+  """The mesh axes the batch dimension is split over (for activation constraints and dispatch)."""
+  return tuple(a for a in rule_axes(rules.get('batch')) if a in mesh.axis_names)
+
+
+def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, P())

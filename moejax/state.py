@@ -98,7 +98,12 @@ def setup(config, devices=None) -> Setup:
   sizes = validate(config, len(devices), check_data=False)
   ensure_data(config)
   validate_data(config)
-  mesh = sharding.make_mesh(sizes, devices)
+  return build_setup(config, sharding.make_mesh(sizes, devices))
+
+
+def build_setup(config, mesh) -> Setup:
+  """The optimizer, shardings and abstract state of an already validated config on `mesh`, which
+  may be an AbstractMesh (shapes and shardings only, e.g. moejax.memory)."""
   rules = dict(config.sharding)
   specs = model.model_specs(config.model)
   param_shardings = sharding.tree_shardings(mesh, logical_axes(specs), rules)

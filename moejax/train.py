@@ -39,11 +39,12 @@ _ALLOW_DATA_CHANGE = flags.DEFINE_bool(
 def make_train_step(s: Setup):
   cfg = s.config.model
   tokens_per_batch = s.config.train.batch_size * s.config.train.seq_len
+  batch_axes = sharding.batch_axes(s.config.sharding, s.mesh)
 
   def train_step(state, batch):
     grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
     (loss, aux), grads = grad_fn(state['params'], state['router_bias'], batch, cfg, s.mesh,
-                                 state['balance_coef'])
+                                 state['balance_coef'], batch_axes)
     updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
     params = optax.apply_updates(state['params'], updates)
     if s.config.optim.qk_clip:
@@ -80,7 +81,8 @@ def make_train_step(s: Setup):
 
 def make_eval_step(s: Setup):
   def eval_step(params, router_bias, batch):
-    _, aux = model.loss_fn(params, router_bias, batch, s.config.model, s.mesh)
+    _, aux = model.loss_fn(params, router_bias, batch, s.config.model, s.mesh,
+                           batch_axes=sharding.batch_axes(s.config.sharding, s.mesh))
     return aux['lm_loss']
   return jax.jit(eval_step, in_shardings=(s.state_shardings['params'], s.state_shardings['router_bias'],
                                           s.batch_sharding))

@@ -3,9 +3,12 @@ import math
 import os
 
 
-from moejax import moe, optim, precision
+import jax
+
+from moejax import moe, optim, precision, sharding
 from moejax.attention import ATTENTIONS, parse_pattern
 from moejax.model import REMAT_POLICIES
+from moejax.params import is_spec
 
 
 GQA_FAMILY = ('gqa', 'mha', 'swa')
@@ -89,9 +92,9 @@ def validate_model(m):
 
 def validate_mesh(config, num_devices: int) -> dict:
   sizes = dict(config.mesh)
-  for axis in ('data', 'expert'):
-    _check(axis in sizes, 'mesh', f'needs an axis named {axis!r}; has {sorted(sizes)}')
   for axis, size in sizes.items():
+    _check(axis in sharding.MESH_AXES, f'mesh.{axis}',
+           f'unknown mesh axis; choose from {", ".join(sharding.MESH_AXES)}')
     _check(isinstance(size, int) and (size >= 1 or size == -1), f'mesh.{axis}',
            f'size must be a positive integer or -1, got {size!r}')
   _check(sum(s == -1 for s in sizes.values()) <= 1, 'mesh', 'at most one axis may be -1')
@@ -99,10 +102,42 @@ def validate_mesh(config, num_devices: int) -> dict:
   if -1 in sizes.values():
     _check(num_devices % known == 0, 'mesh',
            f'fixed axis sizes (product {known}) do not divide the {num_devices} devices')
-    sizes = {a: (num_devices // known if s == -1 else s) for a, s in sizes.items()}
+  sizes = sharding.mesh_shape(sizes, num_devices)
   _check(math.prod(sizes.values()) == num_devices, 'mesh',
          f'axis sizes {sizes} multiply to {math.prod(sizes.values())}, not the {num_devices} devices')
   return sizes
+
+
+def validate_sharding(config, sizes: dict):
+  """The rules name known logical and mesh axes, and every sharded parameter dim divides evenly
+  (uneven shards would need padding; the fix is a smaller mesh axis or an emptier rule)."""
+  from moejax.model import model_specs
+  rules = dict(config.sharding)
+  specs = model_specs(config.model)
+  used = {a for s in jax.tree.leaves(specs, is_leaf=is_spec) for a in s.axes}
+  for name, value in rules.items():
+    field = f'sharding.{name}'
+    _check(name in sharding.LOGICAL_AXES or name in used, field,
+           f'unknown logical axis; choose from {", ".join(sharding.LOGICAL_AXES)}')
+    _check(value is None or isinstance(value, (str, tuple, list)), field,
+           f'must be comma-separated mesh axes, got {value!r}')
+    axes = sharding.rule_axes(value)
+    for axis in axes:
+      _check(axis in sharding.MESH_AXES, field,
+             f'names unknown mesh axis {axis!r}; choose from {", ".join(sharding.MESH_AXES)}')
+    _check(len(set(axes)) == len(axes), field, f'names a mesh axis twice: {value!r}')
+  if sizes.get('expert', 1) > 1:
+    _check('expert' in sharding.rule_axes(rules.get('expert')), 'sharding.expert',
+           f'must include the expert mesh axis when mesh.expert = {sizes["expert"]} '
+           '(the expert weights would be replicated)')
+  for path, s in jax.tree_util.tree_flatten_with_path(specs, is_leaf=is_spec)[0]:
+    spec = sharding.logical_to_spec(s.axes, rules, tuple(sizes))
+    for dim, (name, mesh_axes) in enumerate(zip(s.axes, spec)):
+      n = math.prod(sizes[a] for a in sharding.rule_axes(mesh_axes))
+      _check(s.shape[dim] % n == 0, f'sharding.{name}',
+             f'parameter {jax.tree_util.keystr(path)} dim {dim} (size {s.shape[dim]}) is not '
+             f'divisible by mesh axes {"x".join(sharding.rule_axes(mesh_axes))} ({n}); '
+             f'use a smaller mesh axis or map {name!r} to fewer axes')
 
 
 def validate(config, num_devices: int, check_data: bool = True):
@@ -122,16 +157,18 @@ def validate(config, num_devices: int, check_data: bool = True):
   from moejax.params import logical_axes
   optim.validate_optim(config.optim, logical_axes(model_specs(config.model)), config.train.steps)
   sizes = validate_mesh(config, num_devices)
-  batch_axes = config.sharding.get('batch') or ()
-  batch_axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
-  for axis in batch_axes:
-    _check(axis in sizes, 'sharding.batch', f'names mesh axis {axis!r}, which the mesh lacks')
+  # The expert dispatch (moejax.moe) splits experts over 'expert' and their hidden units over
+  # 'tensor' whatever the storage rules.
+  _check(config.model.num_experts % sizes.get('expert', 1) == 0, 'model.num_experts',
+         f'{config.model.num_experts} is not divisible by mesh.expert ({sizes.get("expert", 1)})')
+  _check(config.model.expert_ffn_dim % sizes.get('tensor', 1) == 0, 'model.expert_ffn_dim',
+         f'{config.model.expert_ffn_dim} is not divisible by mesh.tensor ({sizes.get("tensor", 1)})')
+  validate_sharding(config, sizes)
+  batch_axes = [a for a in sharding.rule_axes(config.sharding.get('batch')) if a in sizes]
   dp = math.prod(sizes[a] for a in batch_axes)
   _check(config.train.batch_size % dp == 0, 'train.batch_size',
          f'{config.train.batch_size} is not divisible by the data-parallel size {dp} '
-         f'(mesh axes {"x".join(batch_axes)})')
-  _check(config.model.num_experts % sizes['expert'] == 0, 'model.num_experts',
-         f'{config.model.num_experts} is not divisible by mesh.expert ({sizes["expert"]})')
+         f'(mesh axes {"x".join(batch_axes) or "none"})')
   if check_data:
     validate_data(config)
   return sizes

@@ -66,6 +66,19 @@ BAD_CONFIGS = [
      'train.batch_size'),
     ('num_experts_not_div_mesh_expert', {'mesh.data': 2, 'mesh.expert': 4, 'model.num_experts': 6},
      'model.num_experts'),
+    ('batch_not_div_data_x_fsdp', {'mesh.data': 2, 'mesh.fsdp': 4, 'train.batch_size': 12},
+     'train.batch_size'),
+    ('unknown_mesh_axis', {'mesh.model': 2, 'mesh.data': 4}, 'mesh.model'),
+    ('unknown_mesh_axis_in_rule', {'sharding.embed': 'fsd'}, 'sharding.embed'),
+    ('mesh_axis_twice_in_rule', {'sharding.batch': 'data,data'}, 'sharding.batch'),
+    ('unknown_logical_axis', {'sharding.embd': 'fsdp'}, 'sharding.embd'),
+    ('kv_heads_not_div_tensor', {'mesh.data': 2, 'mesh.tensor': 4}, 'sharding.kv_heads'),
+    ('d_model_not_div_fsdp', {'mesh.data': 1, 'mesh.fsdp': 8, 'model.d_model': 68, 'model.num_heads': 4},
+     'sharding.embed'),
+    ('expert_weights_replicated', {'mesh.data': 2, 'mesh.expert': 4, 'sharding.expert': ''},
+     'sharding.expert'),
+    ('expert_ffn_not_div_tensor', {'mesh.data': 4, 'mesh.tensor': 2, 'model.expert_ffn_dim': 15},
+     'model.expert_ffn_dim'),
     ('seq_len_zero', {'train.seq_len': 0}, 'train.seq_len'),
     ('seq_len_negative', {'train.seq_len': -4}, 'train.seq_len'),
 ]
@@ -88,11 +101,19 @@ def test_bad_value_raises_config_error_starting_with_field(overrides, field):
   _assert_config_error(config, field, check_data=False)
 
 
-def test_mesh_without_expert_axis_raises_config_error_naming_mesh():
+def test_mesh_axes_may_be_absent_or_size_one():
   config = smoke_config()
-  del config.mesh['expert']
-  msg = _assert_config_error(config, 'mesh', check_data=False)
-  assert 'expert' in msg
+  config.mesh = {'data': 2, 'fsdp': -1}
+  assert validate(config, NUM_DEVICES, check_data=False) == {'data': 2, 'fsdp': 4}
+  config.mesh = {'tensor': 2, 'expert': 2, 'fsdp': 2, 'data': 1}   # resolved in canonical order
+  assert list(validate(config, NUM_DEVICES, check_data=False)) == ['data', 'fsdp', 'expert', 'tensor']
+
+
+def test_sharding_rules_may_split_experts_over_expert_and_fsdp():
+  config = smoke_config()
+  config.mesh = {'data': 1, 'fsdp': 2, 'expert': 4, 'tensor': 1}
+  config.sharding.expert = 'expert,fsdp'
+  validate(config, NUM_DEVICES, check_data=False)
 
 
 def test_missing_data_dir_without_raw_text_raises_config_error_naming_data_dir(tmp_path):
@@ -111,20 +132,21 @@ def test_vocab_smaller_than_tokenizer_raises_config_error_naming_vocab_size(prep
 
 def test_valid_smoke_config_passes_including_data_checks(prepared_smoke_data):
   sizes = validate(smoke_config(), NUM_DEVICES, check_data=True)
-  # smoke mesh is data=-1, expert=1: -1 takes all 8 devices
-  assert sizes == {'data': 8, 'expert': 1}
+  # smoke mesh is data=-1 and 1 for the rest: -1 takes all 8 devices
+  assert sizes == {'data': 8, 'fsdp': 1, 'expert': 1, 'tensor': 1}
 
 
 @pytest.mark.parametrize('mesh,expected', [
     ({'data': -1, 'expert': 4}, {'data': 2, 'expert': 4}),
     ({'data': 2, 'expert': -1}, {'data': 2, 'expert': 4}),
     ({'data': -1, 'expert': 8}, {'data': 1, 'expert': 8}),
+    ({'data': 2, 'fsdp': -1}, {'data': 2, 'fsdp': 4}),
 ])
 def test_minus_one_mesh_axis_takes_remaining_devices(mesh, expected):
   config = smoke_config()
   for k, v in mesh.items():
     config.mesh[k] = v
-  assert validate(config, NUM_DEVICES, check_data=False) == expected
+  assert validate(config, NUM_DEVICES, check_data=False) == {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1, **expected}
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -9,7 +9,7 @@ from moejax.model import REMAT_POLICIES
 
 
 GQA_FAMILY = ('gqa', 'mha', 'swa')
-DOCUMENT_MASKED = ('gqa', 'mha', 'swa', 'mla')   # attention types that honour segment ids
+DOCUMENT_MASKED = ('gqa', 'mha', 'swa', 'mla', 'nsa', 'kda')   # attention types that honour segment ids
 
 
 class ConfigError(ValueError):

@@ -12,7 +12,7 @@ from moejax.params import is_spec
 
 
 GQA_FAMILY = ('gqa', 'mha', 'swa')
-DOCUMENT_MASKED = ('gqa', 'mha', 'swa', 'mla')   # attention types that honour segment ids
+DOCUMENT_MASKED = ('gqa', 'mha', 'swa', 'mla', 'nsa', 'kda')   # attention types that honour segment ids
 
 
 class ConfigError(ValueError):

@@ -1,7 +1,7 @@
 """Tests for the MHA, SWA, NSA and KDA attention types against naive references written here
 (full T x T masked softmax per head and per query; token-by-token recurrence for KDA), forward and
 gradient; causality; KDA chunk-size invariance; NSA's selected branch with full coverage; hybrid
-per-layer patterns."""
+per-layer patterns; document masking (segment ids) for every type."""
 import chex
 import jax
 import jax.numpy as jnp
@@ -56,38 +56,52 @@ def ref_swa(p, x_BTD, cfg):
   return jnp.stack(out)
 
 
-def ref_causal_conv(x_TN, w_WN):
+def ref_segments(segment_ids_BT, b, T):
+  """Row b's segment ids as numpy (one document when there are none)."""
+  return np.zeros(T, int) if segment_ids_BT is None else np.asarray(segment_ids_BT)[b]
+
+
+def ref_causal_conv(x_TN, w_WN, seg_T=None):
+  """Taps only within t's document."""
   W, T = w_WN.shape[0], x_TN.shape[0]
-  return jnp.stack([sum(w_WN[W - 1 - i] * x_TN[t - i] for i in range(W) if t - i >= 0) for t in range(T)])
+  seg = np.zeros(T, int) if seg_T is None else seg_T
+  return jnp.stack([sum(w_WN[W - 1 - i] * x_TN[t - i] for i in range(W) if t - i >= 0 and seg[t - i] == seg[t])
+                    for t in range(T)])
 
 
-def ref_kda(p, x_BTD, cfg):
-  """Token-by-token: S_t = (I - b k k^T) Diag(a) S_{t-1} + b k v^T, o_t = S_t^T q_t."""
+def ref_kda(p, x_BTD, cfg, segment_ids_BT=None):
+  """Token-by-token: S_t = (I - b k k^T) Diag(a) S_{t-1} + b k v^T, o_t = S_t^T q_t; S_{t-1} = 0
+  at a document's first position."""
   H, N, T = cfg.num_heads, cfg.head_dim, x_BTD.shape[1]
   unit = lambda z: z / jnp.sqrt(jnp.sum(z * z, -1, keepdims=True) + 1e-6)
   out = []
   for b in range(x_BTD.shape[0]):
     x, y = x_BTD[b], 0.0
+    seg = ref_segments(segment_ids_BT, b, T)
+    reset = np.concatenate([[True], seg[1:] != seg[:-1]])
     for h in range(H):
-      q = unit(jax.nn.silu(ref_causal_conv(x @ p['wq'][:, h], p['conv_q'][:, h]))) / np.sqrt(N)
-      k = unit(jax.nn.silu(ref_causal_conv(x @ p['wk'][:, h], p['conv_k'][:, h])))
-      v = jax.nn.silu(ref_causal_conv(x @ p['wv'][:, h], p['conv_v'][:, h]))
+      q = unit(jax.nn.silu(ref_causal_conv(x @ p['wq'][:, h], p['conv_q'][:, h], seg))) / np.sqrt(N)
+      k = unit(jax.nn.silu(ref_causal_conv(x @ p['wk'][:, h], p['conv_k'][:, h], seg)))
+      v = jax.nn.silu(ref_causal_conv(x @ p['wv'][:, h], p['conv_v'][:, h], seg))
       beta = jax.nn.sigmoid(x @ p['w_beta'][:, h])
       alpha = jnp.exp(-jnp.exp(p['a_log'][h]) * jax.nn.softplus((x @ p['wa_down']) @ p['wa_up'][:, h] + p['dt_bias'][h]))
-      def step(S, qkvba):   # one token
-        q_t, k_t, v_t, b_t, a_t = qkvba
+      def step(S, qkvbar):   # one token
+        q_t, k_t, v_t, b_t, a_t, r_t = qkvbar
+        S = jnp.where(r_t, 0.0, S)
         S = (jnp.eye(N) - b_t * jnp.outer(k_t, k_t)) @ jnp.diag(a_t) @ S + b_t * jnp.outer(k_t, v_t)
         return S, S.T @ q_t
-      _, o = jax.lax.scan(step, jnp.zeros((N, N)), (q, k, v, beta, alpha))
+      _, o = jax.lax.scan(step, jnp.zeros((N, N)), (q, k, v, beta, alpha, reset))
       o = ref_rms_norm(o, p['o_norm'], cfg.norm_eps) * jax.nn.sigmoid(x @ p['w_gate'][:, h])
       y = y + o @ p['wo'][h]
     out.append(y)
   return jnp.stack(out)
 
 
-def ref_nsa(p, x_BTD, cfg, branch=None):
+def ref_nsa(p, x_BTD, cfg, branch=None, segment_ids_BT=None):
   """Per query: cmp blocks ending at or before t; slc = first + own block + best-scored blocks
-  (cmp probabilities summed over overlapping cmp blocks and the group's heads); a window."""
+  (cmp probabilities summed over overlapping cmp blocks and the group's heads); a window.
+  With documents: cmp blocks wholly in t's document; slc blocks from the one holding the
+  document's first position (forced) to t's own, keys of t's document only; window likewise."""
   H, G, N, T = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, x_BTD.shape[1]
   l, d, ls, n, w = cfg.nsa_block, cfg.nsa_stride, cfg.nsa_select_block, cfg.nsa_num_selected, cfg.window
   J, K = (T - l) // d + 1, -(-T // ls)
@@ -97,6 +111,7 @@ def ref_nsa(p, x_BTD, cfg, branch=None):
   out = []
   for b in range(x_BTD.shape[0]):
     x, y = x_BTD[b], 0.0
+    seg = ref_segments(segment_ids_BT, b, T)
     for g in range(G):
       heads = range(g * (H // G), (g + 1) * (H // G))
       q = {h: ref_rope(x @ p['wq'][:, h], cfg.rope_theta) for h in heads}
@@ -107,7 +122,9 @@ def ref_nsa(p, x_BTD, cfg, branch=None):
       vc = jnp.stack([mlp(v['cmp'][j * d:j * d + l], 'v') for j in range(J)])
       o = {h: [] for h in heads}
       for t in range(T):
-        valid_j = np.arange(J) * d + l - 1 <= t
+        doc = seg == seg[t]
+        start = int(np.argmax(doc))                             # the document's first position
+        valid_j = (np.arange(J) * d + l - 1 <= t) & np.array([doc[j * d:j * d + l].all() for j in range(J)])
         score = 0.0
         o_cmp = {}
         for h in heads:
@@ -118,13 +135,13 @@ def ref_nsa(p, x_BTD, cfg, branch=None):
             pc = jnp.zeros(J)
           o_cmp[h] = pc @ vc
           score = score + pc @ overlap
-        causal_k = np.arange(K) * ls <= t
-        forced = (np.arange(K) == 0) | (np.arange(K) == t // ls)
+        causal_k = (np.arange(K) * ls <= t) & (np.arange(K) >= start // ls)
+        forced = (np.arange(K) == start // ls) | (np.arange(K) == t // ls)
         score = jnp.where(forced, jnp.inf, jnp.where(causal_k, score, -jnp.inf))
         chosen = jnp.argsort(-score)[:n]
         selected_K = jnp.zeros(K, bool).at[chosen].set(True) & causal_k
-        slc_mask = selected_K[pos // ls] & (pos <= t)
-        win_mask = (pos <= t) & (pos > t - w)
+        slc_mask = selected_K[pos // ls] & (pos <= t) & doc
+        win_mask = (pos <= t) & (pos > t - w) & doc
         for h in heads:
           br = {'cmp': o_cmp[h],
                 'slc': ref_masked_attention(q[h][t:t + 1], k['slc'], v['slc'], slc_mask[None])[0],
@@ -292,3 +309,136 @@ def test_flops_per_token_of_a_pattern_sums_its_layers_and_local_types_grow_linea
   for a in ('swa', 'kda'):   # per-token cost does not grow with the context
     assert ATTENTIONS[a].flops_per_token(cfg, 8192) == ATTENTIONS[a].flops_per_token(cfg, 4096)
   assert ATTENTIONS['gqa'].flops_per_token(cfg, 8192) > ATTENTIONS['gqa'].flops_per_token(cfg, 4096)
+
+
+# ----------------------------------------------------------------------------- document masking
+
+def segment_ids(*rows):
+  """Document lengths per row -> int32 [B, T] segment ids numbered from 1 within each row."""
+  return np.asarray([np.repeat(np.arange(1, len(r) + 1), r) for r in rows], np.int32)
+
+
+def documents(seg_T):
+  """[(start, end)] of each document of one row."""
+  seg = np.asarray(seg_T)
+  starts = [0] + [t for t in range(1, len(seg)) if seg[t] != seg[t - 1]]
+  return list(zip(starts, starts[1:] + [len(seg)]))
+
+
+# One row of 4 documents (3, 2, 7, 2). KDA's chunk is 4: documents start at a chunk's last
+# position (3), inside one (5) and at an edge (12). NSA's l' = 2, d = 2, l = 4: the documents at 3
+# and 5 begin inside a slc block of the previous one; the third one's cmp blocks exclude the block
+# starting at 4 (in the second document), and its last query ranks blocks 3 and 4 for one slot.
+DOC_CASES = {
+    'kda': ('kda', {}, ref_kda),
+    'nsa': ('nsa', {'nsa_select_block': 2, 'nsa_num_selected': 3}, ref_nsa),
+}
+
+
+@pytest.mark.parametrize('case', list(DOC_CASES))
+def test_document_masked_attention_forward_and_grad_match_naive_reference(case):
+  attention, overrides, ref_fn = DOC_CASES[case]
+  seg = segment_ids((3, 2, 7, 2))
+  cfg, p, x, r = setup(attention, seg.shape[1], batch=1, **overrides)
+
+  def lib(p, x):
+    y = ATTENTIONS[attention].apply(p, x, cfg, seg)[0]
+    return jnp.sum(y * r), y
+
+  def ref(p, x):
+    y = ref_fn(p, x, cfg, segment_ids_BT=seg)
+    return jnp.sum(y * r), y
+
+  g_lib, y_lib = jax.jit(jax.grad(lib, (0, 1), has_aux=True))(p, x)
+  g_ref, y_ref = jax.jit(jax.grad(ref, (0, 1), has_aux=True))(p, x)
+  y_whole = jax.jit(lambda p, x: ATTENTIONS[attention].apply(p, x, cfg)[0])(p, x)
+  assert float(jnp.max(jnp.abs(y_ref - y_whole))) > 1e-2      # the documents do change the output
+  chex.assert_trees_all_close(y_lib, y_ref, **TOL)
+  chex.assert_trees_all_close(g_lib, g_ref, **TOL)
+
+
+@pytest.mark.parametrize('attention', ['gqa', 'mha', 'swa', 'mla', 'nsa', 'kda'])
+def test_document_masked_row_equals_each_document_run_alone(attention):
+  """Needs no reference: each document's output equals (1) the same row with every other document
+  replaced by fresh random inputs (a change that the jacobian cannot see through NSA's top-k), and
+  (2) the document run alone, from position 0 of its own row without segment ids (the filler after
+  it is unseen by causality). (2) holds for every document of the shift-invariant types (RoPE is
+  relative; KDA has no positions); NSA compresses RoPE'd keys on a block grid fixed to the row, so
+  there (2) is checked for first documents only. A row of one document equals no segment ids."""
+  seg = segment_ids((5, 5, 4), (4, 10))     # KDA chunk 4: starts inside chunks (5, 10), at an edge (4)
+  T = seg.shape[1]
+  cfg, p, x, _ = setup(attention, T, seed=5)
+  apply = jax.jit(lambda x, seg: ATTENTIONS[attention].apply(p, x, cfg, seg)[0])
+  y = apply(x, seg)
+  noise = jax.random.normal(jax.random.key(11), x.shape)
+  for i in range(3):   # the i-th document of each row in place, the others replaced
+    keep = np.stack([seg[b] == i + 1 for b in range(B)])[..., None]
+    y_kept = apply(jnp.where(keep, x, noise), seg)
+    chex.assert_trees_all_close(jnp.where(keep, y_kept, 0.0), jnp.where(keep, y, 0.0), **TOL)
+  docs = [(b, s, e) for b in range(B) for s, e in documents(seg[b]) if s == 0 or attention != 'nsa']
+  rows = [jnp.concatenate([x[b, s:e], noise[b, :T - (e - s)]]) for b, s, e in docs]
+  y_alone = apply(jnp.stack(rows + list(x)), None)     # + the whole rows, for the one-document case
+  for row, (b, s, e) in enumerate(docs):
+    chex.assert_trees_all_close(y_alone[row, :e - s], y[b, s:e], **TOL)
+  chex.assert_trees_all_close(apply(x, np.ones_like(seg)), y_alone[len(docs):], **TOL)
+
+
+@pytest.mark.parametrize('attention', ['gqa', 'mha', 'swa', 'mla', 'nsa', 'kda'])
+def test_document_masked_output_has_exactly_zero_gradient_wrt_other_documents(attention):
+  seg = segment_ids((3, 4, 3), (4, 6))
+  T = seg.shape[1]
+  cfg, p, x, _ = setup(attention, T, seed=3)
+  jac = np.asarray(jax.jit(jax.jacrev(lambda x: ATTENTIONS[attention].apply(p, x, cfg, seg)[0]))(x))
+  for b in range(B):
+    for t in range(T):
+      other = seg[b] != seg[b, t]
+      assert np.all(jac[b, t, :, b, other | (np.arange(T) > t), :] == 0.0), (b, t)
+      assert np.all(jac[b, t, :, 1 - b] == 0.0), (b, t)
+      assert np.any(jac[b, t, :, b, ~other & (np.arange(T) <= t), :] != 0.0), (b, t)
+
+
+def test_kda_with_documents_chunk_size_does_not_change_output_or_gradient_and_equals_recurrence():
+  from moejax.attention import kda
+  seg = segment_ids((5, 2, 1, 6), (8, 6))
+  cfg, p, x, r = setup('kda', seg.shape[1])
+  outs = []
+  for chunk in (3, 16):   # 3: starts at a chunk's last position (5, 8) and inside (7); 16: one chunk
+    c = tiny_model_config(**{**cfg, 'kda_chunk': chunk})
+    f = lambda p: jnp.sum(ATTENTIONS['kda'].apply(p, x, c, seg)[0] * r)
+    outs.append(jax.jit(jax.value_and_grad(f))(p))
+  for o in outs[1:]:   # summed over every position, a_log's gradient (~0.04) cancels to ~1e-5 in float32
+    chex.assert_trees_all_close(o, outs[0], rtol=5e-5, atol=2e-5)
+
+  def forms(p, x):   # the library's recurrent form with resets (the decode form) and chunk form
+    q, k, v, beta, g = kda.gates_and_inputs(p, x, cfg, seg)
+    o_rec, _ = kda.recurrent_delta_rule(q, k, v, beta, g, reset_BT=kda.doc_starts(seg))
+    return o_rec, kda.chunk_delta_rule(q, k, v, beta, g, 4, seg)
+
+  o_rec, o_chunk = jax.jit(forms)(p, x)
+  chex.assert_trees_all_close(o_chunk, o_rec, **TOL)
+
+
+def test_model_loss_with_document_mask_equals_loss_of_each_document_alone():
+  """Rows packing several documents: with model.document_mask the loss equals the mean over the
+  same tokens with each document alone at the start of its own row (causality keeps it from the
+  filler after it). MoE routing is per token; the per-row balance loss is off. Rows 0-1 pack the
+  documents, rows 2-5 hold one each; the loss mask picks the rows a loss reads, so one compiled
+  function serves every case."""
+  cfg = tiny_model_config(attention='kda,mla', num_layers=2, num_dense_layers=1, init_std=0.3,
+                          dispatch='dropless', balance_loss_weight=0.0, document_mask=True, **SHAPES)
+  mesh = make_test_mesh({'data': 1, 'expert': 1})
+  p = numpy_init_params(model.model_specs(cfg), 0)
+  bias = jnp.zeros((model.num_moe_layers(cfg), cfg.num_experts))
+  loss = jax.jit(lambda batch: model.loss_fn(p, bias, batch, cfg, mesh)[0])
+  packed = segment_ids((5, 9), (9, 5))
+  T = packed.shape[1]
+  inputs, targets = np.array(jax.random.randint(jax.random.key(2), (2, 6, T), 0, cfg.vocab_size))
+  seg = np.concatenate([packed, np.ones((4, T), np.int32)])
+  alone = np.zeros((6, T), np.float32)
+  for row, (b, s, e) in enumerate([(b, s, e) for b in range(2) for s, e in documents(packed[b])], 2):
+    inputs[row, :e - s], targets[row, :e - s], alone[row, :e - s] = inputs[b, s:e], targets[b, s:e], 1.0
+  on_packed = np.concatenate([np.ones((2, T), np.float32), np.zeros((4, T), np.float32)])
+  batch = lambda seg, mask: {'inputs': inputs, 'targets': targets, 'loss_mask': mask, 'segment_ids': seg}
+  loss_packed = loss(batch(seg, on_packed))
+  chex.assert_trees_all_close(loss_packed, loss(batch(seg, alone)), rtol=1e-5, atol=1e-6)
+  assert abs(float(loss(batch(np.ones_like(seg), on_packed)) - loss_packed)) > 1e-4   # the mask matters

@@ -7,7 +7,9 @@ b_t = sigmoid(x W_b) per head; log a_t = -exp(A_log) softplus(f(x) + dt_bias) pe
 f a low-rank projection; the output is RMS-normalised per head and gated by sigmoid(x W_g).
 
 Training uses the chunkwise-parallel form (`chunk_delta_rule`); `recurrent_delta_rule` is the
-token-by-token form (decoding, reference). Axis letters: B batch, T positions, D model, H heads,
+token-by-token form (decoding, reference). With segment ids (packed documents) the state restarts
+from zero at each document's first position and the convolutions read no earlier document: each
+document gives what it would give alone. Axis letters: B batch, T positions, D model, H heads,
 K key dim, V value dim, C chunks, L chunk length, W conv width.
 """
 import jax
@@ -37,11 +39,22 @@ def specs(cfg):
   }
 
 
-def short_conv(x_BTHN, w_WHN):
-  """Causal depthwise convolution: y_t = sum_i w[W-1-i] x_{t-i}."""
+def short_conv(x_BTHN, w_WHN, segment_ids_BT=None):
+  """Causal depthwise convolution: y_t = sum_i w[W-1-i] x_{t-i}, over the taps t - i of t's
+  document when segment ids are given."""
   W, T = w_WHN.shape[0], x_BTHN.shape[1]
   xp = jnp.pad(x_BTHN, ((0, 0), (W - 1, 0), (0, 0), (0, 0)))
-  return sum(xp[:, j:j + T] * w_WHN[j] for j in range(W))
+  if segment_ids_BT is None:
+    return sum(xp[:, j:j + T] * w_WHN[j] for j in range(W))
+  sp = jnp.pad(segment_ids_BT, ((0, 0), (W - 1, 0)), constant_values=-1)
+  same = lambda j: (sp[:, j:j + T] == segment_ids_BT)[..., None, None]
+  return sum(jnp.where(same(j), xp[:, j:j + T], 0.0) * w_WHN[j] for j in range(W))
+
+
+def doc_starts(segment_ids_BT):
+  """True at each document's first position (and at position 0), [B, T]."""
+  first = jnp.ones_like(segment_ids_BT[:, :1], bool)
+  return jnp.concatenate([first, segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
 
 
 def l2_normalize(x, eps=1e-6):
@@ -49,42 +62,52 @@ def l2_normalize(x, eps=1e-6):
   return x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + eps)
 
 
-def gates_and_inputs(p, x_BTD, cfg):
+def gates_and_inputs(p, x_BTD, cfg, segment_ids_BT=None):
   """q, k (normalised, q scaled by K^-1/2), v, beta_BTH and log decay g_BTHK, all float32."""
   N = cfg.head_dim
-  q = l2_normalize(jax.nn.silu(short_conv(dense(x_BTD, p['wq']), p['conv_q']))) * N ** -0.5
-  k = l2_normalize(jax.nn.silu(short_conv(dense(x_BTD, p['wk']), p['conv_k'])))
-  v = jax.nn.silu(short_conv(dense(x_BTD, p['wv']), p['conv_v'])).astype(jnp.float32)
+  conv = lambda w, c: short_conv(dense(x_BTD, p[w]), p[c], segment_ids_BT)
+  q = l2_normalize(jax.nn.silu(conv('wq', 'conv_q'))) * N ** -0.5
+  k = l2_normalize(jax.nn.silu(conv('wk', 'conv_k')))
+  v = jax.nn.silu(conv('wv', 'conv_v')).astype(jnp.float32)
   beta = jax.nn.sigmoid(dense(x_BTD, p['w_beta']).astype(jnp.float32))
   f = dense(dense(x_BTD, p['wa_down']), p['wa_up']).astype(jnp.float32)
   g = -jnp.exp(p['a_log'].astype(jnp.float32))[:, None] * jax.nn.softplus(f + p['dt_bias'])
   return q, k, v, beta, g
 
 
-def recurrent_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, state_BHKV=None):
-  """Token-by-token gated delta rule; returns o_BTHV and the final state."""
-  B, _, H, K = q_BTHK.shape
+def recurrent_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, state_BHKV=None, reset_BT=None):
+  """Token-by-token gated delta rule; returns o_BTHV and the final state. Where `reset_BT` is
+  True (a document's first position) the state is zeroed before that position's update."""
+  B, T, H, K = q_BTHK.shape
   if state_BHKV is None:
     state_BHKV = jnp.zeros((B, H, K, v_BTHV.shape[-1]), jnp.float32)
+  if reset_BT is None:
+    reset_BT = jnp.zeros((B, T), bool)
 
   def step(S, inp):
-    q, k, v, b, g = inp                                    # [B, H, ...] at one position
+    q, k, v, b, g, reset = inp                             # [B, H, ...] at one position
+    S = jnp.where(reset[:, None, None, None], 0.0, S)
     S = jnp.exp(g)[..., None] * S
     S = S + b[..., None, None] * k[..., None] * (v - jnp.einsum('bhkv,bhk->bhv', S, k))[..., None, :]
     return S, jnp.einsum('bhkv,bhk->bhv', S, q)
 
-  xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK))
+  xs = jax.tree.map(lambda a: jnp.moveaxis(a, 1, 0), (q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, reset_BT))
   state_BHKV, o_TBHV = jax.lax.scan(step, state_BHKV, xs)
   return jnp.moveaxis(o_TBHV, 0, 1), state_BHKV
 
 
-def chunk_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, chunk: int):
-  """Chunkwise-parallel gated delta rule (WY form); equals `recurrent_delta_rule` exactly.
+def chunk_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, chunk: int, segment_ids_BT=None):
+  """Chunkwise-parallel gated delta rule (WY form); equals `recurrent_delta_rule` exactly (with
+  resets at document starts when segment ids are given).
 
   Within a chunk with cumulative log decay Gam_i, pseudo-values u_i = b_i (v_i - (Diag(a_i)
   S_{i-1})^T k_i) solve (I + A) U = diag(b) (V - (exp(Gam) * K) S_0), A_ij = b_i k_i^T
   Diag(exp(Gam_i - Gam_j)) k_j for j < i; then O = (exp(Gam) * Q) S_0 + P U and
-  S_L = exp(Gam_L) * S_0 + (exp(Gam_L - Gam) * K)^T U. Only the state crosses chunks."""
+  S_L = exp(Gam_L) * S_0 + (exp(Gam_L - Gam) * K)^T U. Only the state crosses chunks.
+  With documents, A and P keep only pairs (i, j) of one document; S_0 reaches only the positions
+  before the chunk's first document start (rows of exp(Gam) * Q and of the S_0 term of U); S_L
+  keeps exp(Gam_L) * S_0 only if no document starts in the chunk, and sums only the last
+  document's k u^T terms. Masks, not decays, cut the documents, so nothing loses precision."""
   B, T, H, K = q_BTHK.shape
   L = chunk
   C = -(-T // L)
@@ -95,20 +118,30 @@ def chunk_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, chunk: int):
     return jnp.moveaxis(x, 3, 1)
 
   q, k, v, beta, g = map(blocks, (q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK))
+  if segment_ids_BT is None:
+    segment_ids_BT = jnp.zeros((B, T), jnp.int32)
+  # padded positions continue the last document
+  seg_BCL = jnp.pad(segment_ids_BT, ((0, 0), (0, C * L - T)), mode='edge').reshape(B, C, L)
+  seg_prev_BC = jnp.concatenate([seg_BCL[:, :1, 0], seg_BCL[:, :-1, -1]], axis=1)
+  same_BCLL = seg_BCL[..., :, None] == seg_BCL[..., None, :]
+  carry_BCL = seg_BCL == seg_prev_BC[..., None]      # no document start from the chunk's start on
+  last_BCL = seg_BCL == seg_BCL[..., -1:]            # in the chunk's last document
+  same, carry, last = (jnp.expand_dims(m, 1) for m in (same_BCLL, carry_BCL, last_BCL))
+
   gam = jnp.cumsum(g, axis=3)                                           # [B, H, C, L, K]
   incl_LL = jnp.tril(jnp.ones((L, L), bool))
   strict_LL = jnp.tril(jnp.ones((L, L), bool), -1)
   diff = gam[..., :, None, :] - gam[..., None, :, :]                    # [B, H, C, L(i), L(j), K]
   decay = jnp.exp(jnp.where(incl_LL[..., None], diff, 0.0)) * incl_LL[..., None]
-  A = beta[..., None] * jnp.einsum('...ik,...ijk,...jk->...ij', k, decay, k) * strict_LL
-  P = jnp.einsum('...ik,...ijk,...jk->...ij', q, decay, k)
+  A = beta[..., None] * jnp.einsum('...ik,...ijk,...jk->...ij', k, decay, k) * (strict_LL & same)
+  P = jnp.einsum('...ik,...ijk,...jk->...ij', q, decay, k) * same
   eye = jnp.eye(L, dtype=A.dtype)
   solve = lambda rhs: solve_triangular(eye + A, rhs, lower=True, unit_diagonal=True)
   w_v = solve(beta[..., None] * v)                                      # [B, H, C, L, V]
-  w_k = solve(beta[..., None] * jnp.exp(gam) * k)                       # [B, H, C, L, K]
-  q_dec = jnp.exp(gam) * q
-  k_dec = jnp.exp(gam[..., -1:, :] - gam) * k
-  a_last = jnp.exp(gam[..., -1, :])                                     # [B, H, C, K]
+  w_k = solve(carry[..., None] * beta[..., None] * jnp.exp(gam) * k)    # [B, H, C, L, K]
+  q_dec = carry[..., None] * jnp.exp(gam) * q
+  k_dec = last[..., None] * jnp.exp(gam[..., -1:, :] - gam) * k
+  a_last = carry[..., -1:] * jnp.exp(gam[..., -1, :])                   # [B, H, C, K]
 
   def step(S_BHKV, c):
     u = c['w_v'] - jnp.einsum('bhlk,bhkv->bhlv', c['w_k'], S_BHKV)
@@ -126,10 +159,8 @@ def chunk_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, chunk: int):
 
 def apply(p, x_BTD, cfg, segment_ids_BT=None):
   """Returns y_BTD and, for the attention interface, NaN per head: KDA has no softmax logits."""
-  if segment_ids_BT is not None:
-    raise NotImplementedError('kda: document masking (model.document_mask) is not supported yet')
-  q, k, v, beta, g = gates_and_inputs(p, x_BTD, cfg)
-  o_BTHV = chunk_delta_rule(q, k, v, beta, g, cfg.kda_chunk)
+  q, k, v, beta, g = gates_and_inputs(p, x_BTD, cfg, segment_ids_BT)
+  o_BTHV = chunk_delta_rule(q, k, v, beta, g, cfg.kda_chunk, segment_ids_BT)
   o_BTHV = rms_norm(o_BTHV, p['o_norm'], cfg.norm_eps) * jax.nn.sigmoid(dense(x_BTD, p['w_gate']))
   return dense(o_BTHV.astype(x_BTD.dtype), p['wo'], n_in=2), jnp.full((cfg.num_heads,), jnp.nan)
 

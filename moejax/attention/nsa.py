@@ -7,6 +7,10 @@ Three branches, each with its own keys and values, mixed by per-head sigmoid gat
        overlap of cmp and slc blocks and over the query heads of a GQA group, so a group shares
        its blocks); the first block and the query's own block are always taken;
   win  a sliding window of the latest `window` tokens.
+With segment ids (packed documents), a query reads only its own document: a cmp block only if the
+whole block lies in it, slc keys token by token (the forced first block is the first block of the
+query's document, and blocks wholly before the document are never selected), win keys by the
+window's document mask.
 The slc branch gathers n * l' keys per query, so every branch costs O(T) per query or less except
 cmp (O(T / d)). Axis letters: B batch, T positions, D model, G kv heads, H query heads per kv
 head, N head dim, J cmp blocks, K slc blocks, I selected blocks (n), S keys.
@@ -60,9 +64,20 @@ def overlap_JK(T: int, l: int, d: int, l_sel: int) -> np.ndarray:
           (start_K[None, :] < start_J[:, None] + l)).astype(np.float32)
 
 
-def branches(p, x_BTD, cfg):
+def doc_start(segment_ids_BT):
+  """The first position of each position's document, [B, T] (0 everywhere without segment ids;
+  documents are contiguous)."""
+  if segment_ids_BT is None:
+    return 0
+  T = segment_ids_BT.shape[1]
+  starts = jnp.concatenate([jnp.ones_like(segment_ids_BT[:, :1], bool),
+                            segment_ids_BT[:, 1:] != segment_ids_BT[:, :-1]], axis=1)
+  return jax.lax.cummax(jnp.where(starts, jnp.arange(T), 0), axis=1)
+
+
+def branches(p, x_BTD, cfg, segment_ids_BT=None):
   """The three branch outputs o_BTGHN by name, before gating, and the largest logit per query
-  head over the three branches."""
+  head over the three branches. With segment ids, every branch stays within the query's document."""
   B, T, _ = x_BTD.shape
   G, N = cfg.num_kv_heads, cfg.head_dim
   l, d, l_sel, n = cfg.nsa_block, cfg.nsa_stride, cfg.nsa_select_block, cfg.nsa_num_selected
@@ -79,21 +94,30 @@ def branches(p, x_BTD, cfg):
     vc_BJGN = compress(v['cmp'], p['cmp_pos'], p['cmp_v1'], p['cmp_v2'], l, d)
     s = jnp.einsum('btghn,bjgn->bghtj', q, kc_BJGN).astype(jnp.float32) * N ** -0.5
     ends_J = jnp.arange(J) * d + l - 1
-    p_cmp = masked_softmax(s, ends_J[None, :] <= t_T[:, None])        # [B, G, H, T, J]
-    maxes.append(logit_max(s, ends_J[None, :] <= t_T[:, None], (1, 2)))
+    mask_BTJ = jnp.broadcast_to(ends_J[None, :] <= t_T[:, None], (B, T, J))
+    if segment_ids_BT is not None:
+      # a block that ends by t lies wholly in t's document iff its first position does (contiguity)
+      seg_start_BJ = segment_ids_BT[:, np.arange(J) * d]
+      mask_BTJ = mask_BTJ & (seg_start_BJ[:, None, :] == segment_ids_BT[:, :, None])
+    mask_BGHTJ = mask_BTJ[:, None, None]
+    p_cmp = masked_softmax(s, mask_BGHTJ)                               # [B, G, H, T, J]
+    maxes.append(logit_max(s, mask_BGHTJ, (1, 2)))
     out['cmp'] = jnp.einsum('bghtj,bjgn->btghn', p_cmp.astype(vc_BJGN.dtype), vc_BJGN)
     score_BGTK = jnp.einsum('bghtj,jk->bgtk', p_cmp, jnp.asarray(overlap_JK(T, l, d, l_sel)))
   else:
     out['cmp'] = jnp.zeros_like(q)
     score_BGTK = jnp.zeros((B, G, T, -(-T // l_sel)), jnp.float32)
 
-  # selected branch: top-n slc blocks per (query, kv group)
+  # selected branch: top-n slc blocks per (query, kv group) among the blocks from the query's
+  # document's first block to its own block; those two are always taken
   K = score_BGTK.shape[-1]
   blk_K = jnp.arange(K)
+  first_BT1 = jnp.broadcast_to(doc_start(segment_ids_BT) // l_sel, (B, T))[..., None]
   own_TK = blk_K[None, :] == (t_T // l_sel)[:, None]
-  causal_TK = blk_K[None, :] * l_sel <= t_T[:, None]
-  score_BGTK = jnp.where((blk_K == 0)[None, :] | own_TK, jnp.inf,
-                         jnp.where(causal_TK, jax.lax.stop_gradient(score_BGTK), -jnp.inf))
+  allowed_BTK = (blk_K[None, :] * l_sel <= t_T[:, None]) & (blk_K >= first_BT1)
+  forced_BTK = (blk_K == first_BT1) | own_TK
+  score_BGTK = jnp.where(forced_BTK[:, None], jnp.inf,
+                         jnp.where(allowed_BTK[:, None], jax.lax.stop_gradient(score_BGTK), -jnp.inf))
   top_BGTI, idx_BGTI = jax.lax.top_k(score_BGTK, min(n, K))
   ks_BGKlN = jnp.moveaxis(_pad_blocks(k['slc'], K, l_sel), 3, 1)       # [B, G, K, l', N]
   vs_BGKlN = jnp.moveaxis(_pad_blocks(v['slc'], K, l_sel), 3, 1)
@@ -102,12 +126,15 @@ def branches(p, x_BTD, cfg):
   s = jnp.einsum('btghn,bgtisn->bghtis', q, kg).astype(jnp.float32) * N ** -0.5
   pos_BGTIS = idx_BGTI[..., None] * l_sel + jnp.arange(l_sel)
   mask = (top_BGTI > -jnp.inf)[..., None] & (pos_BGTIS <= t_T[:, None, None])
+  if segment_ids_BT is not None:   # token level: the first block may start in an earlier document
+    seg_BKl = _pad_blocks(segment_ids_BT[..., None, None], K, l_sel)[..., 0, 0]
+    mask = mask & (seg_BKl[b_ix, idx_BGTI] == segment_ids_BT[:, None, :, None, None])
   mask = mask[:, :, None]                                               # [B, G, 1, T, I, l']
   probs = masked_softmax(s.reshape(*s.shape[:4], -1), mask.reshape(*mask.shape[:4], -1)).reshape(s.shape)
   out['slc'] = jnp.einsum('bghtis,bgtisn->btghn', probs.astype(vg.dtype), vg)
   maxes.append(logit_max(s, mask, (1, 2)))
 
-  out['win'], win_max = sliding_window_attention(q, k['win'], v['win'], cfg.window)
+  out['win'], win_max = sliding_window_attention(q, k['win'], v['win'], cfg.window, segment_ids_BT)
   return out, jnp.max(jnp.stack(maxes + [win_max]), axis=0)
 
 
@@ -117,10 +144,8 @@ def _pad_blocks(x_BTGN, K: int, l_sel: int):
 
 
 def apply(p, x_BTD, cfg, segment_ids_BT=None):
-  if segment_ids_BT is not None:
-    raise NotImplementedError('nsa: document masking (model.document_mask) is not supported yet')
   B, T, _ = x_BTD.shape
-  o, logit_max_H = branches(p, x_BTD, cfg)
+  o, logit_max_H = branches(p, x_BTD, cfg, segment_ids_BT)
   gate = jax.nn.sigmoid(dense(x_BTD, p['w_gate'])).reshape(B, T, cfg.num_kv_heads, -1, 3)
   o_BTGHN = sum(gate[..., i, None].astype(o[b].dtype) * o[b] for i, b in enumerate(BRANCHES))
   return dense(o_BTGHN.reshape(B, T, -1, cfg.head_dim), p['wo'], n_in=2), logit_max_H

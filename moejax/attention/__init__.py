@@ -1,8 +1,9 @@
 """Causal self-attention types behind one interface, selected by name (`config.model.attention`).
 
 Each type is an `Attention(specs, apply, flops_per_token, init_cache, decode)`: `specs(cfg)`
-declares its parameters (ParamSpec with logical axes), `apply(p, x_BTD, cfg)` returns y_BTD (and
-the per-head max logit); `init_cache(cfg, batch, max_len, dtype)` and `decode(p, x_BD, cache, pos,
+declares its parameters (ParamSpec with logical axes); `apply(p, x_BTD, cfg, segment_ids_BT=None)`
+returns y_BTD and the per-head max logit, attending only within each document when given segment
+ids (every type honours them); `init_cache(cfg, batch, max_len, dtype)` and `decode(p, x_BD, cache, pos,
 cfg)` run one token at a time against the type's own cache (moejax.decode, moejax.sample).
 `config.model.attention` is one name or a comma-separated pattern ("kda,kda,kda,mla") repeated to
 the depth: layer i (counted over the whole stack, dense blocks first) uses pattern[i % len(pattern)].

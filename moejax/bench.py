@@ -1,29 +1,60 @@
-"""Benchmarks behind `make bench`: training throughput, compile time and MoE layer efficiency.
+"""Benchmarks behind `make bench`: throughput and MFU, MoE layer efficiency, step-time scaling with
+sequence length and depth, compile time, a 1B-class step, and the memory table (docs/perf.md).
 
-Writes a markdown report (`--out`, default docs/perf.md). All figures in one report come from one
-run on one machine; compare them as ratios, not across machines.
+`python -m moejax.bench --out=docs/perf.md [--sections=throughput,scaling,...] [--quick]`
+
+All figures in one report come from one run on one device of one machine (the first of
+`jax.devices()`, so the same command runs on CPU, GPU or TPU); compare them as ratios, not across
+machines. `--quick` runs every section on the smoke model with a few steps: a check that the
+report builds (tests/test_bench.py), not figures to quote.
 """
 import datetime
 import importlib.util
+import os
 import platform
+import resource
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 
 from absl import app, flags, logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import flops, model, sharding
+from moejax import flops, memory, model, moe, precision, sharding
 from moejax.data import pipeline
 from moejax.layers import swiglu
-from moejax.params import init_params
+from moejax.params import count, init_params
 from moejax.state import init_state, setup
 from moejax.train import make_train_step, to_global
 
-_OUT = flags.DEFINE_string('out', 'docs/perf.md', 'Markdown report to write.')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per throughput figure.')
-_WARMUP = flags.DEFINE_integer('warmup', 40, 'Steps after compiling timed separately (the router settles).')
+SECTIONS = ('throughput', 'scaling', 'compile', 'moe_ratio', 'mfu_1b', 'memory')
+
+GiB = 2 ** 30
+
+
+@dataclass(frozen=True)
+class Plan:
+  """Configs and sweeps of each section: the full run, or --quick (everything on the smoke model)."""
+  speed_bar: str
+  default: str
+  big: str                     # the 1B-class config
+  speed_bar_experts: tuple
+  moe_experts: tuple           # routed experts of the MoE layer ratio (top_k as configured)
+  seq_lens: tuple              # scaling at the default config's tokens per batch
+  layers: tuple                # scaling at the default config's seq_len and batch
+  compile_layers: tuple
+  scaling_warmup: int
+  scaling_steps: int
+
+
+FULL = Plan('experiments/bench.py', 'experiments/default.py', 'experiments/moe_1b.py', (16, 64),
+            (8, 64, 256), (128, 256, 512), (2, 4, 8), (2, 8), scaling_warmup=10, scaling_steps=10)
+SMOKE = 'experiments/smoke.py'
+QUICK = Plan(SMOKE, SMOKE, SMOKE, (8,), (8, 64, 256), (32, 64), (2, 3), (2,), scaling_warmup=1,
+             scaling_steps=2)
 
 
 def load_config(path: str):
@@ -33,20 +64,66 @@ def load_config(path: str):
   return module.get_config()
 
 
-def throughput(config, steps: int, warmup: int) -> dict:
-  """Trains 1 + warmup + steps real steps on real batches with the trainer's own jitted step.
+def platform_name() -> str:
+  return jax.devices()[0].platform
 
-  Reports the first `warmup` steps after compiling (routing still settling from its init) and the
+
+def resolve_precision(flag: str, policy: str, platform_: str) -> str:
+  """The policy a config runs under (see --precision)."""
+  if flag == 'config':
+    return policy
+  if flag != 'auto':
+    return flag
+  if platform_ == 'cpu':
+    return 'fp32'
+  return 'bf16' if policy == 'fp32' else policy
+
+
+def prepare(config, precision_flag: str):
+  """One device, the precision the flag asks for. Returns the config (changed in place)."""
+  config.mesh = {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1}
+  m = config.model
+  m.precision = resolve_precision(precision_flag, m.precision, platform_name())
+  return config
+
+
+def describe(m, batch_size: int, seq_len: int) -> str:
+  """A model's shape in a few words, from its config (so the report never misstates it)."""
+  shared = f' + {m.num_shared_experts} shared' if m.num_shared_experts else ''
+  return (f'{m.attention.upper()}, d_model {m.d_model}, {m.num_layers} layers ({m.num_dense_layers} '
+          f'dense), {m.num_experts} experts of FFN {m.expert_ffn_dim}, top-{m.top_k}{shared}, '
+          f'vocab {m.vocab_size}, batch {batch_size} x {seq_len}, {m.precision}')
+
+
+def billions(n: int) -> str:
+  return f'{n / 1e9:.2f}B' if n >= 1e8 else f'{n / 1e6:.2f}M'
+
+
+def peak_rss_bytes() -> int:
+  """This process's peak resident memory so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+  r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return r if platform.system() == 'Darwin' else r * 1024
+
+
+def run_steps(config, steps: int, warmup: int) -> dict:
+  """Compiles the trainer's own step ahead of time (timed), then runs 1 + warmup + steps real steps
+  on real batches of config.data.dir.
+
+  Reports the first `warmup` steps after the first (routing still settling from its init) and the
   `steps` after them separately: dropless cost follows the load imbalance (MaxVio)."""
-  config.mesh = {'data': 1, 'expert': 1}
   s = setup(config, devices=jax.devices()[:1])
   t = config.train
   data = pipeline.train_iterator(pipeline.train_dataset(
       config.data.dir, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed))
   batches = [to_global(next(data), s.batch_sharding) for _ in range(warmup + steps + 1)]
-  state, step = init_state(s), make_train_step(s)
+  state = init_state(s)
+  batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batches[0].items()}
+  start = time.perf_counter()
+  step = make_train_step(s).lower(s.abstract_state, batch_spec).compile()
+  compile_s = time.perf_counter() - start
+  mem = step.memory_analysis()
   tokens = t.batch_size * t.seq_len
-  peak = flops.peak_flops_per_device()
+  peak = flops.peak_flops_per_device(t.peak_flops_per_device)
 
   def timed(window):
     nonlocal state
@@ -65,14 +142,17 @@ def throughput(config, steps: int, warmup: int) -> dict:
     return r
 
   first = timed(batches[:1])['step_ms'] / 1e3
-  early = timed(batches[1:warmup + 1])
+  early = timed(batches[1:warmup + 1]) if warmup else None
   steady = timed(batches[warmup + 1:])
-  return {**steady, 'first_step_s': first, 'early': early}
+  xla = None
+  if mem is not None:   # buffers of the step: arguments + outputs (not aliased) + temporaries
+    xla = mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.temp_size_in_bytes
+  return {**steady, 'compile_s': compile_s, 'first_step_s': compile_s + first, 'early': early,
+          'xla_bytes': xla}
 
 
 def compile_seconds(config, num_layers: int) -> float:
   config.model.num_layers = num_layers
-  config.mesh = {'data': 1, 'expert': 1}
   s = setup(config, devices=jax.devices()[:1])
   t = config.train
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), d, sharding=s.batch_sharding)
@@ -91,101 +171,249 @@ def time_fn(fn, *args, repeats: int = 10) -> float:
   return (time.perf_counter() - start) / repeats
 
 
-def moe_layer_ratio(config, num_experts: int) -> dict:
+def moe_layer_ratio(config, num_experts: int, repeats: int = 10) -> dict:
   """Forward+backward time of one MoE layer (routed + shared experts) over a dense SwiGLU with the
-  same active FLOPs (ffn = (top_k + shared) * expert_ffn_dim), on the same tokens."""
+  same active FLOPs (ffn = (top_k + shared) * expert_ffn_dim), on the same tokens, in the config's
+  compute dtype (float32 master weights cast as in the model), dispatch chosen for the platform."""
   m = config.model
-  m.num_experts = num_experts
+  m.num_experts, m.dispatch = num_experts, 'auto'
   mesh = sharding.make_mesh({'data': 1, 'expert': 1}, jax.devices()[:1])
-  T, D = config.train.batch_size * config.train.seq_len, m.d_model
+  B, T, D = config.train.batch_size, config.train.seq_len, m.d_model
   key = jax.random.key(0)
   p_moe = init_params(model.moe_specs(m), key)
   p_dense = init_params(model.swiglu_specs(D, (m.top_k + m.num_shared_experts) * m.expert_ffn_dim, m), key)
-  x_BTD = jax.random.normal(key, (config.train.batch_size, config.train.seq_len, D))
+  x_BTD = jax.random.normal(key, (B, T, D)).astype(precision.compute_dtype(m))
   bias = jnp.zeros((num_experts,))
 
   def moe_loss(p, x):
-    y, aux = model.moe_ffn(p, bias, x, m, mesh, ())
-    return jnp.sum(y * y), aux['load_E']
+    y, aux = model.moe_ffn(model.cast_params(p, m), bias, x, m, mesh, ())
+    return jnp.sum(jnp.square(y.astype(jnp.float32))), aux['load_E']
 
   def dense_loss(p, x):
-    return jnp.sum(swiglu(p, x) ** 2)
+    return jnp.sum(jnp.square(swiglu(model.cast_params(p, m), x).astype(jnp.float32)))
 
   moe_step = jax.jit(jax.grad(moe_loss, argnums=(0, 1), has_aux=True))
   dense_step = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))
-  t_moe, t_dense = time_fn(moe_step, p_moe, x_BTD), time_fn(dense_step, p_dense, x_BTD)
+  t_moe = time_fn(moe_step, p_moe, x_BTD, repeats=repeats)
+  t_dense = time_fn(dense_step, p_dense, x_BTD, repeats=repeats)
   load = np.asarray(moe_step(p_moe, x_BTD)[1])
+  dispatch = moe.resolve_dispatch('auto', platform_name(), 1, precision.fp8_mlp(m))
   return {'moe_ms': t_moe * 1e3, 'dense_ms': t_dense * 1e3, 'ratio': t_moe / t_dense,
-          'maxvio': float((load.max() - load.mean()) / load.mean()), 'tokens': T}
+          'maxvio': float((load.max() - load.mean()) / load.mean()), 'tokens': B * T,
+          'dispatch': dispatch}
 
 
 def git_commit() -> str:
   try:
-    return subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True,
+    return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True,
                           check=True).stdout.strip()
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
 
 
-def main(argv):
-  del argv
-  logging.set_verbosity(logging.WARNING)
-  steps, warmup = _STEPS.value, _WARMUP.value
-  lines = [
-      '# Performance', '',
-      f'Made by `make bench` (`python -m moejax.bench --out={_OUT.value}`) at commit `{git_commit()}` on '
-      f'{datetime.date.today()}, on {platform.processor() or platform.machine()} with '
-      f'{jax.device_count()} {jax.devices()[0].platform.upper()} device(s), jax {jax.__version__}, '
-      f'float32. Throughput: the trainer\'s own jitted step (AdamW, bias balancing on) on real '
-      f'batches of the Shakespeare corpus; "steady" = {steps} steps after the first {warmup} steps '
-      f'past compilation, "early" = those {warmup} steps (the router still settles from its init, '
-      f'so dropless dispatch pays for the imbalance). MaxVio = mean over the steps of the max over '
-      f'layers of (max - mean)/mean expert load. '
-      f'MFU uses active-parameter FLOPs and an estimated peak of '
-      f'{flops.peak_flops_per_device() / 1e9:.0f} GFLOP/s per device (moejax/flops.py).', '',
-      '## Speed bar: experiments/bench.py (MLA, d_model 256, 4 layers, top-2 + 1 shared, vocab 8192, batch 8 x 256)', '',
-      '| routed experts | dispatch | steady step (ms) | steady tokens/s | steady MFU | steady MaxVio '
-      '| early tokens/s | early MaxVio | dropped |',
-      '|---|---|---|---|---|---|---|---|---|']
-  for E in (16, 64):
-    for dispatch in ('dropless', 'capacity'):
-      c = load_config('experiments/bench.py')
-      c.model.num_experts, c.model.dispatch = E, dispatch
-      r = throughput(c, steps, warmup)
-      e = r['early']
-      row = (f'| {E} | {dispatch}{" 1.25" if dispatch == "capacity" else ""} | {r["step_ms"]:.0f} | '
-             f'{r["tokens_per_sec"]:,.0f} | {r["mfu"]:.1%} | {r["maxvio"]:.2f} | '
-             f'{e["tokens_per_sec"]:,.0f} | {e["maxvio"]:.2f} | {r["dropped_frac"]:.2%} |')
-      print(row, flush=True)
-      lines.append(row)
+# --- sections: each returns its markdown lines ---
 
-  c = load_config('experiments/default.py')
-  r = throughput(c, steps, warmup)
-  lines += ['', '## experiments/default.py (the `make train` model)', '',
+def section_throughput(plan: Plan, steps: int, warmup: int, prec: str) -> list:
+  c = prepare(load_config(plan.speed_bar), prec)
+  lines = [f'## Speed bar: {plan.speed_bar} ({describe(c.model, c.train.batch_size, c.train.seq_len)})', '',
+           '| routed experts | dispatch | steady step (ms) | steady tokens/s | steady MFU | steady MaxVio '
+           '| early tokens/s | early MaxVio | dropped |',
+           '|---|---|---|---|---|---|---|---|---|']
+  for E in plan.speed_bar_experts:
+    for dispatch in ('dropless', 'capacity'):
+      c = prepare(load_config(plan.speed_bar), prec)
+      c.model.num_experts, c.model.dispatch = E, dispatch
+      r = run_steps(c, steps, warmup)
+      e = r['early'] or r
+      cf = f' {c.model.capacity_factor:g}' if dispatch == 'capacity' else ''
+      lines.append(f'| {E} | {dispatch}{cf} | {r["step_ms"]:.0f} | {r["tokens_per_sec"]:,.0f} | '
+                   f'{r["mfu"]:.1%} | {r["maxvio"]:.2f} | {e["tokens_per_sec"]:,.0f} | {e["maxvio"]:.2f} | '
+                   f'{r["dropped_frac"]:.2%} |')
+      print(lines[-1], flush=True)
+
+  c = prepare(load_config(plan.default), prec)
+  r = run_steps(c, steps, warmup)
+  lines += ['', f'## {plan.default} (the `make train` model: '
+            f'{describe(c.model, c.train.batch_size, c.train.seq_len)})', '',
             '| step (ms) | tokens/s | MFU | first step incl. compile (s) |', '|---|---|---|---|',
             f'| {r["step_ms"]:.0f} | {r["tokens_per_sec"]:,.0f} | {r["mfu"]:.1%} | {r["first_step_s"]:.1f} |']
   print(lines[-1], flush=True)
+  return lines
 
-  lines += ['', '## Compile time of the train step (experiments/default.py, layers scanned)', '',
-            '| layers | compile (s) |', '|---|---|']
-  for L in (2, 8):
-    lines.append(f'| {L} | {compile_seconds(load_config("experiments/default.py"), L):.1f} |')
-    print(lines[-1], flush=True)
 
-  lines += ['', '## MoE layer cost over a dense MLP with the same active FLOPs', '',
-            'Forward + backward of one MoE layer (router, dropless dispatch, top-2 routed + 1 shared '
-            'expert of FFN 256, d_model 256, 2048 tokens, freshly initialised router) over a dense '
-            'SwiGLU of FFN 3 x 256 on the same tokens.', '',
-            '| routed experts | MoE layer (ms) | dense MLP (ms) | ratio | MaxVio of the batch |',
-            '|---|---|---|---|---|']
-  for E in (8, 64):
-    r = moe_layer_ratio(load_config('experiments/bench.py'), E)
-    lines.append(f'| {E} | {r["moe_ms"]:.1f} | {r["dense_ms"]:.1f} | {r["ratio"]:.2f} | {r["maxvio"]:.2f} |')
+def section_scaling(plan: Plan, prec: str) -> list:
+  """Step time of the default config against sequence length (tokens per batch fixed) and depth."""
+  base = prepare(load_config(plan.default), prec)
+  B, S, L = base.train.batch_size, base.train.seq_len, base.model.num_layers
+  tokens = B * S
+  results = {}
+
+  def measure(seq_len, layers):
+    if (seq_len, layers) not in results:
+      c = prepare(load_config(plan.default), prec)
+      c.train.seq_len, c.train.batch_size, c.model.num_layers = seq_len, tokens // seq_len, layers
+      r = run_steps(c, plan.scaling_steps, plan.scaling_warmup)
+      r['flops'] = flops.train_flops_per_token(c.model, seq_len) * tokens
+      results[seq_len, layers] = r
+    return results[seq_len, layers]
+
+  lines = [f'## Step-time scaling: {plan.default}', '',
+           f'The trainer\'s step at a fixed {tokens:,} tokens per batch (batch x seq_len), mean of '
+           f'{plan.scaling_steps} steps after {plan.scaling_warmup} past the first (the same count for '
+           f'every row, from a fresh init). "FLOP ratio" is the ratio the model FLOPs predict '
+           f'(moejax/flops.py: attention grows with seq_len); a step ratio above it is overhead that '
+           f'grows faster than the FLOPs.', '',
+           '| seq_len | batch | layers | step (ms) | step ratio | FLOP ratio | MFU | MaxVio |',
+           '|---|---|---|---|---|---|---|---|']
+  ref = measure(S, L)
+  rows = [(s, L) for s in plan.seq_lens] + [(S, l) for l in plan.layers if l != L]
+  for seq_len, layers in rows:
+    r = measure(seq_len, layers)
+    lines.append(f'| {seq_len} | {tokens // seq_len} | {layers} | {r["step_ms"]:.0f} | '
+                 f'{r["step_ms"] / ref["step_ms"]:.2f} | {r["flops"] / ref["flops"]:.2f} | {r["mfu"]:.1%} | '
+                 f'{r.get("maxvio", 0.0):.2f} |')
     print(lines[-1], flush=True)
-  with open(_OUT.value, 'w') as f:
-    f.write('\n'.join(lines) + '\n')
-  print(f'wrote {_OUT.value}')
+  return lines
+
+
+def section_compile(plan: Plan, prec: str) -> list:
+  lines = [f'## Compile time of the train step ({plan.default}, layers scanned)', '',
+           '| layers | compile (s) |', '|---|---|']
+  for L in plan.compile_layers:
+    lines.append(f'| {L} | {compile_seconds(prepare(load_config(plan.default), prec), L):.1f} |')
+    print(lines[-1], flush=True)
+  return lines
+
+
+def section_moe_ratio(plan: Plan, prec: str, quick: bool) -> list:
+  c = prepare(load_config(plan.speed_bar), prec)
+  m, t = c.model, c.train
+  lines = ['## MoE layer cost over a dense MLP with the same active FLOPs', '',
+           f'Forward + backward of one MoE layer ({plan.speed_bar}: router, top-{m.top_k} routed + '
+           f'{m.num_shared_experts} shared expert(s) of FFN {m.expert_ffn_dim}, d_model {m.d_model}, '
+           f'{t.batch_size * t.seq_len:,} tokens, freshly initialised router, {m.precision}) over a dense '
+           f'SwiGLU of FFN {m.top_k + m.num_shared_experts} x {m.expert_ffn_dim} on the same tokens. '
+           f'top_k stays {m.top_k} as the routed experts grow, so active FLOPs stay equal.', '',
+           '| routed experts | dispatch | MoE layer (ms) | dense MLP (ms) | ratio | MaxVio of the batch |',
+           '|---|---|---|---|---|---|']
+  for E in plan.moe_experts:
+    r = moe_layer_ratio(prepare(load_config(plan.speed_bar), prec), E, repeats=2 if quick else 10)
+    lines.append(f'| {E} | {r["dispatch"]} | {r["moe_ms"]:.1f} | {r["dense_ms"]:.1f} | {r["ratio"]:.2f} | '
+                 f'{r["maxvio"]:.2f} |')
+    print(lines[-1], flush=True)
+  return lines
+
+
+def shape_1b(flag: str, quick: bool, config) -> tuple:
+  if quick:
+    return config.train.batch_size, config.train.seq_len
+  if flag == 'auto':
+    return (1, 512) if platform_name() == 'cpu' else (4, 4096)
+  b, s = flag.lower().split('x')
+  return int(b), int(s)
+
+
+def section_mfu_1b(plan: Plan, prec: str, quick: bool, steps: int, shape: str) -> list:
+  """The 1B-class config's train step on one device, with plain SGD in place of AdamW."""
+  c = prepare(load_config(plan.big), prec)
+  c.train.batch_size, c.train.seq_len = shape_1b(shape, quick, c)
+  c.optim.name = 'sgd'   # stateless: the moments of AdamW would add 2 x 4 bytes per parameter
+  m = c.model
+  r = run_steps(c, steps, 0)
+  total, active = count(model.model_specs(m)), memory.active_params(m)
+  dispatch = moe.resolve_dispatch(m.dispatch, platform_name(), 1, precision.fp8_mlp(m))
+  xla = f'{r["xla_bytes"] / GiB:.2f}' if r['xla_bytes'] is not None else 'n/a'
+  lines = [f'## MFU of a 1B-class config: {plan.big}', '',
+           f'{billions(total)} parameters, {billions(active)} active ({describe(m, c.train.batch_size, c.train.seq_len)}, '
+           f'remat \'{m.remat}\', dispatch \'{dispatch}\'), on one device. Timed: the trainer\'s own '
+           f'step (forward, backward, router-bias update, global-norm clipping, weight decay) with '
+           f'plain SGD in place of AdamW (no optimizer state; AdamW would add '
+           f'{2 * total * 4 / GiB:.1f} GiB of moments), on real batches of {c.data.dir}; mean of '
+           f'{steps} step(s) after one untimed step past compilation. MFU counts model FLOPs (6 x active '
+           f'parameters + attention), not the forward recomputed by remat. XLA buffers = arguments + '
+           f'outputs + temporaries of the compiled step (`memory_analysis()`); peak RSS = the host '
+           f'process\'s high-water mark so far in this run.', '',
+           '| batch x seq_len | precision | compile (s) | step (s) | tokens/s | MFU | XLA buffers (GiB) '
+           '| peak RSS (GiB) |', '|---|---|---|---|---|---|---|---|',
+           f'| {c.train.batch_size} x {c.train.seq_len} | {m.precision} | {r["compile_s"]:.1f} | '
+           f'{r["step_ms"] / 1e3:.2f} | {r["tokens_per_sec"]:,.0f} | {r["mfu"]:.1%} | {xla} | '
+           f'{peak_rss_bytes() / GiB:.1f} |']
+  print(lines[-1], flush=True)
+  return lines
+
+
+def header(argv, prec: str, quick: bool, steps: int, warmup: int) -> list:
+  d = jax.devices()[0]
+  rule = ("each config's own policy" if prec == 'config' else prec if prec != 'auto' else
+          'fp32 on CPU (its peak below is float32), bf16 (or the config\'s fp8) elsewhere')
+  peak_kind = 'an estimate for CPUs' if d.platform == 'cpu' else "the vendor's dense bf16 figure"
+  lines = [
+      '# Performance', '',
+      f'Made by `{" ".join(["python -m moejax.bench", *argv])}` (`make bench` runs it with '
+      f'--out=docs/perf.md) at commit `{git_commit()}` on {datetime.date.today()}, on one {d.platform.upper()} device '
+      f'(`{d.device_kind}`, {jax.device_count()} on the host) of a {platform.processor() or platform.machine()} '
+      f'host with {os.cpu_count()} cores, jax {jax.__version__}. Precision: {rule}. '
+      f'Throughput: the trainer\'s own jitted step (AdamW, bias balancing on) on real batches of the '
+      f'Shakespeare corpus; "steady" = {steps} steps after the first {warmup} steps past the first '
+      f'step, "early" = those {warmup} steps (the router still settles from its init, so dropless '
+      f'dispatch pays for the imbalance). MaxVio = mean over the steps of the max over layers of '
+      f'(max - mean)/mean expert load. MFU uses active-parameter FLOPs and a peak of '
+      f'{flops.peak_flops_per_device() / 1e9:,.0f} GFLOP/s per device (moejax/flops.py: {peak_kind}).', '']
+  if quick:
+    lines += [f'**Quick mode**: every section runs {SMOKE} shapes with {steps} step(s); this file checks '
+              'that the report builds and holds no figures to quote.', '']
+  return lines
+
+
+def define_flags():
+  """The CLI (defined only when run as a program, so the module imports beside other tools)."""
+  flags.DEFINE_string('out', 'docs/perf.md', 'Markdown report to write (rewritten after each section, '
+                      'holding only the sections run).')
+  flags.DEFINE_list('sections', list(SECTIONS), f'Sections to run, in this order: {SECTIONS}.')
+  flags.DEFINE_bool('quick', False, 'Smoke-model shapes and a few steps in every section.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps per throughput figure.')
+  flags.DEFINE_integer('warmup', 40, 'Steps after the first timed separately (the router settles).')
+  flags.DEFINE_string(
+      'precision', 'auto', "Policy for every config: 'auto' = fp32 on CPU (the peak in moejax/flops.py "
+      "is float32), elsewhere the config's own policy with fp32 raised to bf16; 'config' = each "
+      "config's own; or fp32 / bf16 / fp8.")
+  flags.DEFINE_string('shape_1b', 'auto', "batch x seq_len of the 1B-class step: 'auto' = 1x512 on CPU, "
+                      "4x4096 elsewhere; or e.g. 2x1024.")
+  flags.DEFINE_integer('steps_1b', 2, 'Timed steps of the 1B-class config (after one untimed).')
+
+
+def main(argv):
+  del argv   # the flags; the report quotes sys.argv
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  sections = [s.strip() for s in f.sections if s.strip()]
+  unknown = [s for s in sections if s not in SECTIONS]
+  if unknown:
+    raise app.UsageError(f'--sections: unknown {unknown}; choose from {SECTIONS}')
+  quick, prec = f.quick, f.precision
+  plan = QUICK if quick else FULL
+  steps, warmup = (2, 1) if quick else (f.steps, f.warmup)
+  steps_1b = 1 if quick else f.steps_1b
+  run = {
+      'throughput': lambda: section_throughput(plan, steps, warmup, prec),
+      'scaling': lambda: section_scaling(plan, prec),
+      'compile': lambda: section_compile(plan, prec),
+      'moe_ratio': lambda: section_moe_ratio(plan, prec, quick),
+      'mfu_1b': lambda: section_mfu_1b(plan, prec, quick, steps_1b, f.shape_1b),
+      'memory': lambda: memory.report().rstrip('\n').split('\n'),
+  }
+  lines = header(sys.argv[1:], prec, quick, steps, warmup)
+  for name in SECTIONS:
+    if name not in sections:
+      continue
+    start = time.perf_counter()
+    lines += run[name]() + ['']
+    print(f'[{name}: {time.perf_counter() - start:.0f} s]', flush=True)
+    with open(f.out, 'w') as out:   # after every section: a late failure keeps the rest
+      out.write('\n'.join(lines))
+  print(f'wrote {f.out}')
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

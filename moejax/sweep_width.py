@@ -119,6 +119,11 @@ def verdict(results: dict, lrs: list[float], pair: tuple[float, float]) -> list[
   if edges:
     lines.append(f'- The best lr is at the edge of the grid for: {", ".join(edges)}; the true optimum may lie '
                  'outside it.')
+  rel = {col: [results[col, lr]['eval'] - results[col, best[col]]['eval'] for lr in lrs] for col in COLUMNS}
+  for col, name in ((sp, 'without the rule'), (mup, 'with the rule')):
+    mismatch = sum(abs(a - b) for a, b in zip(rel[col], rel[base])) / len(lrs)
+    lines.append(f'- Whole curve, {name}: its loss above its own best differs from the base width\'s by '
+                 f'{mismatch:.3f} nats on average over the grid (second table).')
   lines.append(
       f'- Noise: every cell above uses seed 0 (the same data order). A second seed (`--config.seed=1`: '
       f'another init and data order) moves the d_model 64 cells (lr {lo:g}: '
@@ -192,6 +197,12 @@ def main(argv):
   for lr in lrs:
     lines.append(f'| {lr:g} | ' + ' | '.join(cell(col, lr) for col in COLUMNS) + ' |')
   lines.append('| best lr | ' + ' | '.join(f'{best[col]:g}' for col in COLUMNS) + ' |')
+  lines += ['', 'Held-out loss minus the best of its column (a learning rate transfers when these rows '
+            'match across columns):', '',
+            '| optim.lr | ' + ' | '.join(COLUMNS) + ' |', '|---:|' + '---:|' * len(COLUMNS)]
+  for lr in lrs:
+    lines.append(f'| {lr:g} | ' + ' | '.join(f'{results[col, lr]["eval"] - results[col, best[col]]["eval"]:+.3f}'
+                                             for col in COLUMNS) + ' |')
   lines += ['', '## Did the optimum hold?', '', *verdict(results, lrs, pair), '',
             f'![held-out loss vs learning rate]({os.path.basename(png)})', '']
   with open(_OUT.value, 'w') as f:

@@ -86,8 +86,10 @@ def test_grown_run_trains_with_finite_loss(source_run, tmp_path):
   evals = [r['eval/loss'] for r in recs if 'eval/loss' in r]
   assert len(losses) == 3 and all(math.isfinite(l) for l in losses), losses
   assert len(evals) == 2 and all(math.isfinite(l) for l in evals), evals
-  # Grown from a trained model, the deeper one starts well below a fresh init (~7.3 = log 1024 + a bit).
-  assert evals[0] < 7.28, evals
+  # Grown from a trained model, it starts below a fresh init (the source's step-0 loss; ~7.25 vs ~7.30).
+  src_step0 = [json.loads(l) for l in (source_run / 'metrics.jsonl').read_text().splitlines()
+               if '"eval/loss"' in l][0]['eval/loss']
+  assert evals[0] < src_step0 - 0.03, (evals, src_step0)
 
 
 @pytest.mark.slow

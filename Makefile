@@ -10,7 +10,7 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   $$( (ls -d "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3 2>/dev/null || true) | sort -rV); do \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
-.PHONY: setup data train test test-slow bench bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention
+.PHONY: setup data train test test-slow bench bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention sweep-width
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -54,6 +54,10 @@ ablate-precision: setup
 
 ablate-epochs: data
 	$(PY) -m experiments.ablate_epochs --out=results/epochs.md
+
+# Learning-rate sweep at d_model 64 and 128, with and without the width-transfer rule (13 short CPU runs).
+sweep-width: setup
+	JAX_PLATFORMS=cpu $(PY) -m moejax.sweep_width --out=results/sweep_width.md
 
 bench-attention: setup
 	$(PY) -m moejax.bench_attention --out=docs/attention.md

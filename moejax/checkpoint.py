@@ -30,12 +30,20 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
   return restored['state'], restored['data']
 
 
-def restore_params(workdir: str, abstract_params):
-  """Only the parameters of the latest checkpoint (for sampling and evaluation)."""
+def restore_items(workdir: str, abstract: dict):
+  """Only the state items in `abstract` (e.g. {'params': ...}) of the latest checkpoint, and its step."""
   mngr = manager(workdir, max_to_keep=1, async_save=False)
   step = mngr.latest_step()
   if step is None:
     raise FileNotFoundError(f'workdir: no checkpoint under {workdir}/checkpoints')
   restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore(item={'params': abstract_params}, partial_restore=True)))
-  return restored['state']['params'], step
+      state=ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                   restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))
+  mngr.close()
+  return restored['state'], step
+
+
+def restore_params(workdir: str, abstract_params):
+  """Only the parameters of the latest checkpoint (for sampling and evaluation)."""
+  state, step = restore_items(workdir, {'params': abstract_params})
+  return state['params'], step

@@ -85,6 +85,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.tie_embeddings = False
   m.variance_alignment = False  # init-variance compensation for fine-grained experts and MLA ranks
   m.init_std = 0.02
+  m.base_width = 0             # > 0: muP width transfer relative to this d_model (moejax.transfer)
   m.norm_eps = 1e-6
   m.scan_unroll = 1            # layers per scan iteration (True = fully unrolled)
   m.remat = 'none'             # name in moejax.model.REMAT_POLICIES
@@ -134,6 +135,10 @@ def base_config() -> ml_collections.ConfigDict:
         'weight_decay': -1.0,  # < 0 = optim.weight_decay
         'decay_mask': 'matrix',
     })
+
+  # How a new run's parameters start (ignored when resuming from the workdir's checkpoint).
+  i = c.init = ml_collections.ConfigDict()
+  i.grow_from = ''             # workdir of a shallower run: stack its layers (moejax.grow)
 
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every = 100

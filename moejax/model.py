@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax import moe, precision, router
+from moejax import moe, precision, router, transfer
 from moejax.attention import ATTENTIONS, layer_attentions, repeating_unit
 from moejax.layers import dense, rms_norm, swiglu
 from moejax.params import ParamSpec, stacked
@@ -274,6 +274,8 @@ def forward(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes=BATCH_AXES,
   x_BTD = rms_norm(x_BTD, params['final_norm'], cfg.norm_eps)
   head_DV = params['embed'].T if cfg.tie_embeddings else params['head']
   logits_BTV = dense(x_BTD, head_DV).astype(jnp.float32)
+  if transfer.enabled(cfg):   # muP's output multiplier 1/m
+    logits_BTV = logits_BTV * transfer.output_multiplier(cfg)
   return logits_BTV, aux
 
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from jax.experimental import multihost_utils
 
-from moejax import model, optim, router, sharding
+from moejax import grow, model, optim, router, sharding, transfer
 from moejax.data.prepare import prepare
 from moejax.params import init_params, logical_axes
 from moejax.validate import validate, validate_data
@@ -107,7 +107,8 @@ def build_setup(config, mesh) -> Setup:
   rules = dict(config.sharding)
   specs = model.model_specs(config.model)
   param_shardings = sharding.tree_shardings(mesh, logical_axes(specs), rules)
-  tx, schedules = optim.make_optimizer(config.optim, config.train.steps, logical_axes(specs))
+  optim_config = transfer.optim_config(config.optim, config.model, logical_axes(specs))
+  tx, schedules = optim.make_optimizer(optim_config, config.train.steps, logical_axes(specs))
   rep = sharding.replicated(mesh)
   abstract_params = jax.eval_shape(lambda: init_params(specs, jax.random.key(0)))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
@@ -130,13 +131,18 @@ def build_setup(config, mesh) -> Setup:
 
 
 def init_state(s: Setup):
-  specs = model.model_specs(s.config.model)
+  """A new run's state: params drawn from the specs (init scales under `model.base_width`, see
+  moejax.transfer), or grown from `init.grow_from` (moejax.grow) with a fresh optimizer state."""
+  specs = transfer.init_specs(model.model_specs(s.config.model), s.config.model)
+  start = grow.grown_start(s.config)
 
-  def init(key):
-    params = init_params(specs, key)
+  def init(key, start):
+    params = init_params(specs, key) if start is None else start['params']
+    router_bias = (jnp.zeros(s.abstract_state['router_bias'].shape, jnp.float32) if start is None
+                   else start['router_bias'])
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': s.tx.init(params),
-            'router_bias': jnp.zeros(s.abstract_state['router_bias'].shape, jnp.float32),
+            'router_bias': router_bias,
             'balance_coef': jnp.full(s.abstract_state['balance_coef'].shape,
                                      s.config.model.balance_loss_weight, jnp.float32),
             'rng': jax.random.key_data(jax.random.fold_in(key, 1))}
-  return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(s.config.seed))
+  return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(s.config.seed), start)

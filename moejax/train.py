@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import optax
 
-from moejax import checkpoint, diagnostics, distributed, flops, metrics as metrics_lib, model, optim, qk_clip, router, sharding
+from moejax import (checkpoint, diagnostics, distributed, flops, metrics as metrics_lib, model, optim,
+                    qk_clip, router, sharding, transfer)
 from moejax.data import fingerprint, pipeline
 from moejax.data.prepare import PrepareError
 from moejax.params import logical_axes
@@ -113,7 +114,8 @@ class Preemption:
 def train(config, workdir: str, allow_data_change: bool = False):
   s = setup(config)
   c, t = config, config.train
-  print(optim.group_table(c.optim, logical_axes(model.model_specs(c.model)), s.abstract_state['params']),
+  axes = logical_axes(model.model_specs(c.model))
+  print(optim.group_table(transfer.optim_config(c.optim, c.model, axes), axes, s.abstract_state['params']),
         flush=True)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:

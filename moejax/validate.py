@@ -5,7 +5,7 @@ import os
 
 import jax
 
-from moejax import moe, optim, precision, sharding
+from moejax import moe, optim, precision, sharding, transfer
 from moejax.attention import ATTENTIONS, parse_pattern
 from moejax.model import REMAT_POLICIES
 from moejax.params import is_spec
@@ -88,6 +88,8 @@ def validate_model(m):
   _check(m.balance_gnr_target >= 0, 'model.balance_gnr_target', 'must be >= 0')
   for name in ('balance_loss_weight', 'z_loss_weight', 'hidden_z_loss_weight'):
     _check(m[name] >= 0, f'model.{name}', f'must be >= 0, got {m[name]}')
+  base = m.get('base_width', 0)
+  _check(isinstance(base, int) and base >= 0, 'model.base_width', f'must be an integer >= 0 (0 = off), got {base!r}')
 
 
 def validate_mesh(config, num_devices: int) -> dict:
@@ -156,6 +158,7 @@ def validate(config, num_devices: int, check_data: bool = True):
   from moejax.model import model_specs
   from moejax.params import logical_axes
   optim.validate_optim(config.optim, logical_axes(model_specs(config.model)), config.train.steps)
+  transfer.optim_config(config.optim, config.model, logical_axes(model_specs(config.model)))
   sizes = validate_mesh(config, num_devices)
   # The expert dispatch (moejax.moe) splits experts over 'expert' and their hidden units over
   # 'tensor' whatever the storage rules.

@@ -1,0 +1,141 @@
+"""Model growth: a new, deeper run starts from the layers of a trained shallower one, stacked
+(LongCat-Flash's model-growth initialisation: a half-depth model trained first, its layer stack
+repeated; G_stack in Du et al. 2024, 'Stacking Your Transformers').
+
+`--config.init.grow_from=<workdir>` reads that run's config.json and the params and router bias
+of its latest checkpoint. The rule, for each block kind (dense, MoE) separately and in layer order:
+layer i of the new model copies layer i mod n of the source's n layers of that kind, so 2 MoE
+layers -> 4 gives [l0, l1, l0, l1] (the whole stack repeated) and 3 -> 4 gives [l0, l1, l2, l0].
+The router bias rows follow their MoE layers; embedding, final norm and head are copied; the
+optimizer state, step, balance coefficients and rng start fresh. Only the depth may change
+(`model.num_layers`, `model.num_dense_layers`): any other field that changes a parameter's shape is
+a ConfigError naming it, and under an attention pattern every new layer must copy a layer of its
+own attention type. Resuming from the workdir's own checkpoint ignores `init.grow_from`.
+"""
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moejax import checkpoint, model, router
+from moejax.attention import layer_attentions, parse_pattern, repeating_unit
+from moejax.params import init_params, is_spec
+from moejax.validate import ConfigError
+
+DEPTH_FIELDS = ('num_layers', 'num_dense_layers')
+KINDS = (('dense_blocks', 'dense'), ('moe_blocks', 'moe'))
+
+
+def layer_map(n_src: int, n_dst: int) -> list[int]:
+  """Source layer of each new layer (of one kind): i mod n_src."""
+  return [i % n_src for i in range(n_dst)]
+
+
+def kind_names(m, kind: str) -> list[str]:
+  """The attention type of each layer of one kind, in layer order."""
+  names = layer_attentions(m)
+  return names[:m.num_dense_layers] if kind == 'dense_blocks' else names[m.num_dense_layers:]
+
+
+def unstack(stacks, names: list[str]) -> list:
+  """A kind's params (one stack, or one per position of the pattern's unit) -> per-layer trees."""
+  U = len(repeating_unit(names))
+  stacks = [stacks] if U == 1 else stacks
+  return [jax.tree.map(lambda a: a[l // U], stacks[l % U]) for l in range(len(names))]
+
+
+def restack(layers: list, names: list[str]):
+  """Per-layer trees -> the layout `model.group_specs` declares for `names`."""
+  U = len(repeating_unit(names))
+  stacks = [jax.tree.map(lambda *a: jnp.stack(a), *layers[j::U]) for j in range(U)]
+  return stacks[0] if U == 1 else stacks
+
+
+def _shape_signature(m) -> dict:
+  """Parameter shapes with depth left out: top-level leaves, and one block of each FFN kind per
+  attention type of the pattern (whichever layers the depth gives each kind)."""
+  specs = model.model_specs(m)
+  sig = {k: v.shape for k, v in specs.items() if is_spec(v)}
+  for key, ffn in KINDS:
+    for name in sorted(set(parse_pattern(m.attention))):
+      block = model.block_specs(m, ffn, name)
+      sig[f'{key}/{name}'] = jax.tree.map(lambda s: s.shape, block, is_leaf=is_spec)
+  return sig
+
+
+def check_compatible(src, dst, where: str):
+  """Raises ConfigError naming the first model field (other than depth) whose value in the new
+  config changes a parameter shape from the source run's, or a layer-type mismatch."""
+  if _shape_signature(src) != _shape_signature(dst):
+    d, s = dst.to_dict(), src.to_dict()
+    for f in [k for k in d if k not in DEPTH_FIELDS and k in s and s[k] != d[k]]:
+      trial = ml_collections.ConfigDict({**d, f: s[f]})   # the new config with only f as in the source
+      if _shape_signature(trial) != _shape_signature(dst):
+        raise ConfigError(f'model.{f}: {dst.get(f)!r} here but {src.get(f)!r} in {where}; growing changes '
+                          'only the depth (model.num_layers, model.num_dense_layers)')
+    raise ConfigError(f'init.grow_from: parameter shapes differ from those of {where}')
+  for key, _ in KINDS:
+    s_names, d_names = kind_names(src, key), kind_names(dst, key)
+    if d_names and not s_names:
+      raise ConfigError(f'model.num_dense_layers: the new model has {len(d_names)} {key} but {where} has none '
+                        'to stack')
+    for i, j in enumerate(layer_map(len(s_names), len(d_names))):
+      if d_names[i] != s_names[j]:
+        raise ConfigError(f'model.attention: {key} layer {i} ({d_names[i]}) would copy layer {j} '
+                          f'({s_names[j]}) of {where}')
+
+
+def grow_params(src_params, src, dst):
+  """The new model's params: each kind's layers stacked by `layer_map`, the rest copied."""
+  out = {k: v for k, v in src_params.items() if k not in dict(KINDS)}
+  for key, _ in KINDS:
+    s_names, d_names = kind_names(src, key), kind_names(dst, key)
+    if d_names:
+      layers = unstack(src_params[key], s_names)
+      out[key] = restack([layers[j] for j in layer_map(len(s_names), len(d_names))], d_names)
+  return out
+
+
+def grow_router_bias(bias_LE, src, dst):
+  idx = layer_map(model.num_moe_layers(src), model.num_moe_layers(dst))
+  return bias_LE[np.asarray(idx, np.int32)] if idx else bias_LE[:0]
+
+
+def load_source(workdir: str):
+  """(model config, {'params', 'router_bias'} on one local device, step) of a run's latest checkpoint."""
+  path = os.path.join(workdir, 'config.json')
+  if not os.path.isfile(path):
+    raise ConfigError(f'init.grow_from: {workdir} has no config.json (not a run directory)')
+  with open(path) as f:
+    src = ml_collections.ConfigDict(json.load(f)['model'])
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  specs = model.model_specs(src)
+  abstract = {
+      'params': jax.eval_shape(lambda: init_params(specs, jax.random.key(0))),
+      'router_bias': jax.ShapeDtypeStruct((model.num_moe_layers(src), router.num_routed(src)), jnp.float32)}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
+  try:
+    restored, step = checkpoint.restore_items(workdir, abstract)
+  except FileNotFoundError as e:
+    raise ConfigError(f'init.grow_from: {e}') from None
+  return src, restored, step
+
+
+def grown_start(config):
+  """{'params', 'router_bias'} (host arrays) grown from `config.init.grow_from`, or None when unset."""
+  workdir = config.get('init', {}).get('grow_from', '')
+  if not workdir:
+    return None
+  src, restored, step = load_source(workdir)
+  where = f'the source run {workdir}'
+  check_compatible(src, config.model, where)
+  dst = config.model
+  start = jax.device_get({'params': grow_params(restored['params'], src, dst),
+                          'router_bias': grow_router_bias(restored['router_bias'], src, dst)})
+  maps = ', '.join(f'{key} {layer_map(len(kind_names(src, key)), len(kind_names(dst, key)))}'
+                   for key, _ in KINDS if kind_names(dst, key))
+  print(f'grown from {workdir} (step {step}): new layer <- source layer: {maps}', flush=True)
+  return start

@@ -216,7 +216,10 @@ batch was 2% above XLA's with remat 'full' and 15% below with remat 'none' (the 
 
 def main(argv):
   del argv
-  text = report()
+  import datetime, subprocess
+  commit = subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True).stdout.strip()
+  text = (report() + f'\nMade by `make memory` at commit `{commit or "unknown"}` on '
+          f'{datetime.date.today().isoformat()}.\n')
   with open(flags.FLAGS.out, 'w') as f:
     f.write(text)
   print(text)

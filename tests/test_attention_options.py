@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_model_config
+from conftest import numpy_init_params, tiny_model_config
 from test_attention import ref_rms_norm, ref_rope
 
 from moejax import params, qk_clip
@@ -155,7 +155,7 @@ def test_qk_clip_on_a_pattern_model_scales_the_right_layer_stacks():
   """'gqa,mla' over 4 layers (1 dense): each stack of each group gets its own layers' factors."""
   cfg = tiny_model_config(attention='gqa,mla', num_layers=4, num_dense_layers=1)
   from moejax import model
-  p = params.init_params(model.model_specs(cfg), jax.random.key(0))
+  p = numpy_init_params(model.model_specs(cfg), seed=0)
   logit_LH = jnp.array([[1.0] * 4, [50.0, 1.0, 1.0, 1.0], [1.0] * 4, [1.0, 1.0, 1.0, 25.0]])
   out = qk_clip.qk_clip(p, logit_LH, cfg, 10.0)
   # layer 1 = MoE layer 0 (mla, stack 1 of the unit ['mla', 'gqa']), head 0 gets gamma = 0.2

@@ -1,16 +1,12 @@
 """A ~20B-total DeepSeek-style MoE (fine-grained routed experts + shared experts), for a 64-chip
-v5p-like slice: `python -m moejax.memory` reports its bytes per device (docs/memory.md)."""
-from moejax.configs import base_config
+v5p-like slice: experiments/moe_1b.py (same layout, precision, batch and mesh) made wider and deeper;
+`python -m moejax.memory` reports its bytes per device (docs/memory.md)."""
+from experiments import moe_1b
 
 
 def get_config():
-  c = base_config()
+  c = moe_1b.get_config()
   m = c.model
-  m.vocab_size = 32768
-  m.d_model, m.num_layers, m.num_dense_layers, m.dense_ffn_dim = 2048, 28, 1, 10944
-  m.num_heads, m.num_kv_heads, m.head_dim = 16, 4, 128
-  m.num_experts, m.top_k, m.expert_ffn_dim, m.num_shared_experts = 64, 6, 1792, 2
-  m.precision, m.remat = 'bf16', 'full'
-  c.train.batch_size, c.train.seq_len = 64, 4096   # one 4096-token sequence per device
-  c.mesh.data, c.mesh.fsdp, c.mesh.expert = -1, 16, 4
+  m.d_model, m.num_layers, m.dense_ffn_dim = 2048, 28, 10944
+  m.head_dim, m.expert_ffn_dim = 128, 1792
   return c

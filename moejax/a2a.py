@@ -14,7 +14,6 @@ transposes) so the arithmetic can be checked by hand.
 """
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def _exclusive_cumsum(x):
@@ -57,18 +56,6 @@ def plan(counts_DE, num_devices: int) -> dict:
   output_offsets = recv_offsets.T                      # all_to_all of the receivers' offsets
   return {'input_offsets': input_offsets, 'send_sizes': send_sizes, 'output_offsets': output_offsets,
           'recv_sizes': recv_sizes, 'recv_offsets': recv_offsets, 'recv_counts': recv_DSL}
-
-
-def simulate(rows_per_device: list, p: dict, num_rows: int) -> list:
-  """numpy `ragged_all_to_all` following its documented pseudocode (for tests of `plan`)."""
-  D = len(rows_per_device)
-  out = [np.full(num_rows, -1, np.int64) for _ in range(D)]
-  for src in range(D):
-    for dst in range(D):
-      start, size, at = (int(p[k][src, dst]) for k in ('input_offsets', 'send_sizes', 'output_offsets'))
-      assert size == int(p['recv_sizes'][dst, src])
-      out[dst][at:at + size] = rows_per_device[src][start:start + size]
-  return out
 
 
 def ragged_all_to_all_dense(operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *,

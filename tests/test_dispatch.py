@@ -19,6 +19,18 @@ DROPLESS = ('dropless', 'ragged_dot', 'gmm', 'ragged_a2a')
 CAPACITY = ('capacity', 'capacity_a2a')
 
 
+
+def simulate(rows_per_device: list, p: dict, num_rows: int) -> list:
+  """numpy `ragged_all_to_all` following its documented pseudocode (for tests of `plan`)."""
+  D = len(rows_per_device)
+  out = [np.full(num_rows, -1, np.int64) for _ in range(D)]
+  for src in range(D):
+    for dst in range(D):
+      start, size, at = (int(p[k][src, dst]) for k in ('input_offsets', 'send_sizes', 'output_offsets'))
+      assert size == int(p['recv_sizes'][dst, src])
+      out[dst][at:at + size] = rows_per_device[src][start:start + size]
+  return out
+
 def test_every_dispatch_is_either_dropless_or_capacity_here():
   assert set(DROPLESS + CAPACITY) == set(moe.DISPATCHES)
 
@@ -159,7 +171,7 @@ def test_ragged_plan_delivers_every_row_to_its_owner_source_by_source(num_device
   counts[:, :local] = 0              # and an idle receiver
   p = a2a.plan(counts, num_devices)
   num_rows = int(counts.sum())
-  out = a2a.simulate(_labelled_rows(counts), p, num_rows)
+  out = simulate(_labelled_rows(counts), p, num_rows)
   for d in range(num_devices):
     mine = range(d * local, (d + 1) * local)
     expected = [s * 10_000 + e * 100 + i for s in range(num_devices) for e in mine

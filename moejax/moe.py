@@ -28,11 +28,35 @@ compute dtype.
 """
 import functools
 import math
+from dataclasses import dataclass
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import a2a, precision
+from moejax.errors import check, one_of
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+  """What the expert dispatch depends on: `model.dispatch`, `model.capacity_factor`, the number of
+  real experts, and whether the MLP matmuls run in fp8 (`model.precision`)."""
+  name: str = 'auto'
+  capacity_factor: float = 1.25
+  num_experts: int = 16
+  fp8: bool = False
+
+  def __post_init__(self):
+    one_of(self.name, DISPATCH_NAMES, 'model.dispatch')
+    check(self.capacity_factor > 0, 'model.capacity_factor', f'must be positive, got {self.capacity_factor}')
+    check(not (self.fp8 and self.name in GROUPED_DISPATCHES), 'model.dispatch',
+          f'{self.name!r} has no fp8 path; use dropless, capacity or capacity_a2a with precision fp8')
+
+  @classmethod
+  def from_config(cls, m) -> 'DispatchConfig':
+    return cls(name=m.dispatch, capacity_factor=m.capacity_factor, num_experts=m.num_experts,
+               fp8=m.precision == 'fp8')
 
 
 def _swiglu(x_NSD, w_gate_NDF, w_up_NDF, w_down_NFD, einsum=jnp.einsum):
@@ -369,7 +393,8 @@ def resolve_dispatch(name: str, platform: str, expert_axis_size: int, fp8: bool 
   return 'dropless'
 
 
-def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, batch_axes):
+def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: DispatchConfig, mesh,
+                   batch_axes):
   """Runs the routed experts under shard_map: tokens sharded over `batch_axes`, experts over
   'expert' and their hidden units F over 'tensor' (when the mesh has those axes).
 
@@ -382,8 +407,8 @@ def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, b
   the global batch)."""
   ep = 'expert' if 'expert' in mesh.axis_names else None
   S = mesh.shape['expert'] if ep else 1
-  fp8 = precision.fp8_mlp(cfg)
-  name = resolve_dispatch(cfg.dispatch, mesh.devices.flat[0].platform, S, fp8)
+  fp8 = cfg.fp8
+  name = resolve_dispatch(cfg.name, mesh.devices.flat[0].platform, S, fp8)
   ep_axis, ep = ep, (ep if S > 1 else None)
   tp = 'tensor' if 'tensor' in mesh.axis_names else None
   dispatch = functools.partial(DISPATCHES[name], ep=ep, S=S, cfg=cfg, einsum=precision.einsum_for(fp8))

@@ -55,6 +55,10 @@ def closest(key: str, keys: list[str], n: int = 3) -> list[str]:
     if full not in seen:
       seen.add(full)
       out.append(full)
+  if not out:   # nothing spelt alike: the nearest settings of the same group
+    parent = key.rsplit('.', 1)[0] + '.' if '.' in key else ''
+    group = [k for k in keys if k.startswith(parent) and '.' not in k[len(parent):]] or keys
+    out = difflib.get_close_matches(key, group, n=n, cutoff=0)
   return out[:n]
 
 

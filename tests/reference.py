@@ -119,6 +119,20 @@ def ref_value_and_grad(chosen, rcfg, r, keep=None):
   return jax.grad(f, has_aux=True)
 
 
+
+def simulate_ragged_all_to_all(rows_per_device: list, p: dict, num_rows: int) -> list:
+  """numpy `ragged_all_to_all` following its documented pseudocode (for tests of `a2a.plan`):
+  device src's rows [input_offsets[src, dst], + send_sizes[src, dst]) land in device dst's buffer at
+  output_offsets[src, dst]; unwritten rows stay -1."""
+  D = len(rows_per_device)
+  out = [np.full(num_rows, -1, np.int64) for _ in range(D)]
+  for src in range(D):
+    for dst in range(D):
+      start, size, at = (int(p[k][src, dst]) for k in ('input_offsets', 'send_sizes', 'output_offsets'))
+      assert size == int(p['recv_sizes'][dst, src])
+      out[dst][at:at + size] = rows_per_device[src][start:start + size]
+  return out
+
 # --- attention ---
 # Every attention reference takes (p, x_BTD, a: AttentionConfig, segment_ids_BT=None) and returns
 # y_BTD; with segment ids (packed documents), a position attends only within its own document.
@@ -167,7 +181,7 @@ def ref_head(q_TN, k_SN, v_SM, mask_TS, softcap=0.0, sink=None):
   if sink is not None:
     s = jnp.concatenate([s, jnp.full((s.shape[0], 1), sink)], axis=1)
   probs = jax.nn.softmax(s, axis=-1)[:, :k_SN.shape[0]]
-  probs = jnp.where(np.asarray(mask_TS).any(-1, keepdims=True), probs, 0.0)
+  probs = jnp.where(jnp.any(mask_TS, -1, keepdims=True), probs, 0.0)
   return probs @ v_SM, s_max
 
 

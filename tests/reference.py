@@ -181,7 +181,7 @@ def ref_head(q_TN, k_SN, v_SM, mask_TS, softcap=0.0, sink=None):
   if sink is not None:
     s = jnp.concatenate([s, jnp.full((s.shape[0], 1), sink)], axis=1)
   probs = jax.nn.softmax(s, axis=-1)[:, :k_SN.shape[0]]
-  probs = jnp.where(jnp.any(mask_TS, -1, keepdims=True), probs, 0.0)
+  probs = jnp.where(np.asarray(mask_TS).any(-1, keepdims=True), probs, 0.0)
   return probs @ v_SM, s_max
 
 

@@ -62,6 +62,26 @@ def test_linear_bias_rate_schedule_decays_to_the_final_fraction():
   assert float(router_lib.bias_rate(cfg, 100, 100)) == pytest.approx(0.001)
 
 
+@pytest.mark.parametrize('router_options', [
+    dict(), dict(bias_update_mode='proportional', bias_center=True),
+    dict(bias_update_schedule='linear', bias_update_final=0.1),
+    dict(num_zero_experts=4, target_active_experts=1.5, bias_update_mode='proportional')])
+def test_update_bias_is_the_configured_update_router_bias_step(router_options):
+  """The train step's update (router.update_bias) = update_router_bias at bias_rate(step) with the
+  RouterConfig's mode, centring and zero-expert target (top_k real experts when there are none)."""
+  cfg = tiny_model_config(bias_update_rate=0.01, router=router_options).router
+  E = cfg.num_routed
+  load = jnp.asarray(np.random.default_rng(0).integers(0, 9, (2, E)), jnp.float32)
+  bias = jnp.asarray(np.random.default_rng(1).standard_normal((2, E)), jnp.float32) * 0.1
+  got = router_lib.update_bias(bias, load, cfg, 30, 100)
+  rate = 0.01 * (1 - 0.9 * 0.3) if cfg.bias_update_schedule == 'linear' else 0.01
+  want = router_lib.update_router_bias(
+      bias, load, rate, num_real=cfg.num_experts, target_active=cfg.target_active_experts or cfg.top_k,
+      mode=cfg.bias_update_mode, center=cfg.bias_center, top_k=cfg.top_k)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+  assert not np.allclose(np.asarray(got), np.asarray(bias))
+
+
 def _zero_expert_setup(**kw):
   cfg = tiny_model_config(router=dict(num_zero_experts=4, target_active_experts=1.0, **kw), num_shared_experts=0)
   p = params.init_params(model.moe_specs(cfg), jax.random.key(0))

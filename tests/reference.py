@@ -181,7 +181,7 @@ def ref_head(q_TN, k_SN, v_SM, mask_TS, softcap=0.0, sink=None):
   if sink is not None:
     s = jnp.concatenate([s, jnp.full((s.shape[0], 1), sink)], axis=1)
   probs = jax.nn.softmax(s, axis=-1)[:, :k_SN.shape[0]]
-  probs = jnp.where(np.asarray(mask_TS).any(-1, keepdims=True), probs, 0.0)
+  probs = jnp.where(jnp.any(mask_TS, -1, keepdims=True), probs, 0.0)
   return probs @ v_SM, s_max
 
 
@@ -246,7 +246,8 @@ def ref_kda(p, x_BTD, a, segment_ids_BT=None):
       k = unit(jax.nn.silu(ref_causal_conv(x @ p['wk'][:, h], p['conv_k'][:, h], seg)))
       v = jax.nn.silu(ref_causal_conv(x @ p['wv'][:, h], p['conv_v'][:, h], seg))
       beta = jax.nn.sigmoid(x @ p['w_beta'][:, h])
-      alpha = jnp.exp(-jnp.exp(p['a_log'][h]) * jax.nn.softplus((x @ p['wa_down']) @ p['wa_up'][:, h] + p['dt_bias'][h]))
+      decay_in = (x @ p['wa_down']) @ p['wa_up'][:, h] + p['dt_bias'][h]
+      alpha = jnp.exp(-jnp.exp(p['a_log'][h]) * jax.nn.softplus(decay_in))
 
       def step(S, token):
         q_t, k_t, v_t, b_t, a_t, r_t = token
@@ -285,7 +286,8 @@ def ref_nsa(p, x_BTD, a, segment_ids_BT=None, branch=None):
       q = {h: ref_rope(x @ p['wq'][:, h], a.rope_theta) for h in heads}
       k = {br: ref_rope(x @ p[f'wk_{br}'][:, g], a.rope_theta) for br in NSA_BRANCHES}
       v = {br: x @ p[f'wv_{br}'][:, g] for br in NSA_BRANCHES}
-      mlp = lambda blk, kind: jax.nn.silu(jnp.einsum('ln,lnf->f', blk + p['cmp_pos'], p[f'cmp_{kind}1'])) @ p[f'cmp_{kind}2']
+      mlp = lambda blk, kind: (jax.nn.silu(jnp.einsum('ln,lnf->f', blk + p['cmp_pos'], p[f'cmp_{kind}1']))
+                               @ p[f'cmp_{kind}2'])
       kc = jnp.stack([mlp(k['cmp'][j * d:j * d + l], 'k') for j in range(J)])
       vc = jnp.stack([mlp(v['cmp'][j * d:j * d + l], 'v') for j in range(J)])
       o = {h: [] for h in heads}

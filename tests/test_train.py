@@ -153,6 +153,30 @@ def test_resume_under_another_data_config_is_refused_in_one_line_naming_the_fiel
   assert sorted(os.listdir(d / 'checkpoints')) == ['4']
 
 
+def test_steps_between_log_steps_train_exactly_as_logged_ones(run_a, tmp_path):
+  """Train compiles two step variants: router diagnostics (stats, gradient-norm ratio) at log steps
+  only. With log_every=4, steps 1-3 and 5-7 run the plain variant; the losses at the log steps, the
+  eval losses and the window's expert loads are still run_a's (log_every=1: every step diagnosed)."""
+  workdir = tmp_path / 'log4'
+  train(workdir, '--config.train.log_every=4', *BASE_FLAGS[1:], '--config.train.steps=8')
+  got, ref = losses_by_step(workdir), losses_by_step(run_a)
+  assert sorted(got) == [4, 8]
+  for step in got:
+    np.testing.assert_allclose(got[step], ref[step], rtol=1e-6, err_msg=f'step {step}')
+  ref_eval = {r['step']: r['eval/loss'] for r in eval_records(run_a)}
+  for r in eval_records(workdir):
+    np.testing.assert_allclose(r['eval/loss'], ref_eval[r['step']], rtol=1e-6, err_msg=f'eval {r["step"]}')
+  for r in train_records(workdir) + train_records(run_a):   # the log steps carry the diagnostics
+    assert {'moe/entropy', 'moe/grad_norm_ratio'} <= set(r), sorted(r)
+  ref_loads = {r['step']: np.asarray(r['load_fraction']) for r in read_jsonl(run_a / 'loads.jsonl')}
+  loads = {r['step']: np.asarray(r['load_fraction']) for r in read_jsonl(workdir / 'loads.jsonl')}
+  assert sorted(loads) == [4, 8]
+  for step, frac in loads.items():   # the window's fractions: the mean of its steps' (dropless);
+    # loads.jsonl rounds to 5 decimals, one assignment of a step's 1024 would move a fraction 2.4e-4
+    np.testing.assert_allclose(frac, np.mean([ref_loads[s] for s in range(step - 3, step + 1)], 0),
+                               atol=2e-5, err_msg=f'step {step}')
+
+
 # ----------------------------------------------------------------------------- SIGTERM
 
 

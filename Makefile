@@ -39,11 +39,11 @@ test-slow: data
 	$(CPU_MESH) $(PY) -m pytest -q -m slow tests
 
 bench: data
-	$(PY) -m moejax.bench --out=docs/perf.md
+	$(PY) -m moejax.tools.bench --out=docs/perf.md
 
 # Bytes per device of the 1B and 20B MoE configs on a 64-device mesh, from the shardings (seconds, no devices).
 memory: setup
-	JAX_PLATFORMS=cpu $(PY) -m moejax.memory --out=docs/memory.md
+	JAX_PLATFORMS=cpu $(PY) -m moejax.tools.memory --out=docs/memory.md
 
 # Optimizer and precision ablations on the smoke model (one CPU device, a few minutes each).
 ablate-optimizer: setup
@@ -57,10 +57,10 @@ ablate-epochs: data
 
 # Learning-rate sweep at d_model 64 and 128, with and without the width-transfer rule (13 short CPU runs).
 sweep-width: setup
-	JAX_PLATFORMS=cpu $(PY) -m moejax.sweep_width --out=results/sweep_width.md
+	JAX_PLATFORMS=cpu $(PY) -m moejax.tools.sweep_width --out=results/sweep_width.md
 
 bench-attention: setup
-	$(PY) -m moejax.bench_attention --out=docs/attention.md
+	$(PY) -m moejax.tools.bench_attention --out=docs/attention.md
 
 ablate-attention: setup
 	$(PY) -m moejax.ablate_attention --out=results/attention.md

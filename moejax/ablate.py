@@ -22,7 +22,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from moejax import report  # noqa: E402
+from moejax.tools import report  # noqa: E402
 
 _EXPERIMENT = flags.DEFINE_string('experiment', None, 'Experiment file with VARIANTS.', required=True)
 _OUT = flags.DEFINE_string('out', None, 'Markdown table to write (plots go beside it).', required=True)

@@ -1,5 +1,5 @@
-"""moejax.memory against real runs: the state's bytes per device exactly against the buffers of a
-sharded state on 8 CPU devices, and the activation estimate against XLA's buffer assignment."""
+"""moejax.tools.memory against real runs: the state's bytes per device exactly against the buffers
+of a sharded state on 8 CPU devices, and the activation estimate against XLA's buffer assignment."""
 import math
 
 import jax
@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import pytest
 from test_layouts import LAYOUTS, layout_config, run_layout
 
-from moejax import configs, memory, sharding
+from moejax import configs, sharding
 from moejax.state import build_setup
+from moejax.tools import memory
 from moejax.train import make_train_step
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}

@@ -1,6 +1,6 @@
 """Learning-rate sweep at two widths, with and without the width-transfer rule (moejax.transfer).
 
-  python -m moejax.sweep_width --out=results/sweep_width.md      (make sweep-width)
+  python -m moejax.tools.sweep_width --out=results/sweep_width.md      (make sweep-width)
 
 The smoke model (experiments/smoke.py) at d_model 64 and 128 (heads, dense FFN and expert widths
 doubled with it, head_dim fixed) trains a short run per learning rate on one CPU device: at 128 once
@@ -177,7 +177,7 @@ def main(argv):
   lines = [
       '# Learning-rate transfer across width',
       '',
-      f'Made by `make sweep-width` (`python -m moejax.sweep_width --out={_OUT.value} --steps={_STEPS.value} '
+      f'Made by `make sweep-width` (`python -m moejax.tools.sweep_width --out={_OUT.value} --steps={_STEPS.value} '
       f'--lrs={",".join(f"{lr:g}" for lr in lrs)}`) at commit {made_at}, in {minutes:.1f} min on '
       f'{os.cpu_count()} shared CPU cores, {_JOBS.value} runs at a time, one device per run.',
       '',

@@ -1,6 +1,6 @@
 """Forward + backward time of one attention layer per type at several sequence lengths (CPU).
 
-    python -m moejax.bench_attention --out=docs/attention.md
+    python -m moejax.tools.bench_attention --out=docs/attention.md
 
 Full softmax attention should scale ~4x per doubling of T at long T; SWA, NSA and KDA ~2x.
 """
@@ -58,7 +58,7 @@ def main(argv):
   text = '\n'.join([
       '# Attention types: forward + backward time vs sequence length (CPU)',
       '',
-      f'Made by `make bench-attention` (`python -m moejax.bench_attention --out={FLAGS.out}`) at commit '
+      f'Made by `make bench-attention` (`python -m moejax.tools.bench_attention --out={FLAGS.out}`) at commit '
       f'{commit}, on {jax.devices()[0].platform} ({jax.device_count()} device(s)).',
       f'One layer, batch 1, d_model {cfg.d_model}, {cfg.num_heads} heads of {cfg.head_dim}, '
       f'{cfg.num_kv_heads} kv heads; swa window {cfg.window}; nsa l={cfg.nsa_block} d={cfg.nsa_stride} '

@@ -1,7 +1,7 @@
 """Benchmarks behind `make bench`: throughput and MFU, MoE layer efficiency, step-time scaling with
 sequence length and depth, compile time, a 1B-class step, and the memory table (docs/perf.md).
 
-`python -m moejax.bench --out=docs/perf.md [--sections=throughput,scaling,...] [--quick]`
+`python -m moejax.tools.bench --out=docs/perf.md [--sections=throughput,scaling,...] [--quick]`
 
 All figures in one report come from one run on one device of one machine (the first of
 `jax.devices()`, so the same command runs on CPU, GPU or TPU); compare them as ratios, not across
@@ -23,12 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import flops, memory, model, moe, precision, sharding
+from moejax import flops, model, moe, precision, sharding
 from moejax.data import pipeline
 from moejax.layers import swiglu
 from moejax.params import count, init_params
 from moejax.state import init_state, setup
 from moejax.train import make_train_step, to_global
+from moejax.tools import memory
 
 SECTIONS = ('throughput', 'scaling', 'compile', 'moe_ratio', 'mfu_1b', 'memory')
 
@@ -349,7 +350,7 @@ def header(argv, prec: str, quick: bool, steps: int, warmup: int) -> list:
   peak_kind = 'an estimate for CPUs' if d.platform == 'cpu' else "the vendor's dense bf16 figure"
   lines = [
       '# Performance', '',
-      f'Made by `{" ".join(["python -m moejax.bench", *argv])}` (`make bench` runs it with '
+      f'Made by `{" ".join(["python -m moejax.tools.bench", *argv])}` (`make bench` runs it with '
       f'--out=docs/perf.md) at commit `{git_commit()}` on {datetime.date.today()}, on one {d.platform.upper()} device '
       f'(`{d.device_kind}`, {jax.device_count()} on the host) of a {platform.processor() or platform.machine()} '
       f'host with {os.cpu_count()} cores, jax {jax.__version__}. Precision: {rule}. '

@@ -1,6 +1,6 @@
 """Bytes per device of the train state and the activations, from the shardings alone.
 
-`python -m moejax.memory --out=docs/memory.md` writes the table for experiments/moe_1b.py and
+`python -m moejax.tools.memory --out=docs/memory.md` writes the table for experiments/moe_1b.py and
 experiments/moe_20b.py on a 64-device mesh. Nothing is allocated: the state's shapes come from
 `jax.eval_shape` (moejax.state.build_setup) and its shardings from the config's rules on a
 `jax.sharding.AbstractMesh`, so any mesh size works on one CPU.
@@ -197,7 +197,7 @@ def report() -> str:
   return f'''## Memory per device (computed, `make memory`)
 
 Bytes per device (GiB) of one train step on a v5p-64-like mesh of {NUM_DEVICES} devices (a v5p chip has
-95 GiB of HBM), from `python -m moejax.memory`. Parameters, gradients and optimizer state are exact
+95 GiB of HBM), from `python -m moejax.tools.memory`. Parameters, gradients and optimizer state are exact
 for the shardings (`jax.eval_shape` + `jax.sharding.AbstractMesh`, nothing allocated); activations
 are the estimate documented in `moejax/memory.py` (tensors saved per layer under the remat policy
 plus one block's backward, times tokens per device). Parameters and AdamW's two moments float32,

@@ -13,7 +13,6 @@ import importlib.util
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,7 @@ from moejax.layers import swiglu
 from moejax.params import count, init_params
 from moejax.state import init_state, setup
 from moejax.train import make_train_step, to_global
-from moejax.tools import memory
+from moejax.tools import memory, provenance
 
 SECTIONS = ('throughput', 'scaling', 'compile', 'moe_ratio', 'mfu_1b', 'memory')
 
@@ -204,14 +203,6 @@ def moe_layer_ratio(config, num_experts: int, repeats: int = 10) -> dict:
           'dispatch': dispatch}
 
 
-def git_commit() -> str:
-  try:
-    return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-
-
 # --- sections: each returns its markdown lines ---
 
 def section_throughput(plan: Plan, steps: int, warmup: int, prec: str) -> list:
@@ -350,8 +341,8 @@ def header(argv, prec: str, quick: bool, steps: int, warmup: int) -> list:
   peak_kind = 'an estimate for CPUs' if d.platform == 'cpu' else "the vendor's dense bf16 figure"
   lines = [
       '# Performance', '',
-      f'Made by `{" ".join(["python -m moejax.tools.bench", *argv])}` (`make bench` runs it with '
-      f'--out=docs/perf.md) at commit `{git_commit()}` on {datetime.date.today()}, on one {d.platform.upper()} device '
+      f'Made by `{provenance.command("moejax.tools.bench", argv)}` (`make bench` runs it with '
+      f'--out=docs/perf.md) at commit `{provenance.commit()}` on {datetime.date.today()}, on one {d.platform.upper()} device '
       f'(`{d.device_kind}`, {jax.device_count()} on the host) of a {platform.processor() or platform.machine()} '
       f'host with {os.cpu_count()} cores, jax {jax.__version__}. Precision: {rule}. '
       f'Throughput: the trainer\'s own jitted step (AdamW, bias balancing on) on real batches of the '

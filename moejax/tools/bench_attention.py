@@ -5,7 +5,6 @@
 Full softmax attention should scale ~4x per doubling of T at long T; SWA, NSA and KDA ~2x.
 """
 import statistics
-import subprocess
 import time
 
 import jax
@@ -14,6 +13,7 @@ from absl import app, flags
 
 from moejax import configs, params
 from moejax.attention import ATTENTIONS
+from moejax.tools import provenance
 
 flags.DEFINE_string('out', 'docs/attention.md', 'markdown file to write')
 flags.DEFINE_list('types', ['gqa', 'mla', 'swa', 'nsa', 'kda'], 'attention types')
@@ -45,6 +45,7 @@ def time_fwd_bwd(name, cfg, T, repeats):
 
 def main(argv):
   del argv
+  commit = provenance.commit()   # before anything is written
   cfg = bench_config()
   lens = [int(t) for t in FLAGS.seq_lens]
   rows = []
@@ -53,12 +54,11 @@ def main(argv):
     ratio = ts[-1] / ts[-2] if len(ts) > 1 else float('nan')
     rows.append(f'| {name} | ' + ' | '.join(f'{t * 1e3:.1f}' for t in ts) + f' | {ratio:.2f} |')
     print(rows[-1], flush=True)
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
   head = ' | '.join(f't(T={T}) ms' for T in lens)
   text = '\n'.join([
       '# Attention types: forward + backward time vs sequence length (CPU)',
       '',
-      f'Made by `make bench-attention` (`python -m moejax.tools.bench_attention --out={FLAGS.out}`) at commit '
+      f'Made by `make bench-attention` (`{provenance.command("moejax.tools.bench_attention")}`) at commit '
       f'{commit}, on {jax.devices()[0].platform} ({jax.device_count()} device(s)).',
       f'One layer, batch 1, d_model {cfg.d_model}, {cfg.num_heads} heads of {cfg.head_dim}, '
       f'{cfg.num_kv_heads} kv heads; swa window {cfg.window}; nsa l={cfg.nsa_block} d={cfg.nsa_stride} '

@@ -36,6 +36,7 @@ from jax.sharding import AbstractMesh, NamedSharding
 from moejax import model, precision, router, sharding
 from moejax.attention import layer_attentions
 from moejax.state import build_setup
+from moejax.tools import provenance
 from moejax.validate import validate
 
 GiB = 2 ** 30
@@ -216,10 +217,10 @@ batch was 2% above XLA's with remat 'full' and 15% below with remat 'none' (the 
 
 def main(argv):
   del argv
-  import datetime, subprocess
-  commit = subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True).stdout.strip()
-  text = (report() + f'\nMade by `make memory` at commit `{commit or "unknown"}` on '
-          f'{datetime.date.today().isoformat()}.\n')
+  import datetime
+  commit = provenance.commit()
+  text = (report() + f'\nMade by `make memory` (`{provenance.command("moejax.tools.memory")}`) at commit '
+          f'`{commit}` on {datetime.date.today().isoformat()}.\n')
   with open(flags.FLAGS.out, 'w') as f:
     f.write(text)
   print(text)

@@ -12,11 +12,12 @@ def _git(*args: str) -> str:
 
 
 def commit() -> str:
-  """The short HEAD commit, '(with uncommitted changes)' when tracked files differ from it; 'unknown'
-  outside a git checkout. Call it before the tool writes anything (its outputs may be tracked)."""
+  """The short HEAD commit, '(with uncommitted changes)' when the checkout differs from it (untracked,
+  not ignored files count: a new study or module is code too); 'unknown' outside a git checkout.
+  Call it before the tool writes anything (its outputs may be tracked)."""
   try:
     head = _git('rev-parse', '--short', 'HEAD')
-    dirty = _git('status', '--porcelain', '--untracked-files=no')
+    dirty = _git('status', '--porcelain')
   except (OSError, subprocess.CalledProcessError):
     return 'unknown'
   return head + (' (with uncommitted changes)' if dirty else '')

@@ -17,3 +17,16 @@ def apply(config, variants: dict, variant: str | None = None):
     raise ValueError(f'unknown variant {variant!r}; choose one of {list(variants)}')
   variants[variant](config)
   return config
+
+
+def smoke_on_one_device(steps: int):
+  """experiments/smoke.py for `steps` steps of 16 x 64 tokens on one device, 8 held-out batches, a
+  cosine schedule over the run and no checkpoint before the last: the optimizer, precision and
+  width studies start here."""
+  from experiments import smoke
+  c = smoke.get_config()
+  c.train.steps, c.train.batch_size, c.train.seq_len, c.train.eval_batches = steps, 16, 64, 8
+  c.optim.decay_steps = 0
+  c.checkpoint.every = 100_000
+  c.mesh.data, c.mesh.expert = 1, 1
+  return c

@@ -200,7 +200,7 @@ def report() -> str:
 Bytes per device (GiB) of one train step on a v5p-64-like mesh of {NUM_DEVICES} devices (a v5p chip has
 95 GiB of HBM), from `python -m moejax.tools.memory`. Parameters, gradients and optimizer state are exact
 for the shardings (`jax.eval_shape` + `jax.sharding.AbstractMesh`, nothing allocated); activations
-are the estimate documented in `moejax/memory.py` (tensors saved per layer under the remat policy
+are the estimate documented in `moejax/tools/memory.py` (tensors saved per layer under the remat policy
 plus one block's backward, times tokens per device). Parameters and AdamW's two moments float32,
 compute bfloat16 (`model.precision=bf16`), GQA attention with the scores materialised (no fused
 attention kernel). XLA's own temporaries (all-gathered fsdp weights, collective buffers) come on

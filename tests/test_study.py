@@ -62,7 +62,7 @@ def test_misspelt_key_fails_before_any_run_with_one_line(tmp_path):
 
 
 def test_two_variant_study_writes_table_with_command_and_commit(tmp_path):
-  r = run_study(tmp_path, False, '--steps=3')
+  r = run_study(tmp_path, False, '--steps=3', '--jobs=2')   # the two runs at once
   assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
   text = (tmp_path / 'out' / 'tiny.md').read_text()
   assert text.startswith('# Study: tiny\n\nTwo learning rates on the smoke model.'), text[:300]

@@ -233,6 +233,9 @@ def train(run: Run, cmd: list[str], env: dict, commit: str, echo: bool):
     meta['wall_s'] = meta.get('wall_s', 0.0) + time.perf_counter() - start
     with open(meta_path, 'w') as f:
       json.dump(meta, f)
+    if state_of(run) != 'done':   # e.g. SIGTERM: the trainer saved a checkpoint and exited 0
+      raise StudyError(f'variant {run.name!r}: training stopped before step {run.config.train.steps} '
+                       f'(see {run.workdir}/train.log); run the study again to resume it')
   run.records = read_jsonl(os.path.join(run.workdir, 'metrics.jsonl'))
   run.wall_s, run.commit = meta.get('wall_s', math.nan), meta.get('commit', 'unknown')
   print(f'-- {run.name}: held-out loss {run.final_eval:.4f}'

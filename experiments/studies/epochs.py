@@ -52,7 +52,8 @@ COLUMNS = {
     'variant policy': lambda r: r.config.data.sources.shakespeare.variant_policy,
     'epochs reached': lambda r: _last(r, 'epoch', '.2f'),
     'tokens seen': lambda r: _last(r, 'source_tokens', ',.0f'),
-    'docs read per variant (modern, folio)': lambda r: ', '.join(_last(r, f'variant{v}_docs', 'g') for v in range(2)),
+    'docs read per variant (modern, folio)': lambda r: f'{_last(r, "variant0_docs", "g")}, '
+                                                       f'{_last(r, "variant1_docs", "g")}',
     'held-out loss (final)': lambda r: f'{r.final_eval:.3f}',
     'best held-out loss': lambda r: f'{min(x["eval/loss"] for x in r.evals):.3f}',
     'wall s': lambda r: f'{r.wall_s:.0f}',

@@ -10,12 +10,11 @@ from moejax.configs import base_config
 def get_config():
   c = base_config()
   c.data.dir = 'data/shakespeare/prepared_8k'
-  c.data.vocab_size = 8192
   m = c.model
   m.vocab_size = 8192
   m.d_model, m.num_layers, m.num_dense_layers, m.dense_ffn_dim = 256, 4, 1, 1024
-  m.attention, m.num_heads = 'mla', 4
-  m.q_lora_rank, m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim = 0, 64, 32, 32, 64
+  m.attention, m.attn.num_heads = 'mla', 4
+  m.mla.update(q_lora_rank=0, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=64)
   m.num_experts, m.top_k, m.expert_ffn_dim, m.num_shared_experts = 16, 2, 256, 1
   m.dispatch = 'dropless'
   c.train.steps, c.train.batch_size, c.train.seq_len = 60, 8, 256

@@ -8,5 +8,5 @@ def get_config():
   c = moe_1b.get_config()
   m = c.model
   m.d_model, m.num_layers, m.dense_ffn_dim = 2048, 28, 10944
-  m.head_dim, m.expert_ffn_dim = 128, 1792
+  m.attn.head_dim, m.expert_ffn_dim = 128, 1792
   return c

@@ -6,12 +6,11 @@ def get_config():
   c = base_config()
   c.data.raw = 'tests/fixtures/shakespeare_sample'   # three plays, committed: no fetch needed
   c.data.dir = 'data/smoke/prepared'
-  c.data.vocab_size = 1024
   c.data.variant_policy = 'cycle'   # the fixture has modern + folio editions of each play
   m = c.model
   m.vocab_size = 1024
   m.d_model, m.num_layers, m.num_dense_layers, m.dense_ffn_dim = 64, 3, 1, 128
-  m.num_heads, m.num_kv_heads, m.head_dim = 4, 2, 16
+  m.attn.num_heads, m.attn.num_kv_heads, m.attn.head_dim = 4, 2, 16
   m.num_experts, m.top_k, m.expert_ffn_dim = 8, 2, 32
   c.train.steps, c.train.batch_size, c.train.seq_len = 20, 8, 64
   c.train.log_every, c.train.eval_every, c.train.eval_batches = 5, 10, 2

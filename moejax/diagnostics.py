@@ -1,7 +1,7 @@
 """Router and stability diagnostics: what the train step returns per layer -> logged summaries.
 
-Per MoE layer (L) the step returns expert loads, router entropy, score margins, real experts per
-token, the gradient-norm ratio R = |dL_balance/d router| / |dL_lm/d router| (direct gradients of the
+Per MoE layer (L) the step returns expert loads and, at log steps only (the train step's
+diagnostics variant), router entropy, score margins, real experts per token, the gradient-norm ratio R = |dL_balance/d router| / |dL_lm/d router| (direct gradients of the
 layer's own losses), and per block the max residual activation. At log steps the expert weights'
 pairwise cosine similarity is added (rising similarity = experts homogenising).
 """
@@ -12,14 +12,15 @@ import numpy as np
 ROUTER_STATS = ('entropy', 'top1_margin', 'topk_margin', 'active_experts_per_token')
 
 
-def gradient_norm_ratio(grad_router_LDE, aux, balance_coef_L, z_loss_weight: float):
-  """R per layer for the balance loss as weighted now, and per unit balance coefficient."""
+def gradient_norm_ratio(grad_router_LDE, router_grads: dict, balance_coef_L, z_loss_weight: float):
+  """R per layer for the balance loss as weighted now, and per unit balance coefficient.
+  `router_grads`: the layers' own unit-weight loss gradients (moejax.model.router_grads)."""
   L = grad_router_LDE.shape[0]
-  g_bal_unit = aux['router_grad_balance'] / L
+  g_bal_unit = router_grads['balance'] / L
   g_bal = balance_coef_L[:, None, None] * g_bal_unit
   g_lm = grad_router_LDE - g_bal
-  if 'router_grad_z' in aux:
-    g_lm = g_lm - z_loss_weight / L * aux['router_grad_z']
+  if 'z' in router_grads:
+    g_lm = g_lm - z_loss_weight / L * router_grads['z']
   norm = lambda g: jnp.sqrt(jnp.sum(g * g, axis=(1, 2)))
   lm_L = jnp.maximum(norm(g_lm), 1e-30)
   return norm(g_bal) / lm_L, norm(g_bal_unit) / lm_L
@@ -71,8 +72,9 @@ def summarize(out: dict, window_load_LE, num_real: int) -> tuple[dict, dict]:
     for k in ROUTER_STATS:
       if k in layers:
         record[f'moe/{k}'] = float(layers[k].mean())
-    record['moe/grad_norm_ratio'] = float(layers['grad_norm_ratio'].max())
-    record['moe/grad_norm_ratio_unit'] = float(layers['grad_norm_ratio_unit'].max())
+    if 'grad_norm_ratio' in layers:   # log steps only
+      record['moe/grad_norm_ratio'] = float(layers['grad_norm_ratio'].max())
+      record['moe/grad_norm_ratio_unit'] = float(layers['grad_norm_ratio_unit'].max())
     if 'expert_cos_mean' in layers:
       record['moe/expert_cos_mean'] = float(layers['expert_cos_mean'].mean())
       record['moe/expert_cos_max'] = float(layers['expert_cos_max'].max())

@@ -3,7 +3,8 @@ import os
 
 import jax
 
-from moejax.attention import ATTENTIONS, layer_attentions
+from moejax.attention import ATTENTIONS
+from moejax.blocks import block_layout
 
 # Dense bf16 peak per chip (vendor figures); f32 matmuls on these run on the same units or slower.
 PEAK_FLOPS = {
@@ -31,18 +32,16 @@ def forward_flops_per_token(cfg, seq_len: int, active_experts_per_token: float |
   """2 x active matmul parameters + attention scores. Routed experts count top_k of them, or the
   measured real experts per token when zero-computation experts take some of the top_k."""
   D = cfg.d_model
-  attention = sum(ATTENTIONS[a].flops_per_token(cfg, seq_len) for a in layer_attentions(cfg))
   dense_ffn = 2 * 3 * D * cfg.dense_ffn_dim
   routed = cfg.top_k if active_experts_per_token is None else active_experts_per_token
-  moe_ffn = 2 * (D * (cfg.num_experts + cfg.num_zero_experts)
-                 + 3 * D * cfg.expert_ffn_dim * (routed + cfg.num_shared_experts))
-  head = 2 * D * cfg.vocab_size
-  num_moe = cfg.num_layers - cfg.num_dense_layers
-  names = layer_attentions(cfg)
-  if cfg.block == 'scmoe':   # each MoE block also runs a second attention and two dense FFNs
-    attention += sum(ATTENTIONS[a].flops_per_token(cfg, seq_len) for a in names[cfg.num_dense_layers:])
-    moe_ffn += 2 * dense_ffn
-  return attention + cfg.num_dense_layers * dense_ffn + num_moe * moe_ffn + head
+  moe_ffn = 2 * (D * cfg.router.num_routed + 3 * D * cfg.expert_ffn_dim * (routed + cfg.num_shared_experts))
+  total = 2 * D * cfg.vocab_size   # the head
+  for i, name in enumerate(cfg.layer_attentions):
+    kind = 'dense' if i < cfg.num_dense_layers else 'moe'
+    layout = block_layout(cfg, kind)   # its attentions and extra dense MLPs (moejax.blocks)
+    total += len(layout.attentions) * ATTENTIONS[name].flops_per_token(cfg.attn, seq_len)
+    total += len(layout.mlps) * dense_ffn + (dense_ffn if kind == 'dense' else moe_ffn)
+  return total
 
 
 def train_flops_per_token(cfg, seq_len: int, active_experts_per_token: float | None = None) -> float:

@@ -7,11 +7,12 @@ of its latest checkpoint. The rule, for each block kind (dense, MoE) separately 
 layer i of the new model copies layer i mod n of the source's n layers of that kind, so 2 MoE
 layers -> 4 gives [l0, l1, l0, l1] (the whole stack repeated) and 3 -> 4 gives [l0, l1, l2, l0].
 The router bias rows follow their MoE layers; embedding, final norm and head are copied; the
-optimizer state, step, balance coefficients and rng start fresh. Only the depth may change
+optimizer state, step and balance coefficients start fresh. Only the depth may change
 (`model.num_layers`, `model.num_dense_layers`): any other field that changes a parameter's shape is
 a ConfigError naming it, and under an attention pattern every new layer must copy a layer of its
 own attention type. Resuming from the workdir's own checkpoint ignores `init.grow_from`.
 """
+import copy
 import json
 import os
 
@@ -20,10 +21,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from moejax import checkpoint, model, router
-from moejax.attention import layer_attentions, parse_pattern, repeating_unit
+from moejax import checkpoint, model
+from moejax.attention import parse_pattern, repeating_unit
+from moejax.errors import ConfigError
+from moejax.model_config import ModelConfig
 from moejax.params import init_params, is_spec
-from moejax.validate import ConfigError
 
 DEPTH_FIELDS = ('num_layers', 'num_dense_layers')
 KINDS = (('dense_blocks', 'dense'), ('moe_blocks', 'moe'))
@@ -35,9 +37,30 @@ def layer_map(n_src: int, n_dst: int) -> list[int]:
 
 
 def kind_names(m, kind: str) -> list[str]:
-  """The attention type of each layer of one kind, in layer order."""
-  names = layer_attentions(m)
-  return names[:m.num_dense_layers] if kind == 'dense_blocks' else names[m.num_dense_layers:]
+  """The attention type of each layer of one kind (config.model `m`), in layer order."""
+  return list(model.kind_attentions(ModelConfig.from_config(m), 'dense' if kind == 'dense_blocks' else 'moe'))
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  """{'attn': {'num_heads': 4}} -> {'attn.num_heads': 4}."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def _with(d: dict, dotted: str, value) -> dict:
+  """A copy of nested dict d with the dotted key set to value."""
+  d = copy.deepcopy(d)
+  *path, last = dotted.split('.')
+  node = d
+  for k in path:
+    node = node[k]
+  node[last] = value
+  return d
 
 
 def unstack(stacks, names: list[str]) -> list:
@@ -57,11 +80,12 @@ def restack(layers: list, names: list[str]):
 def _shape_signature(m) -> dict:
   """Parameter shapes with depth left out: top-level leaves, and one block of each FFN kind per
   attention type of the pattern (whichever layers the depth gives each kind)."""
-  specs = model.model_specs(m)
+  mc = ModelConfig.from_config(m)
+  specs = model.model_specs(mc)
   sig = {k: v.shape for k, v in specs.items() if is_spec(v)}
   for key, ffn in KINDS:
     for name in sorted(set(parse_pattern(m.attention))):
-      block = model.block_specs(m, ffn, name)
+      block = model.block_specs(mc, ffn, name)
       sig[f'{key}/{name}'] = jax.tree.map(lambda s: s.shape, block, is_leaf=is_spec)
   return sig
 
@@ -71,10 +95,11 @@ def check_compatible(src, dst, where: str):
   config changes a parameter shape from the source run's, or a layer-type mismatch."""
   if _shape_signature(src) != _shape_signature(dst):
     d, s = dst.to_dict(), src.to_dict()
-    for f in [k for k in d if k not in DEPTH_FIELDS and k in s and s[k] != d[k]]:
-      trial = ml_collections.ConfigDict({**d, f: s[f]})   # the new config with only f as in the source
+    fd, fs = _flat(d), _flat(s)
+    for f in [k for k in fd if k not in DEPTH_FIELDS and k in fs and fs[k] != fd[k]]:
+      trial = ml_collections.ConfigDict(_with(d, f, fs[f]))   # the new config with only f as in the source
       if _shape_signature(trial) != _shape_signature(dst):
-        raise ConfigError(f'model.{f}: {dst.get(f)!r} here but {src.get(f)!r} in {where}; growing changes '
+        raise ConfigError(f'model.{f}: {fd[f]!r} here but {fs[f]!r} in {where}; growing changes '
                           'only the depth (model.num_layers, model.num_dense_layers)')
     raise ConfigError(f'init.grow_from: parameter shapes differ from those of {where}')
   for key, _ in KINDS:
@@ -100,7 +125,7 @@ def grow_params(src_params, src, dst):
 
 
 def grow_router_bias(bias_LE, src, dst):
-  idx = layer_map(model.num_moe_layers(src), model.num_moe_layers(dst))
+  idx = layer_map(ModelConfig.from_config(src).num_moe_layers, ModelConfig.from_config(dst).num_moe_layers)
   return bias_LE[np.asarray(idx, np.int32)] if idx else bias_LE[:0]
 
 
@@ -112,10 +137,11 @@ def load_source(workdir: str):
   with open(path) as f:
     src = ml_collections.ConfigDict(json.load(f)['model'])
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  specs = model.model_specs(src)
+  mc = ModelConfig.from_config(src)
+  specs = model.model_specs(mc)
   abstract = {
       'params': jax.eval_shape(lambda: init_params(specs, jax.random.key(0))),
-      'router_bias': jax.ShapeDtypeStruct((model.num_moe_layers(src), router.num_routed(src)), jnp.float32)}
+      'router_bias': jax.ShapeDtypeStruct((mc.num_moe_layers, mc.router.num_routed), jnp.float32)}
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), abstract)
   try:
     restored, step = checkpoint.restore_items(workdir, abstract)

@@ -1,8 +1,8 @@
 """Expert dispatch: permute -> expert FFN -> unpermute, after routing (moejax/router.py).
 
-Axis letters: T tokens (batch x sequence, flattened), D model, E experts, L experts local to a
+Axis letters: T tokens (batch x sequence, flattened), D model, E experts, J experts local to a
 device, K top-k, F expert FFN, A = T*K token-to-expert assignments, R dispatch rows, C capacity
-(rows) per expert, S devices on the `expert` mesh axis.
+(rows) per expert, S devices on the `expert` mesh axis, N blocks of Z rows (the block layout).
 
 One interface, `routed_experts`, with the implementation named by `model.dispatch`:
   - 'dropless' (sort + dense einsums): assignments sorted by expert into [E, C] slots, C chosen at
@@ -28,11 +28,36 @@ compute dtype.
 """
 import functools
 import math
+from dataclasses import dataclass
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import a2a, precision
+from moejax.errors import check, one_of
+
+
+@dataclass(frozen=True)
+class DispatchConfig:
+  """What the expert dispatch depends on: `model.dispatch`, `model.capacity_factor`, the number of
+  real experts, and whether the MLP matmuls run in fp8 (`model.precision`)."""
+  name: str = 'auto'
+  capacity_factor: float = 1.25
+  num_experts: int = 16
+  fp8: bool = False
+
+  def __post_init__(self):
+    one_of(self.name, DISPATCH_NAMES, 'model.dispatch')
+    check(self.capacity_factor > 0, 'model.capacity_factor', f'must be positive, got {self.capacity_factor}')
+    check(not (self.fp8 and self.name in GROUPED_DISPATCHES), 'model.dispatch',
+          f'{self.name!r} has no fp8 path; use dropless, capacity or capacity_a2a with precision fp8')
+
+  @classmethod
+  def from_config(cls, m) -> 'DispatchConfig':
+    return cls(name=m.dispatch, capacity_factor=m.capacity_factor, num_experts=m.num_experts,
+               fp8=m.precision == 'fp8')
 
 
 def _swiglu(x_NSD, w_gate_NDF, w_up_NDF, w_down_NFD, einsum=jnp.einsum):
@@ -60,6 +85,14 @@ def _rows_to_tokens(row_A, num_rows: int, K: int, T: int):
   return tok_R.at[row_A].set(jnp.arange(row_A.shape[0], dtype=jnp.int32) // K)[:num_rows]
 
 
+def _gather_rows(x_TD, row_A, num_rows: int, K: int):
+  """The dispatch buffer x_RD: row r holds the token whose assignment occupies it (zeros where no
+  assignment does; row_A = num_rows marks an assignment that occupies none)."""
+  T, D = x_TD.shape
+  tok_R = _rows_to_tokens(row_A, num_rows, K, T)
+  return jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)])[tok_R]
+
+
 def _combine(out_RD, row_A, weight_TK):
   """Gathers each assignment's output row (dropped -> zeros) and sums over k with the weights."""
   T, K = weight_TK.shape
@@ -75,32 +108,30 @@ def _capacity_ffn(C: int, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF,
   E = w_gate_EDF.shape[0]
   kept_A = valid_A & (rank_A < C)
   row_A = jnp.where(kept_A, local_A * C + rank_A, E * C)
-  tok_R = _rows_to_tokens(row_A, E * C, K, T)
-  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
-  out_ECD = _swiglu(x_TD[tok_R].reshape(E, C, -1), w_gate_EDF, w_up_EDF, w_down_EFD, einsum)
+  x_ECD = _gather_rows(x_TD, row_A, E * C, K).reshape(E, C, -1)
+  out_ECD = _swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, einsum)
   dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
   return _combine(out_ECD.reshape(E * C, -1), row_A, weight_TK), dropped
 
 
-def _block_ffn(S: int, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, w_gate_EDF, w_up_EDF,
+def _block_ffn(Z: int, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, w_gate_EDF, w_up_EDF,
                w_down_EFD, einsum=jnp.einsum):
-  """Any load: each expert's rows padded to blocks of S rows, each block with its expert's weights.
+  """Any load: each expert's rows padded to blocks of Z rows, each block with its expert's weights.
 
-  Rows are bounded by T*K + E*(S-1) whatever the imbalance, at the price of gathering one weight
+  Rows are bounded by T*K + E*(Z-1) whatever the imbalance, at the price of gathering one weight
   copy per block; the dropless fallback when the busiest expert outgrows every capacity bucket."""
   T, K = weight_TK.shape
   E = w_gate_EDF.shape[0]
-  padded_E = (count_E + S - 1) // S * S
+  padded_E = (count_E + Z - 1) // Z * Z
   end_E = jnp.cumsum(padded_E)
-  R = (T * K + E * (S - 1) + S - 1) // S * S
-  N = R // S
+  R = (T * K + E * (Z - 1) + Z - 1) // Z * Z
+  N = R // Z
   row_A = jnp.where(valid_A, (end_E - padded_E)[local_A] + rank_A, R)
-  block_expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(N) * S, side='right'), E - 1)
-  tok_R = _rows_to_tokens(row_A, R, K, T)
-  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
-  out_NSD = _swiglu(x_TD[tok_R].reshape(N, S, -1), w_gate_EDF[block_expert_N],
+  block_expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(N) * Z, side='right'), E - 1)
+  x_NZD = _gather_rows(x_TD, row_A, R, K).reshape(N, Z, -1)
+  out_NZD = _swiglu(x_NZD, w_gate_EDF[block_expert_N],
                     w_up_EDF[block_expert_N], w_down_EFD[block_expert_N], einsum)
-  return _combine(out_NSD.reshape(R, -1), row_A, weight_TK), jnp.zeros((), jnp.float32)
+  return _combine(out_NZD.reshape(R, -1), row_A, weight_TK), jnp.zeros((), jnp.float32)
 
 
 def _layout_ffn(layout, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd,
@@ -154,21 +185,32 @@ def _switch_bwd(layouts, einsum, res, cotangent):
 _switch_ffn.defvjp(_switch_fwd, _switch_bwd)
 
 
-def dropless_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset,
-                     capacity_factor: float, num_experts: int, einsum=jnp.einsum):
+@dataclass(frozen=True)
+class ExpertGroup:
+  """Where a dispatch runs: one device of the expert group, inside `shard_map`. Every dispatch
+  implementation takes (x_TD, expert_TK, weight_TK, w_gate, w_up, w_down, group) and returns
+  (y_TD, dropped assignments); the local-expert kernels under the all-gather transport also take
+  `offset`, the id of the device's first expert."""
+  axis: str | None          # the expert mesh axis; None when every expert is local
+  size: int                 # S, devices on that axis
+  cfg: DispatchConfig
+  einsum: Callable          # jnp.einsum, or the fp8 einsum (moejax.precision)
+
+
+def dropless_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, offset,
+                     group: ExpertGroup):
   """Never drops: picks at run time the cheapest static layout that holds the busiest local expert.
 
   With balanced routing that is an [E, C] capacity layout of ~T*K*(1 + MaxVio) rows, whatever E;
-  past 2x the mean load, the block layout bounds the rows at T*K + E*(S-1). `lax.switch` runs
-  only the chosen branch."""
-  del capacity_factor
+  past 2x the mean load, the block layout bounds the rows at T*K + E*(Z-1). `lax.switch` runs
+  only the chosen branch. The gathered rows of the group's devices count as one set of tokens."""
   T, K = expert_TK.shape
   E = w_gate_EDF.shape[0]
   local_A, valid_A, rank_A, count_E = _group_by_expert(expert_TK.reshape(-1), E, offset)
-  layouts = dropless_layouts(T, K, num_experts, E)
+  layouts = dropless_layouts(T, K, group.cfg.num_experts, E)
   caps = jnp.asarray([size for kind, size in layouts if kind == 'capacity'])
   branch = jnp.searchsorted(caps, count_E.max())  # first capacity >= the max load, else blocks
-  return _switch_ffn(layouts, einsum, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
+  return _switch_ffn(layouts, group.einsum, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
                      w_gate_EDF, w_up_EDF, w_down_EFD)
 
 
@@ -177,26 +219,25 @@ def capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: flo
   return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def capacity_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset,
-                     capacity_factor: float, num_experts: int, num_sources: int = 1, einsum=jnp.einsum):
+def capacity_experts(x_TD, expert_TK, weight_TK, w_gate_JDF, w_up_JDF, w_down_JFD, offset,
+                     group: ExpertGroup):
   """Each expert takes the first C assignments of each source device's tokens, in token order.
 
-  The rows are the gathered tokens of `num_sources` devices (source-major). Slots are laid out
-  [L, S, C], as `capacity_a2a` receives them, so both drop the same assignments."""
-  S = num_sources
+  The rows are the gathered tokens of the group's S devices (source-major). Slots are laid out
+  [J, S, C] (J local experts), as `capacity_a2a` receives them, so both drop the same assignments."""
+  S = group.size
   T, K = expert_TK.shape[0] // S, expert_TK.shape[1]
-  L = w_gate_EDF.shape[0]
-  C = capacity(T, K, num_experts, capacity_factor)
-  local_SA, valid_SA, rank_SA, _ = jax.vmap(lambda e: _group_by_expert(e, L, offset))(
+  J = w_gate_JDF.shape[0]
+  C = capacity(T, K, group.cfg.num_experts, group.cfg.capacity_factor)
+  local_SA, valid_SA, rank_SA, _ = jax.vmap(lambda e: _group_by_expert(e, J, offset))(
       expert_TK.reshape(S, T * K))
   kept_SA = valid_SA & (rank_SA < C)
-  row_SA = jnp.where(kept_SA, local_SA * (S * C) + jnp.arange(S)[:, None] * C + rank_SA, L * S * C)
+  row_SA = jnp.where(kept_SA, local_SA * (S * C) + jnp.arange(S)[:, None] * C + rank_SA, J * S * C)
   row_A = row_SA.reshape(-1)
-  tok_R = _rows_to_tokens(row_A, L * S * C, K, S * T)
-  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
-  out_LND = _swiglu(x_TD[tok_R].reshape(L, S * C, -1), w_gate_EDF, w_up_EDF, w_down_EFD, einsum)
+  x_JND = _gather_rows(x_TD, row_A, J * S * C, K).reshape(J, S * C, -1)
+  out_JND = _swiglu(x_JND, w_gate_JDF, w_up_JDF, w_down_JFD, group.einsum)
   dropped = jnp.sum(valid_SA & ~kept_SA).astype(jnp.float32)
-  return _combine(out_LND.reshape(L * S * C, -1), row_A, weight_TK), dropped
+  return _combine(out_JND.reshape(J * S * C, -1), row_A, weight_TK), dropped
 
 
 # ----------------------------------------------------------------------------- grouped matmuls
@@ -234,56 +275,56 @@ def _round_up(n: int, m: int) -> int:
   return (n + m - 1) // m * m
 
 
-def grouped_experts(x_TD, expert_TK, weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD, *, offset, matmul,
-                    **_):
-  """Dropless: local assignments sorted by expert, one grouped matmul per projection."""
-  T, K = expert_TK.shape
-  L = w_gate_EDF.shape[0]
-  local_A, valid_A, rank_A, count_L = _group_by_expert(expert_TK.reshape(-1), L, offset)
-  R = _round_up(T * K, 8)
-  row_A = jnp.where(valid_A, (jnp.cumsum(count_L) - count_L)[local_A] + rank_A, R)
-  tok_R = _rows_to_tokens(row_A, R, K, T)
-  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
-  out_RD = _grouped_swiglu(x_TD[tok_R], w_gate_EDF, w_up_EDF, w_down_EFD, count_L, matmul)
-  return _combine(out_RD, row_A, weight_TK), jnp.zeros((), jnp.float32)
+def grouped_experts(matmul: str):
+  """Dropless local experts with the grouped matmul `matmul` (GROUPED_MATMULS): local assignments
+  sorted by expert, one grouped matmul per projection (no fp8 path: group.einsum is not used)."""
+  def experts(x_TD, expert_TK, weight_TK, w_gate_JDF, w_up_JDF, w_down_JFD, offset, group: ExpertGroup):
+    T, K = expert_TK.shape
+    J = w_gate_JDF.shape[0]
+    local_A, valid_A, rank_A, count_J = _group_by_expert(expert_TK.reshape(-1), J, offset)
+    R = _round_up(T * K, 8)
+    row_A = jnp.where(valid_A, (jnp.cumsum(count_J) - count_J)[local_A] + rank_A, R)
+    out_RD = _grouped_swiglu(_gather_rows(x_TD, row_A, R, K), w_gate_JDF, w_up_JDF, w_down_JFD, count_J,
+                             GROUPED_MATMULS[matmul])
+    return _combine(out_RD, row_A, weight_TK), jnp.zeros((), jnp.float32)
+  return experts
 
 
 # ----------------------------------------------------------------------------- transports
-# Each runs on one device's shard inside `shard_map`: (x_TD, expert_TK, weight_TK, local expert
-# weights) -> (y_TD, dropped assignments); `ep` is the expert mesh axis (None without one), S its size.
 
-def _gathered(experts_fn, x_TD, expert_TK, weight_TK, wg, wu, wd, *, ep, S, cfg, einsum):
-  """All-gather the expert group's tokens, run the local experts, `psum_scatter` the outputs."""
-  offset = 0
-  if ep is not None:
-    x_TD, expert_TK, weight_TK = (jax.lax.all_gather(a, ep, tiled=True) for a in (x_TD, expert_TK, weight_TK))
-    offset = jax.lax.axis_index(ep) * wg.shape[0]
-  y_TD, dropped = experts_fn(x_TD, expert_TK, weight_TK, wg, wu, wd, offset=offset, num_sources=S,
-                             capacity_factor=cfg.capacity_factor, num_experts=cfg.num_experts,
-                             einsum=einsum)
-  if ep is not None:
-    y_TD = jax.lax.psum_scatter(y_TD, ep, scatter_dimension=0, tiled=True)
-  return y_TD, dropped
+def gathered(experts_fn):
+  """The transport for local-expert kernels: all-gather the expert group's tokens, run the local
+  experts on them, `psum_scatter` the outputs back to their devices."""
+  def dispatch(x_TD, expert_TK, weight_TK, wg, wu, wd, group: ExpertGroup):
+    offset = 0
+    if group.axis is not None:
+      x_TD, expert_TK, weight_TK = (jax.lax.all_gather(a, group.axis, tiled=True)
+                                    for a in (x_TD, expert_TK, weight_TK))
+      offset = jax.lax.axis_index(group.axis) * wg.shape[0]
+    y_TD, dropped = experts_fn(x_TD, expert_TK, weight_TK, wg, wu, wd, offset, group)
+    if group.axis is not None:
+      y_TD = jax.lax.psum_scatter(y_TD, group.axis, scatter_dimension=0, tiled=True)
+    return y_TD, dropped
+  return dispatch
 
 
-def capacity_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, *, ep, S, cfg, einsum):
+def capacity_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, group: ExpertGroup):
   """Capacity slots [E, C] filled from this device's tokens, sent to the experts' owners with
-  `all_to_all`: each device receives [S, L, C] rows, runs its L experts, and sends them back."""
+  `all_to_all`: each device receives [S, J, C] rows, runs its J experts, and sends them back."""
+  ep, S = group.axis, group.size
   T, K = expert_TK.shape
-  L = wg.shape[0]
-  E = S * L
-  C = capacity(T, K, cfg.num_experts, cfg.capacity_factor)
+  J = wg.shape[0]
+  E = S * J
+  C = capacity(T, K, group.cfg.num_experts, group.cfg.capacity_factor)
   expert_A, valid_A, rank_A, _ = _group_by_expert(expert_TK.reshape(-1), E, 0)
   kept_A = valid_A & (rank_A < C)
   row_A = jnp.where(kept_A, expert_A * C + rank_A, E * C)
-  tok_R = _rows_to_tokens(row_A, E * C, K, T)
-  x_TD = jnp.concatenate([x_TD, jnp.zeros((1, x_TD.shape[1]), x_TD.dtype)])
-  x_SND = x_TD[tok_R].reshape(S, L * C, -1)             # by destination device
+  x_SND = _gather_rows(x_TD, row_A, E * C, K).reshape(S, J * C, -1)   # by destination device
   if ep is not None:
     x_SND = jax.lax.all_to_all(x_SND, ep, 0, 0)         # by source device
-  x_LND = x_SND.reshape(S, L, C, -1).swapaxes(0, 1).reshape(L, S * C, -1)
-  out_LND = _swiglu(x_LND, wg, wu, wd, einsum)
-  out_SND = out_LND.reshape(L, S, C, -1).swapaxes(0, 1).reshape(S, L * C, -1)
+  x_JND = x_SND.reshape(S, J, C, -1).swapaxes(0, 1).reshape(J, S * C, -1)
+  out_JND = _swiglu(x_JND, wg, wu, wd, group.einsum)
+  out_SND = out_JND.reshape(J, S, C, -1).swapaxes(0, 1).reshape(S, J * C, -1)
   if ep is not None:
     out_SND = jax.lax.all_to_all(out_SND, ep, 0, 0)
   dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
@@ -295,33 +336,32 @@ def _ragged_exchange():
   return a2a.ragged_all_to_all_dense if platform == 'cpu' else jax.lax.ragged_all_to_all
 
 
-def ragged_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, *, ep, S, cfg, einsum):
+def ragged_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, group: ExpertGroup):
   """Dropless: rows sorted by global expert go to their owners with `ragged_all_to_all`, are regrouped
-  by local expert for a grouped matmul, and come back the same way.
+  by local expert for a grouped matmul, and come back the same way (no fp8 path).
 
   The receive buffer holds S*A rows, the most one device can get (every token of the group on its
   experts), so nothing is dropped whatever the imbalance."""
-  del einsum
-  matmul = GROUPED_MATMULS['gmm' if jax.devices()[0].platform == 'tpu' else 'ragged_dot']
+  matmul = 'gmm' if jax.devices()[0].platform == 'tpu' else 'ragged_dot'
+  ep, S = group.axis, group.size
   if ep is None:
-    return grouped_experts(x_TD, expert_TK, weight_TK, wg, wu, wd, offset=0, matmul=matmul)
+    return grouped_experts(matmul)(x_TD, expert_TK, weight_TK, wg, wu, wd, 0, group)
   T, K = expert_TK.shape
-  A, L, D = T * K, wg.shape[0], x_TD.shape[1]
-  expert_A, valid_A, rank_A, count_E = _group_by_expert(expert_TK.reshape(-1), S * L, 0)
+  A, J, D = T * K, wg.shape[0], x_TD.shape[1]
+  expert_A, valid_A, rank_A, count_E = _group_by_expert(expert_TK.reshape(-1), S * J, 0)
   row_A = jnp.where(valid_A, (jnp.cumsum(count_E) - count_E)[expert_A] + rank_A, A)
-  tok_R = _rows_to_tokens(row_A, A, K, T)
-  x_AD = jnp.concatenate([x_TD, jnp.zeros((1, D), x_TD.dtype)])[tok_R]
-  counts_SL = count_E.reshape(S, L).astype(jnp.int32)
-  recv_counts_SL = jax.lax.all_to_all(counts_SL, ep, 0, 0)
-  input_offsets, send_sizes = a2a.send_layout(counts_SL)
-  recv_offsets, recv_sizes = a2a.recv_layout(recv_counts_SL)
+  x_AD = _gather_rows(x_TD, row_A, A, K)
+  counts_SJ = count_E.reshape(S, J).astype(jnp.int32)
+  recv_counts_SJ = jax.lax.all_to_all(counts_SJ, ep, 0, 0)
+  input_offsets, send_sizes = a2a.send_layout(counts_SJ)
+  recv_offsets, recv_sizes = a2a.recv_layout(recv_counts_SJ)
   output_offsets = jax.lax.all_to_all(recv_offsets, ep, 0, 0, tiled=True)
   exchange = functools.partial(_ragged_exchange(), axis_name=ep)
   R = _round_up(S * A, 8)
   x_RD = exchange(x_AD, jnp.zeros((R, D), x_AD.dtype), input_offsets, send_sizes, output_offsets,
                   recv_sizes)
-  order_R = jnp.argsort(a2a.received_row_experts(recv_counts_SL, R), stable=True)
-  out_RD = _grouped_swiglu(x_RD[order_R], wg, wu, wd, recv_counts_SL.sum(0), matmul)
+  order_R = jnp.argsort(a2a.received_row_experts(recv_counts_SJ, R), stable=True)
+  out_RD = _grouped_swiglu(x_RD[order_R], wg, wu, wd, recv_counts_SJ.sum(0), GROUPED_MATMULS[matmul])
   out_RD = jnp.zeros_like(out_RD).at[order_R].set(out_RD)
   back_offsets = jax.lax.all_to_all(input_offsets, ep, 0, 0, tiled=True)
   y_AD = exchange(out_RD, jnp.zeros((A, D), out_RD.dtype), recv_offsets, recv_sizes, back_offsets,
@@ -329,25 +369,12 @@ def ragged_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, *, ep, S, cfg, einsum):
   return _combine(y_AD, row_A, weight_TK), jnp.zeros((), jnp.float32)
 
 
-def _grouped(name):
-  def experts(*args, offset, **_):
-    return grouped_experts(*args, offset=offset, matmul=GROUPED_MATMULS[name])
-  return experts
-
-
-def _no_sources(experts_fn):
-  def experts(*args, num_sources, **kw):
-    del num_sources   # the dropless layouts treat the gathered tokens as one group
-    return experts_fn(*args, **kw)
-  return experts
-
-
 DISPATCHES = {
-    'dropless': functools.partial(_gathered, _no_sources(dropless_experts)),
-    'capacity': functools.partial(_gathered, capacity_experts),
+    'dropless': gathered(dropless_experts),
+    'capacity': gathered(capacity_experts),
     'capacity_a2a': capacity_a2a,
-    'ragged_dot': functools.partial(_gathered, _grouped('ragged_dot')),
-    'gmm': functools.partial(_gathered, _grouped('gmm')),
+    'ragged_dot': gathered(grouped_experts('ragged_dot')),
+    'gmm': gathered(grouped_experts('gmm')),
     'ragged_a2a': ragged_a2a,
 }
 DISPATCH_NAMES = ('auto', *DISPATCHES)
@@ -369,7 +396,8 @@ def resolve_dispatch(name: str, platform: str, expert_axis_size: int, fp8: bool 
   return 'dropless'
 
 
-def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, batch_axes):
+def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: DispatchConfig, mesh,
+                   batch_axes):
   """Runs the routed experts under shard_map: tokens sharded over `batch_axes`, experts over
   'expert' and their hidden units F over 'tensor' (when the mesh has those axes).
 
@@ -380,16 +408,14 @@ def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg, mesh, b
   Assignments to zero-computation experts (ids >= num_experts) are local to no device, so they are
   not dispatched; the caller adds their identity output. Returns (y_TD, dropped assignments over
   the global batch)."""
-  ep = 'expert' if 'expert' in mesh.axis_names else None
-  S = mesh.shape['expert'] if ep else 1
-  fp8 = precision.fp8_mlp(cfg)
-  name = resolve_dispatch(cfg.dispatch, mesh.devices.flat[0].platform, S, fp8)
-  ep_axis, ep = ep, (ep if S > 1 else None)
+  ep_axis = 'expert' if 'expert' in mesh.axis_names else None
+  S = mesh.shape['expert'] if ep_axis else 1
+  name = resolve_dispatch(cfg.name, mesh.devices.flat[0].platform, S, cfg.fp8)
   tp = 'tensor' if 'tensor' in mesh.axis_names else None
-  dispatch = functools.partial(DISPATCHES[name], ep=ep, S=S, cfg=cfg, einsum=precision.einsum_for(fp8))
+  group = ExpertGroup(ep_axis if S > 1 else None, S, cfg, precision.einsum_for(cfg.fp8))
 
   def local(*args):
-    y_TD, dropped = dispatch(*args)
+    y_TD, dropped = DISPATCHES[name](*args, group)
     if tp is not None:   # sum the F slices' partial outputs
       y_TD = jax.lax.psum(y_TD, tp)
     # tensor ranks see the same assignments: count their drops once

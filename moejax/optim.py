@@ -2,7 +2,7 @@
 
 `config.optim.groups.<group>` declares a group: `match`, a rule over parameter paths and logical
 axes; `name`, any `optax.*` or `optax.contrib.*` constructor (`adamw`, `lion`, `contrib.muon`, ...;
-'' = `optim.name`); `kwargs` for it ('nesterov=True, ns_steps=6'); its own `lr`, `schedule`,
+None = `optim.name`); `kwargs` for it ('nesterov=True, ns_steps=6'); its own `lr`, `schedule`,
 `multiplier`, and decoupled `weight_decay` applied where `decay_mask` matches. Every parameter falls
 in exactly one group. The chain is global-norm clipping followed by `optax.partition` over the
 groups, each group wrapped in `optax.inject_hyperparams` so its learning rate lives in the
@@ -28,12 +28,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from moejax.errors import ConfigError
+
 STACK_AXES = ('layers', 'expert')
 SCHEDULE_NAMES = ('cosine', 'wsd', 'constant', 'linear')
 
 
 def _fail(field: str, problem: str):
-  from moejax.validate import ConfigError   # validate imports this module
   raise ConfigError(f'{field}: {problem}')
 
 
@@ -165,12 +166,17 @@ def _decoupled_decay(learning_rate, weight_decay: float):
   return optax.stateless(lambda u, p: jax.tree.map(lambda u, p: u - learning_rate * weight_decay * p, u, p))
 
 
+def inherit(group_value, default):
+  """A group's own setting, or the optim-wide one where the group leaves it None."""
+  return default if group_value is None else group_value
+
+
 def group_spec(o, g: str, total_steps: int):
   """(transform factory of learning_rate, schedule) for group g, from config with inheritance."""
   c = o.groups[g]
   field = f'optim.groups.{g}'
-  name = c.name or o.name
-  ctor = resolve_transform(name, f'{field}.name' if c.name else 'optim.name')
+  name = inherit(c.name, o.name)
+  ctor = resolve_transform(name, f'{field}.name' if c.name is not None else 'optim.name')
   params = _params(ctor)
   kwargs = parse_kwargs(c.kwargs, f'{field}.kwargs')
   for k in kwargs:
@@ -178,9 +184,9 @@ def group_spec(o, g: str, total_steps: int):
       _fail(f'{field}.kwargs', f'{name} takes no argument {k!r}')
   defaults = {'b1': o.b1, 'b2': o.b2, 'eps': o.eps, 'weight_decay': 0.0}  # decay is applied below
   kwargs = {**{k: v for k, v in defaults.items() if k in params}, **kwargs}
-  peak = (c.lr or o.lr) * c.multiplier
-  schedule = make_schedule(c.schedule or o.schedule, peak, o, total_steps, f'{field}.schedule')
-  wd = o.weight_decay if c.weight_decay < 0 else c.weight_decay
+  peak = inherit(c.lr, o.lr) * c.multiplier
+  schedule = make_schedule(inherit(c.schedule, o.schedule), peak, o, total_steps, f'{field}.schedule')
+  wd = inherit(c.weight_decay, o.weight_decay)
   decay_rule = parse_rule(c.decay_mask, f'{field}.decay_mask')
   return name, ctor, kwargs, schedule, wd, decay_rule, 'muon_weight_dimension_numbers' in params
 
@@ -224,7 +230,8 @@ def validate_optim(o, axes_tree, total_steps: int):
   _check(0 < o.decay_frac <= 1, 'optim.decay_frac', f'must be in (0, 1], got {o.decay_frac}')
   _check(len(o.groups) > 0, 'optim.groups', 'needs at least one group')
   for g in o.groups:
-    _check(o.groups[g].lr >= 0, f'optim.groups.{g}.lr', 'must be >= 0 (0 = optim.lr)')
+    lr = o.groups[g].lr
+    _check(lr is None or lr > 0, f'optim.groups.{g}.lr', f'must be positive (or None = optim.lr), got {lr}')
     group_spec(o, g, total_steps)
   tx, _ = make_optimizer(o, total_steps, axes_tree)
   # Constructors check some arguments only when called: surface those as config errors too.
@@ -250,7 +257,8 @@ def group_table(o, axes_tree, shapes_tree) -> str:
   for g in o.groups:
     c = o.groups[g]
     n = [s for lab, s in zip(labels, sizes) if lab == g]
-    rows.append(f'{g:<10} {c.name or o.name:<22} {(c.lr or o.lr) * c.multiplier:>9.3g} {len(n):>7} {sum(n):>10,}')
+    rows.append(f'{g:<10} {inherit(c.name, o.name):<22} {inherit(c.lr, o.lr) * c.multiplier:>9.3g} '
+                f'{len(n):>7} {sum(n):>10,}')
   return '\n'.join(rows)
 
 

@@ -1,7 +1,7 @@
 """Precision policies (`config.model.precision`) and the fp8 matmul used by the MLP weights.
 
   policy  parameters  compute   expert + dense MLP matmuls
-  fp32    float32     model.compute_dtype (float32 unless set)
+  fp32    float32     float32
   bf16    float32     bfloat16
   fp8     float32     bfloat16  fp8: e4m3 operands forward, e5m2 gradients backward
 
@@ -23,7 +23,8 @@ E4M3, E5M2 = jnp.float8_e4m3fn, jnp.float8_e5m2
 
 
 def compute_dtype(cfg):
-  return jnp.dtype(cfg.compute_dtype) if cfg.precision == 'fp32' else jnp.dtype(jnp.bfloat16)
+  """The activations' dtype under `cfg.precision`."""
+  return jnp.dtype(jnp.float32) if cfg.precision == 'fp32' else jnp.dtype(jnp.bfloat16)
 
 
 def fp8_mlp(cfg) -> bool:

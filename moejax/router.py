@@ -21,6 +21,57 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from moejax.errors import check, non_negative, one_of
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+  """What routing and the bias update depend on: `model.router`, the headline `model.num_experts`,
+  `top_k` and `bias_update_rate`, and `model.loss.balance_scope` (how the balance loss groups tokens)."""
+  num_experts: int
+  top_k: int
+  score: str = 'sigmoid'
+  norm_topk: bool = True
+  routed_scaling: float = 1.0
+  num_zero_experts: int = 0
+  target_active_experts: float = 0.0
+  bias_update_rate: float = 1e-2
+  bias_update_mode: str = 'sign'
+  bias_update_schedule: str = 'constant'
+  bias_update_final: float = 0.1
+  bias_center: bool = False
+  balance_scope: str = 'sequence'
+
+  def __post_init__(self):
+    check(isinstance(self.num_experts, int) and self.num_experts >= 1, 'model.num_experts',
+          f'must be >= 1, got {self.num_experts}')
+    check(isinstance(self.num_zero_experts, int) and self.num_zero_experts >= 0,
+          'model.router.num_zero_experts', f'must be >= 0, got {self.num_zero_experts}')
+    check(isinstance(self.top_k, int) and 1 <= self.top_k <= self.num_routed, 'model.top_k',
+          f'{self.top_k} must be between 1 and model.num_experts ({self.num_experts})'
+          + (f' + model.router.num_zero_experts ({self.num_zero_experts})' if self.num_zero_experts else ''))
+    one_of(self.score, ('sigmoid', 'softmax'), 'model.router.score')
+    non_negative(self.bias_update_rate, 'model.bias_update_rate')
+    one_of(self.bias_update_mode, ('sign', 'proportional'), 'model.router.bias_update_mode')
+    one_of(self.bias_update_schedule, ('constant', 'linear'), 'model.router.bias_update_schedule')
+    one_of(self.balance_scope, ('sequence', 'global'), 'model.loss.balance_scope')
+    if self.num_zero_experts:
+      check(0 < self.target_active_experts <= self.top_k, 'model.router.target_active_experts',
+            f'{self.target_active_experts} must be in (0, model.top_k={self.top_k}] with '
+            'zero-computation experts')
+      check(not self.bias_center, 'model.router.bias_center',
+            'centring the bias update would cancel the steering towards target_active_experts')
+
+  @property
+  def num_routed(self) -> int:
+    """Routing pool: real + zero-computation experts."""
+    return self.num_experts + self.num_zero_experts
+
+  @classmethod
+  def from_config(cls, m) -> 'RouterConfig':
+    return cls(num_experts=m.num_experts, top_k=m.top_k, bias_update_rate=m.bias_update_rate,
+               balance_scope=m.loss.balance_scope, **m.router)
+
 
 @dataclass(frozen=True)
 class Routing:
@@ -29,11 +80,6 @@ class Routing:
   load_E: jax.Array        # float32 assignments per expert (real then zero experts)
   balance_loss: jax.Array
   z_loss: jax.Array
-  stats: dict              # scalar router diagnostics (entropy, margins, real experts per token)
-
-
-def num_routed(cfg) -> int:
-  return cfg.num_experts + cfg.num_zero_experts
 
 
 def balance_loss(chosen_TE, scores_TE, K: int, group_size: int):
@@ -64,15 +110,20 @@ def router_stats(scores_TE, selection_TE, expert_TK, num_real: int) -> dict:
   return stats
 
 
-def route(x_TD, router_DE, bias_E, cfg, seq_len: int) -> Routing:
-  """Top-k routing in float32. `seq_len` groups tokens into sequences for the sequence-wise loss."""
-  K = cfg.top_k
+def router_scores(x_TD, router_DE, bias_E, cfg: RouterConfig):
+  """(logits_TE, scores_TE, selection_TE = scores + the selection-only bias), float32."""
   logits_TE = jnp.einsum('td,de->te', x_TD.astype(jnp.float32), router_DE.astype(jnp.float32))
-  if cfg.router_score == 'sigmoid':
+  if cfg.score == 'sigmoid':
     scores_TE = jax.nn.sigmoid(logits_TE)
   else:
     scores_TE = jax.nn.softmax(logits_TE, axis=-1)
-  selection_TE = scores_TE + jax.lax.stop_gradient(bias_E)
+  return logits_TE, scores_TE, scores_TE + jax.lax.stop_gradient(bias_E)
+
+
+def route(x_TD, router_DE, bias_E, cfg: RouterConfig, seq_len: int) -> Routing:
+  """Top-k routing in float32. `seq_len` groups tokens into sequences for the sequence-wise loss."""
+  K = cfg.top_k
+  logits_TE, scores_TE, selection_TE = router_scores(x_TD, router_DE, bias_E, cfg)
   _, expert_TK = jax.lax.top_k(selection_TE, K)
   weight_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
   if cfg.norm_topk:
@@ -80,12 +131,18 @@ def route(x_TD, router_DE, bias_E, cfg, seq_len: int) -> Routing:
   weight_TK = weight_TK * cfg.routed_scaling
 
   chosen_TE = jax.nn.one_hot(expert_TK, scores_TE.shape[-1], dtype=jnp.float32).sum(1)
-  group = seq_len if cfg.balance_loss_scope == 'sequence' else x_TD.shape[0]
+  group = seq_len if cfg.balance_scope == 'sequence' else x_TD.shape[0]
   return Routing(
       expert_TK=expert_TK.astype(jnp.int32), weight_TK=weight_TK, load_E=chosen_TE.sum(0),
       balance_loss=balance_loss(chosen_TE, scores_TE, K, group),
-      z_loss=jnp.mean(jax.nn.logsumexp(logits_TE, axis=-1) ** 2),
-      stats=router_stats(scores_TE, selection_TE, expert_TK, cfg.num_experts))
+      z_loss=jnp.mean(jax.nn.logsumexp(logits_TE, axis=-1) ** 2))
+
+
+def stats(x_TD, router_DE, bias_E, cfg: RouterConfig) -> dict:
+  """Router diagnostics of one layer's tokens (log steps only; see router_stats)."""
+  _, scores_TE, selection_TE = router_scores(x_TD, router_DE, bias_E, cfg)
+  _, expert_TK = jax.lax.top_k(selection_TE, cfg.top_k)
+  return router_stats(scores_TE, selection_TE, expert_TK, cfg.num_experts)
 
 
 def target_load(load_LE, num_real: int, target_active: float | None, top_k: int):
@@ -116,7 +173,14 @@ def update_router_bias(bias_LE, load_LE, rate, *, num_real: int | None = None,
   return bias_LE + delta_LE
 
 
-def bias_rate(cfg, step, total_steps: int):
+def update_bias(bias_LE, load_LE, cfg: RouterConfig, step, total_steps: int):
+  """The train step's bias update: the configured rate, schedule, mode, centring and target."""
+  return update_router_bias(bias_LE, load_LE, bias_rate(cfg, step, total_steps), num_real=cfg.num_experts,
+                            target_active=cfg.target_active_experts or cfg.top_k,
+                            mode=cfg.bias_update_mode, center=cfg.bias_center, top_k=cfg.top_k)
+
+
+def bias_rate(cfg: RouterConfig, step, total_steps: int):
   """The bias update rate at `step`: constant, or decaying linearly to rate * bias_update_final."""
   if cfg.bias_update_schedule == 'constant':
     return cfg.bias_update_rate

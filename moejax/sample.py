@@ -10,6 +10,7 @@ import ml_collections
 
 from moejax import checkpoint, decode
 from moejax.data import pipeline
+from moejax.model_config import ModelConfig
 from moejax.state import setup
 
 
@@ -35,7 +36,7 @@ def generate(config, mesh, params, router_bias, prompt_ids: list[int], max_new: 
   it is full, the caches restart from its latest seq_len // 2 tokens."""
   if not prompt_ids:
     raise ValueError('prompt: empty (nothing to continue)')
-  cfg, T = config.model, config.train.seq_len
+  cfg, T = ModelConfig.from_config(config.model), config.train.seq_len
 
   @jax.jit
   def step(params, router_bias, caches, token, pos, key):

@@ -1,70 +1,31 @@
 """The sharded train state: built from the config (or its abstract shape for restoring).
 
-State = {step, params, opt_state, router_bias, balance_coef, rng}; the router bias and the
-balance coefficients per MoE layer are updated by the train step, not by the optimizer. Shardings come from the parameters' logical
-axes and `config.sharding`; the optimizer state takes the shardings of the parameters it mirrors.
+State = {step, params, opt_state, router_bias, balance_coef}; the router bias and the balance
+coefficients per MoE layer are updated by the train step, not by the optimizer. Shardings come from
+the parameters' logical axes and `config.sharding`; the optimizer state takes the shardings of the
+parameters it mirrors. Building the state reads no data (moejax.data.ensure prepares it for training).
 """
-import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
-from jax.experimental import multihost_utils
 
-from moejax import grow, model, optim, router, sharding, transfer
-from moejax.data.prepare import prepare
+from moejax import grow, model, optim, sharding, transfer
+from moejax.model_config import ModelConfig
 from moejax.params import init_params, logical_axes
-from moejax.validate import validate, validate_data
+from moejax.validate import validate
 
 
 @dataclass
 class Setup:
   """Everything derived from the config that the step functions close over."""
   config: object
+  model: ModelConfig            # the typed model config the step functions pass on
   mesh: object
   tx: object
-  schedules: dict               # group -> learning-rate schedule
   state_shardings: dict
   batch_sharding: object
   abstract_state: dict
-
-
-def ensure_data(config):
-  """Prepares `data.dir` from the raw text in `data.raw` (a no-op when it is up to date). A data.dir
-  prepared some other way (other inputs, e.g. raw text plus rephrasings, or a given tokenizer) is
-  left as it is.
-
-  With several processes, process 0 prepares first and the others then find it up to date on a
-  shared file system (or prepare the same bytes on their own disks)."""
-  if jax.process_count() > 1:
-    if jax.process_index() == 0:
-      _prepare(config)
-    multihost_utils.sync_global_devices('moejax.ensure_data')
-    if jax.process_index() == 0:
-      return
-  _prepare(config)
-
-
-def _prepare(config):
-  d = config.data
-  if not (d.raw and os.path.isdir(d.raw)):
-    return
-  manifest = Path(d.dir) / 'manifest.json'
-  if manifest.is_file():
-    try:
-      m = json.loads(manifest.read_text())
-    except json.JSONDecodeError:
-      m = None   # unreadable: prepare it again
-    if m is not None and ([Path(p).resolve() for p in m.get('inputs', [])] != [Path(d.raw).resolve()]
-                          or m.get('args', {}).get('tokenizer_sha256')):
-      return
-  msg = prepare(Path(d.raw), Path(d.dir), d.vocab_size, None, 0.05, config.seed,
-                variant_regex=d.get('variant_regex', ''))
-  if 'up to date' not in msg:
-    print(msg, flush=True)
 
 
 def mirror_shardings(abstract_opt, abstract_params, param_shardings, default):
@@ -94,10 +55,9 @@ def mirror_shardings(abstract_opt, abstract_params, param_shardings, default):
 
 
 def setup(config, devices=None) -> Setup:
+  """Validates the config (no data read) and builds the mesh, optimizer and abstract state."""
   devices = jax.devices() if devices is None else devices
   sizes = validate(config, len(devices), check_data=False)
-  ensure_data(config)
-  validate_data(config)
   return build_setup(config, sharding.make_mesh(sizes, devices))
 
 
@@ -105,35 +65,35 @@ def build_setup(config, mesh) -> Setup:
   """The optimizer, shardings and abstract state of an already validated config on `mesh`, which
   may be an AbstractMesh (shapes and shardings only, e.g. moejax.tools.memory)."""
   rules = dict(config.sharding)
-  specs = model.model_specs(config.model)
+  mc = ModelConfig.from_config(config.model)
+  specs = model.model_specs(mc)
   param_shardings = sharding.tree_shardings(mesh, logical_axes(specs), rules)
-  optim_config = transfer.optim_config(config.optim, config.model, logical_axes(specs))
-  tx, schedules = optim.make_optimizer(optim_config, config.train.steps, logical_axes(specs))
+  optim_config = transfer.optim_config(config.optim, mc, logical_axes(specs))
+  tx, _ = optim.make_optimizer(optim_config, config.train.steps, logical_axes(specs))
   rep = sharding.replicated(mesh)
   abstract_params = jax.eval_shape(lambda: init_params(specs, jax.random.key(0)))
   abstract_opt = jax.eval_shape(tx.init, abstract_params)
   opt_shardings = mirror_shardings(abstract_opt, abstract_params, param_shardings, rep)
-  L = model.num_moe_layers(config.model)
+  L = mc.num_moe_layers
   state_shardings = {'step': rep, 'params': param_shardings, 'opt_state': opt_shardings,
-                     'router_bias': rep, 'balance_coef': rep, 'rng': rep}
+                     'router_bias': rep, 'balance_coef': rep}
   abstract_state = {
       'step': jax.ShapeDtypeStruct((), jnp.int32),
       'params': abstract_params,
       'opt_state': abstract_opt,
-      'router_bias': jax.ShapeDtypeStruct((L, router.num_routed(config.model)), jnp.float32),
+      'router_bias': jax.ShapeDtypeStruct((L, mc.router.num_routed), jnp.float32),
       'balance_coef': jax.ShapeDtypeStruct((L,), jnp.float32),
-      'rng': jax.ShapeDtypeStruct((2,), jnp.uint32),
   }
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_shardings)
   batch_sharding = sharding.named(mesh, ('batch', None), rules)
-  return Setup(config, mesh, tx, schedules, state_shardings, batch_sharding, abstract_state)
+  return Setup(config, mc, mesh, tx, state_shardings, batch_sharding, abstract_state)
 
 
 def init_state(s: Setup):
   """A new run's state: params drawn from the specs (init scales under `model.base_width`, see
   moejax.transfer), or grown from `init.grow_from` (moejax.grow) with a fresh optimizer state."""
-  specs = transfer.init_specs(model.model_specs(s.config.model), s.config.model)
+  specs = transfer.init_specs(model.model_specs(s.model), s.model)
   start = grow.grown_start(s.config)
 
   def init(key, start):
@@ -143,6 +103,5 @@ def init_state(s: Setup):
     return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': s.tx.init(params),
             'router_bias': router_bias,
             'balance_coef': jnp.full(s.abstract_state['balance_coef'].shape,
-                                     s.config.model.balance_loss_weight, jnp.float32),
-            'rng': jax.random.key_data(jax.random.fold_in(key, 1))}
+                                     s.model.loss.balance_weight, jnp.float32)}
   return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(s.config.seed), start)

@@ -17,13 +17,15 @@ import jax
 import numpy as np
 import optax
 
-from moejax import (checkpoint, diagnostics, distributed, flops, metrics as metrics_lib, model, optim,
-                    qk_clip, router, sharding, transfer)
+from moejax import (checkpoint, cli, diagnostics as diagnostics_lib, distributed, flops,
+                    metrics as metrics_lib, model, optim, qk_clip, router, sharding, transfer)
 from moejax.data import fingerprint, pipeline
+from moejax.data.ensure import ensure_data
 from moejax.data.prepare import PrepareError
+from moejax.errors import ConfigError
 from moejax.params import logical_axes
 from moejax.state import Setup, init_state, setup
-from moejax.validate import ConfigError
+from moejax.validate import validate_data
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/default.py', 'Experiment config.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (checkpoints, metrics).')
@@ -37,54 +39,81 @@ _ALLOW_DATA_CHANGE = flags.DEFINE_bool(
     '(the saved batch index then points into the new data stream).')
 
 
-def make_train_step(s: Setup):
-  cfg = s.config.model
-  tokens_per_batch = s.config.train.batch_size * s.config.train.seq_len
+def make_train_step(s: Setup, diagnostics: bool):
+  """The jitted step. With `diagnostics` (log steps, or always when the balance weight adapts to
+  the gradient-norm ratio) it also returns router statistics and the ratio; otherwise it computes
+  only what the update and the throughput window need."""
+  cfg = s.model
   batch_axes = sharding.batch_axes(s.config.sharding, s.mesh)
+  diagnostics = diagnostics or cfg.loss.balance_gnr_target > 0
 
   def train_step(state, batch):
-    grad_fn = jax.value_and_grad(model.loss_fn, has_aux=True)
-    (loss, aux), grads = grad_fn(state['params'], state['router_bias'], batch, cfg, s.mesh,
-                                 state['balance_coef'], batch_axes)
-    updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
-    if s.config.optim.qk_clip:
-      params = qk_clip.qk_clip(params, aux['blocks']['attn_logit_max'], cfg, s.config.optim.qk_clip)
-    new_state = {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
-    lrs = optim.learning_rates(opt_state)   # what each group used in this step
-    out = {'loss': loss, 'lm_loss': aux['lm_loss'], 'grad_norm': optax.global_norm(grads),
-           'lr': lrs.get('lr/hidden', next(iter(lrs.values()))), **lrs,
-           'resid_max': aux['blocks']['resid_max'], 'attn_logit_max': aux['blocks']['attn_logit_max']}
-    if cfg.hidden_z_loss_weight:
-      out['moe/hidden_z_loss'] = aux['blocks']['hidden_z_loss'].mean()
-    if 'load_E' in aux:
-      ratio_L, ratio_unit_L = diagnostics.gradient_norm_ratio(
-          model.moe_layer_leaf(grads['moe_blocks'], ('ffn', 'router'), cfg), aux, state['balance_coef'],
-          cfg.z_loss_weight)
-      new_state['router_bias'] = router.update_router_bias(
-          state['router_bias'], aux['load_E'], router.bias_rate(cfg, state['step'], s.config.train.steps),
-          num_real=cfg.num_experts, target_active=cfg.target_active_experts or cfg.top_k,
-          mode=cfg.bias_update_mode, center=cfg.bias_center, top_k=cfg.top_k)
-      if cfg.balance_gnr_target:
-        new_state['balance_coef'] = diagnostics.adapt_balance_coef(
-            state['balance_coef'], ratio_L, cfg.balance_gnr_target, cfg.balance_loss_weight)
-      out.update({k: aux[k] for k in diagnostics.ROUTER_STATS + ('real_experts_hist',) if k in aux})
-      out.update({'load_LE': aux['load_E'], 'router_bias': state['router_bias'],
-                  'balance_coef': state['balance_coef'], 'grad_norm_ratio': ratio_L,
-                  'grad_norm_ratio_unit': ratio_unit_L,
-                  'moe/balance_loss': aux['balance_loss'].mean(), 'moe/z_loss': aux['z_loss'].mean(),
-                  'moe/dropped_frac': aux['dropped'].sum() / (aux['dropped'].size * tokens_per_batch * cfg.top_k)})
-    return new_state, out
+    (loss, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
+        state['params'], state['router_bias'], batch, cfg, s.mesh, state['balance_coef'], batch_axes,
+        diagnostics)
+    new_state = apply_gradients(s, state, grads, aux)
+    ratios = None
+    if aux.moe is not None:
+      if diagnostics:
+        ratios = diagnostics_lib.gradient_norm_ratio(
+            model.moe_layer_leaf(grads['moe_blocks'], ('ffn', 'router'), cfg), aux.moe.router_grads,
+            state['balance_coef'], cfg.loss.z_weight)
+      new_state.update(update_router(cfg, state, aux.moe, ratios, s.config.train.steps))
+    return new_state, step_metrics(s, state, new_state, loss, aux, grads, ratios)
 
   return jax.jit(train_step, in_shardings=(s.state_shardings, s.batch_sharding),
                  out_shardings=(s.state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
 
 
+def apply_gradients(s: Setup, state, grads, aux):
+  """The optimizer update, then QK-clip on this step's attention logits."""
+  updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
+  params = optax.apply_updates(state['params'], updates)
+  if s.config.optim.qk_clip:
+    params = qk_clip.qk_clip(params, aux.blocks.attn_logit_max, s.model, s.config.optim.qk_clip)
+  return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
+
+
+def update_router(cfg, state, moe_aux, ratios, total_steps: int) -> dict:
+  """What the train step updates outside the optimizer: the loss-free router bias from this step's
+  global loads, and (with `loss.balance_gnr_target`) each layer's balance coefficient."""
+  new = {'router_bias': router.update_bias(state['router_bias'], moe_aux.load_E, cfg.router,
+                                           state['step'], total_steps)}
+  if cfg.loss.balance_gnr_target:
+    new['balance_coef'] = diagnostics_lib.adapt_balance_coef(
+        state['balance_coef'], ratios[0], cfg.loss.balance_gnr_target, cfg.loss.balance_weight)
+  return new
+
+
+def step_metrics(s: Setup, state, new_state, loss, aux, grads, ratios) -> dict:
+  """Every value a step reports, in one place (read on the host only at log steps)."""
+  cfg = s.model
+  lrs = optim.learning_rates(new_state['opt_state'])   # what each group used in this step
+  out = {'loss': loss, 'lm_loss': aux.lm_loss, 'grad_norm': optax.global_norm(grads),
+         'lr': lrs[f'lr/{next(iter(s.config.optim.groups))}'], **lrs,   # 'lr': the first group's
+         'resid_max': aux.blocks.resid_max, 'attn_logit_max': aux.blocks.attn_logit_max}
+  if cfg.loss.hidden_z_weight:
+    out['moe/hidden_z_loss'] = aux.blocks.hidden_z_loss.mean()
+  m = aux.moe
+  if m is None:
+    return out
+  tokens = s.config.train.batch_size * s.config.train.seq_len
+  out.update({'load_LE': m.load_E, 'router_bias': state['router_bias'],
+              'balance_coef': state['balance_coef'],
+              'moe/balance_loss': m.balance_loss.mean(), 'moe/z_loss': m.z_loss.mean(),
+              'moe/dropped_frac': m.dropped.sum() / (m.dropped.size * tokens * cfg.top_k)})
+  if m.router_stats is not None:
+    out.update(m.router_stats)
+  if ratios is not None:
+    out['grad_norm_ratio'], out['grad_norm_ratio_unit'] = ratios
+  return out
+
+
 def make_eval_step(s: Setup):
   def eval_step(params, router_bias, batch):
-    _, aux = model.loss_fn(params, router_bias, batch, s.config.model, s.mesh,
+    _, aux = model.loss_fn(params, router_bias, batch, s.model, s.mesh,
                            batch_axes=sharding.batch_axes(s.config.sharding, s.mesh))
-    return aux['lm_loss']
+    return aux.lm_loss
   return jax.jit(eval_step, in_shardings=(s.state_shardings['params'], s.state_shardings['router_bias'],
                                           s.batch_sharding))
 
@@ -113,9 +142,11 @@ class Preemption:
 
 def train(config, workdir: str, allow_data_change: bool = False):
   s = setup(config)
+  ensure_data(config)
+  validate_data(config)
   c, t = config, config.train
-  axes = logical_axes(model.model_specs(c.model))
-  print(optim.group_table(transfer.optim_config(c.optim, c.model, axes), axes, s.abstract_state['params']),
+  axes = logical_axes(model.model_specs(s.model))
+  print(optim.group_table(transfer.optim_config(c.optim, s.model, axes), axes, s.abstract_state['params']),
         flush=True)
   os.makedirs(workdir, exist_ok=True)
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -142,15 +173,15 @@ def train(config, workdir: str, allow_data_change: bool = False):
   else:
     state, start = init_state(s), 0
   log = metrics_lib.MetricsLog(workdir, resume_step=start, is_writer=jax.process_index() == 0,
-                               num_real_experts=c.model.num_experts, alert_maxvio=t.alert_maxvio,
+                               num_real_experts=s.model.num_experts, alert_maxvio=t.alert_maxvio,
                                alert_dead_experts=t.alert_dead_experts)
 
   eval_data = [to_global(process_rows(b), s.batch_sharding) for b in pipeline.eval_batches(
       c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size, max_batches=t.eval_batches)]
   eval_step = make_eval_step(s)
-  train_step = make_train_step(s)
-  similarity = jax.jit(lambda moe_blocks: diagnostics.expert_similarity(
-      {k: model.moe_layer_leaf(moe_blocks, ('ffn', k), c.model) for k in ('w_gate', 'w_up', 'w_down')}))
+  steps = {False: make_train_step(s, diagnostics=False), True: make_train_step(s, diagnostics=True)}
+  similarity = jax.jit(lambda moe_blocks: diagnostics_lib.expert_similarity(
+      {k: model.moe_layer_leaf(moe_blocks, ('ffn', k), s.model) for k in ('w_gate', 'w_up', 'w_down')}))
 
   def evaluate(step):
     start_time = time.perf_counter()
@@ -161,27 +192,31 @@ def train(config, workdir: str, allow_data_change: bool = False):
   if start == 0:
     evaluate(0)
   def flops_per_step(active_experts_per_token=None):
-    return flops.train_flops_per_token(c.model, t.seq_len, active_experts_per_token) * t.batch_size * t.seq_len
+    return flops.train_flops_per_token(s.model, t.seq_len, active_experts_per_token) * t.batch_size * t.seq_len
 
   peak = flops.peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
   window = metrics_lib.Window(flops_per_step, peak, t.batch_size * t.seq_len)
   pending = None
-  for step in range(start + 1, t.steps + 1):
-    batch = to_global(next(data_iter), s.batch_sharding)
-    state, out = train_step(state, batch)
-    stop = preemption.requested
-    if pending is not None:          # read the previous step's metrics while this step runs
+
+  def flush():   # writes the last logged step's metrics (read from the device only now)
+    nonlocal pending
+    if pending is not None:
       log.write_train(*pending, window, total_steps=t.steps, extra=train_data.metrics(pending[0]))
       pending = None
+
+  for step in range(start + 1, t.steps + 1):
+    batch = to_global(next(data_iter), s.batch_sharding)
+    logged = step % t.log_every == 0 or step == t.steps or preemption.requested
+    state, out = steps[logged](state, batch)
+    stop = preemption.requested
+    flush()                          # the previous log step's metrics, read while this step runs
     window.add(out)
-    if step % t.log_every == 0 or step == t.steps or stop:
+    if logged or stop:
       if 'moe_blocks' in state['params']:
         out = {**out, **similarity(state['params']['moe_blocks'])}
       pending = (step, out)
     if step % t.eval_every == 0 or step == t.steps:
-      if pending is not None:
-        log.write_train(*pending, window, total_steps=t.steps, extra=train_data.metrics(pending[0]))
-        pending = None
+      flush()
       window.start += evaluate(step)   # throughput counts training time only
     if step % c.checkpoint.every == 0 or step == t.steps or stop:
       checkpoint.save(mngr, step, state, {'iterator': data_iter.get_state(), 'fingerprint': data_fp},
@@ -189,8 +224,7 @@ def train(config, workdir: str, allow_data_change: bool = False):
     if stop:
       print(f'SIGTERM: saved a checkpoint at step {step}; exiting', flush=True)
       break
-  if pending is not None:
-    log.write_train(*pending, window, total_steps=t.steps, extra=train_data.metrics(pending[0]))
+  flush()
   data_iter.close()
   mngr.wait_until_finished()
   mngr.close()
@@ -203,8 +237,8 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
   if _WORKDIR.value is None:
     sys.exit('error: --workdir is required')
-  config = _CONFIG.value
   try:
+    config = _CONFIG.value
     distributed.initialize(dict(os.environ), coordinator=_COORDINATOR.value,
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                            multihost=_MULTIHOST.value)
@@ -215,4 +249,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  cli.check_config_args(sys.argv, default=_CONFIG.default)
   app.run(main)

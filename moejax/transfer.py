@@ -34,7 +34,7 @@ HIDDEN = '*_blocks/* & matrix'   # optim rule: every matrix inside a block (rout
 
 
 def enabled(m) -> bool:
-  return m.get('base_width', 0) > 0
+  return m.base_width > 0
 
 
 def width_multiplier(m) -> float:

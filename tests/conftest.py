@@ -18,11 +18,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 from moejax import configs, params, sharding  # noqa: E402
+from moejax.model_config import ModelConfig  # noqa: E402
 
+# config.model overrides; a dict value updates that group (model.attn, model.mla, ...).
 TINY_MODEL = dict(
-    vocab_size=128, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8, num_experts=8,
-    expert_ffn_dim=16, dense_ffn_dim=64, num_layers=3, num_dense_layers=1, kv_lora_rank=16,
-    qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=0,
+    vocab_size=128, d_model=32, num_experts=8, expert_ffn_dim=16, dense_ffn_dim=64, num_layers=3,
+    num_dense_layers=1, attn=dict(num_heads=4, num_kv_heads=2, head_dim=8),
+    mla=dict(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, q_lora_rank=0),
 )
 
 # name -> {mesh axis: size}; all use the first prod(sizes) devices.
@@ -34,12 +36,24 @@ MESH_SHAPES = {
 }
 
 
-def tiny_model_config(**overrides):
-  """base_config().model shrunk to tiny shapes, with optional field overrides."""
-  cfg = configs.base_config().model
-  cfg.update(TINY_MODEL)
-  cfg.update(overrides)
-  return cfg
+def update_model(m, overrides: dict):
+  """Sets config.model fields in place; a dict value updates that group (attn={'qk_norm': True})."""
+  for k, v in overrides.items():
+    if isinstance(v, dict):
+      update_model(m[k], v)
+    else:
+      m[k] = v
+  return m
+
+
+def tiny_model_dict(**overrides):
+  """base_config().model (a ConfigDict) shrunk to tiny shapes, with optional overrides."""
+  return update_model(update_model(configs.base_config().model, TINY_MODEL), overrides)
+
+
+def tiny_model_config(**overrides) -> ModelConfig:
+  """The typed ModelConfig of tiny_model_dict(**overrides)."""
+  return ModelConfig.from_config(tiny_model_dict(**overrides))
 
 
 def make_test_mesh(shape: dict):

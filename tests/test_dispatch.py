@@ -1,6 +1,6 @@
 """The dispatch implementations (moejax.moe.DISPATCHES) against the naive per-token reference and
 each other, on 8 fake CPU devices, and the ragged_all_to_all offset arithmetic (moejax.a2a) on
-hand-computed cases."""
+hand-computed cases and through the numpy ragged_all_to_all of tests/reference.py."""
 import dataclasses
 
 import chex
@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import MESH_SHAPES, make_test_mesh
-from test_moe import (T, TOL, lib_value_and_grad, make_inputs, moe_cfg, ref_capacity_keep_per_shard,
-                      ref_choose, ref_value_and_grad)
+from conftest import MESH_SHAPES, make_test_mesh, tiny_model_config
+from reference import (T, TOL, lib_value_and_grad, make_moe_inputs, ref_capacity_keep_per_shard, ref_choose,
+                       ref_value_and_grad, simulate_ragged_all_to_all)
 
 from moejax import a2a, moe
 from moejax import router as router_lib
@@ -19,17 +19,10 @@ DROPLESS = ('dropless', 'ragged_dot', 'gmm', 'ragged_a2a')
 CAPACITY = ('capacity', 'capacity_a2a')
 
 
+def moe_cfg(**kw):
+  """The tiny ModelConfig with sigmoid scores and routed_scaling 2.5 (as in tests/test_moe.py)."""
+  return tiny_model_config(router=dict(score='sigmoid', routed_scaling=2.5), **kw)
 
-def simulate(rows_per_device: list, p: dict, num_rows: int) -> list:
-  """numpy `ragged_all_to_all` following its documented pseudocode (for tests of `plan`)."""
-  D = len(rows_per_device)
-  out = [np.full(num_rows, -1, np.int64) for _ in range(D)]
-  for src in range(D):
-    for dst in range(D):
-      start, size, at = (int(p[k][src, dst]) for k in ('input_offsets', 'send_sizes', 'output_offsets'))
-      assert size == int(p['recv_sizes'][dst, src])
-      out[dst][at:at + size] = rows_per_device[src][start:start + size]
-  return out
 
 def test_every_dispatch_is_either_dropless_or_capacity_here():
   assert set(DROPLESS + CAPACITY) == set(moe.DISPATCHES)
@@ -63,12 +56,12 @@ _DROPLESS_REFS = {}
 def _dropless_refs(mesh_name, skew):
   """(reference, 'dropless') outputs and grads, computed once per (mesh, skew)."""
   if (mesh_name, skew) not in _DROPLESS_REFS:
-    cfg = moe_cfg(dispatch='dropless', router_score='sigmoid')
-    args, bias, r = make_inputs(cfg, seed=6)
+    cfg = moe_cfg(dispatch='dropless')
+    args, bias, r = make_moe_inputs(cfg, seed=6)
     if skew:
       bias = _skewed_bias(cfg)
-    chosen = ref_choose(args[0], args[1], bias, cfg)
-    g_ref, y_ref = ref_value_and_grad(chosen, cfg, r)(args)
+    chosen = ref_choose(args[0], args[1], bias, cfg.router)
+    g_ref, y_ref = ref_value_and_grad(chosen, cfg.router, r)(args)
     g_dl, (y_dl, _, _, _) = lib_value_and_grad(cfg, make_test_mesh(MESH_SHAPES[mesh_name]), bias, r)(args)
     _DROPLESS_REFS[mesh_name, skew] = (args, bias, r), (y_ref, g_ref), (y_dl, g_dl)
   return _DROPLESS_REFS[mesh_name, skew]
@@ -78,7 +71,7 @@ def _dropless_refs(mesh_name, skew):
                          ids=[f'{d}-{m}-{"skewed" if s else "random"}' for d, m, s in DROPLESS_CASES])
 def test_dropless_dispatches_match_reference_and_dropless_forward_and_grad(dispatch, mesh_name, skew):
   (args, bias, r), ref, dropless = _dropless_refs(mesh_name, skew)
-  cfg = moe_cfg(dispatch=dispatch, router_score='sigmoid')
+  cfg = moe_cfg(dispatch=dispatch)
   g, (y, dropped, _, _) = lib_value_and_grad(cfg, make_test_mesh(MESH_SHAPES[mesh_name]), bias, r)(args)
   assert float(dropped) == 0.0
   chex.assert_trees_all_close((y, g), ref, **TOL)
@@ -95,16 +88,16 @@ def test_capacity_dispatches_drop_the_same_assignments_as_the_per_shard_hand_cou
   shards are data or expert parallel, and whatever the transport."""
   mesh = make_test_mesh(MESH_SHAPES[mesh_name])
   cf = 0.75
-  cfg = moe_cfg(dispatch=dispatch, capacity_factor=cf, router_score='sigmoid')
-  args, bias, r = make_inputs(cfg, seed=3)
+  cfg = moe_cfg(dispatch=dispatch, capacity_factor=cf)
+  args, bias, r = make_moe_inputs(cfg, seed=3)
   bias = bias.at[0].add(0.6)   # expert 0 overflows in most shards; other experts too
-  chosen = ref_choose(args[0], args[1], bias, cfg)
+  chosen = ref_choose(args[0], args[1], bias, cfg.router)
   shards = mesh.size
   C = int(np.ceil(cf * (T // shards) * cfg.top_k / cfg.num_experts))
   keep, n_dropped = ref_capacity_keep_per_shard(chosen, C, cfg.num_experts, shards)
   assert 0 < n_dropped < T * cfg.top_k
   g, (y, dropped, _, _) = lib_value_and_grad(cfg, mesh, bias, r)(args)
-  g_ref, y_ref = ref_value_and_grad(chosen, cfg, r, keep=keep)(args)
+  g_ref, y_ref = ref_value_and_grad(chosen, cfg.router, r, keep=keep)(args)
   assert float(dropped) == n_dropped
   chex.assert_trees_all_close(y, y_ref, **TOL)
   chex.assert_trees_all_close(g, g_ref, **TOL)
@@ -113,14 +106,14 @@ def test_capacity_dispatches_drop_the_same_assignments_as_the_per_shard_hand_cou
 def test_zero_computation_experts_are_not_dispatched_by_the_a2a_variants():
   """Ids >= num_experts (identity experts) leave the routed output of every transport alone."""
   mesh = make_test_mesh(MESH_SHAPES['expert8'])
-  cfg = moe_cfg(dispatch='dropless', router_score='sigmoid')
-  args, bias, r = make_inputs(cfg, seed=9)
-  routing = router_lib.route(args[0], args[1], bias, cfg, seq_len=8)
+  cfg = moe_cfg(dispatch='dropless')
+  args, bias, r = make_moe_inputs(cfg, seed=9)
+  routing = router_lib.route(args[0], args[1], bias, cfg.router, seq_len=8)
   routing = dataclasses.replace(routing, expert_TK=routing.expert_TK.at[::3, 0].set(cfg.num_experts))
   outs = {}
   for d in ('dropless', 'ragged_a2a', 'capacity_a2a'):
-    c = moe_cfg(dispatch=d, capacity_factor=8.0, router_score='sigmoid')
-    outs[d] = jax.jit(lambda a, c=c: moe.routed_experts(a[0], routing, *a[2:], c, mesh,
+    c = moe_cfg(dispatch=d, capacity_factor=8.0)
+    outs[d] = jax.jit(lambda a, c=c: moe.routed_experts(a[0], routing, *a[2:], c.dispatch, mesh,
                                                           ('data', 'expert')))(args)
   for d, (y, dropped) in outs.items():
     assert float(dropped) == 0.0, d
@@ -171,7 +164,7 @@ def test_ragged_plan_delivers_every_row_to_its_owner_source_by_source(num_device
   counts[:, :local] = 0              # and an idle receiver
   p = a2a.plan(counts, num_devices)
   num_rows = int(counts.sum())
-  out = simulate(_labelled_rows(counts), p, num_rows)
+  out = simulate_ragged_all_to_all(_labelled_rows(counts), p, num_rows)
   for d in range(num_devices):
     mine = range(d * local, (d + 1) * local)
     expected = [s * 10_000 + e * 100 + i for s in range(num_devices) for e in mine

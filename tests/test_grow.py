@@ -15,8 +15,9 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import numpy_init_params, tiny_model_config
+from conftest import numpy_init_params, tiny_model_dict
 from moejax import grow, model, state
+from moejax.model_config import ModelConfig
 from moejax.validate import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,18 +117,24 @@ def test_width_change_fails_with_one_line_naming_the_field(source_run, tmp_path)
 
 
 @pytest.mark.parametrize('field, value', [('num_experts', 4), ('expert_ffn_dim', 8), ('vocab_size', 64),
-                                          ('num_kv_heads', 4), ('num_shared_experts', 0)])
+                                          ('attn.num_kv_heads', 4), ('num_shared_experts', 0),
+                                          ('mla.kv_lora_rank', 8), ('router.num_zero_experts', 2)])
 def test_check_compatible_names_the_field_that_changes_a_shape(field, value):
-  src = tiny_model_config()
-  dst = tiny_model_config(num_layers=5, **{field: value})
+  src = tiny_model_dict(attention='gqa,mla')
+  dst = tiny_model_dict(attention='gqa,mla', num_layers=5)
+  *group, leaf = field.split('.')
+  (dst[group[0]] if group else dst)[leaf] = value
+  if field == 'router.num_zero_experts':   # zero experts widen the router (and need a target)
+    dst.router.target_active_experts = 1.5
   with pytest.raises(ConfigError, match=rf'^model\.{field}: '):
     grow.check_compatible(src, dst, 'the source')
 
 
 def test_check_compatible_allows_depth_and_shape_free_fields():
-  src = tiny_model_config()
-  grow.check_compatible(src, tiny_model_config(num_layers=7, num_dense_layers=2, init_std=0.1,
-                                               router_score='softmax', window=8), 'the source')
+  src = tiny_model_dict()
+  grow.check_compatible(src, tiny_model_dict(num_layers=7, num_dense_layers=2, init_std=0.1,
+                                             router=dict(score='softmax'), attn=dict(window=8),
+                                             loss=dict(z_weight=1e-3)), 'the source')
 
 
 def test_layer_map_repeats_the_stack():
@@ -139,22 +146,23 @@ def test_layer_map_repeats_the_stack():
 def test_grow_under_attention_pattern_keeps_layer_types():
   """'gqa,mla' over 3 layers (1 dense): MoE layers [mla, gqa] as two per-position stacks; grown to 5
   layers the MoE layers are [mla, gqa, mla, gqa], copies of source layers [0, 1, 0, 1]."""
-  src = tiny_model_config(attention='gqa,mla', num_layers=3, num_dense_layers=1)
-  dst = tiny_model_config(attention='gqa,mla', num_layers=5, num_dense_layers=1)
+  src = tiny_model_dict(attention='gqa,mla', num_layers=3, num_dense_layers=1)
+  dst = tiny_model_dict(attention='gqa,mla', num_layers=5, num_dense_layers=1)
   grow.check_compatible(src, dst, 'the source')
-  p = numpy_init_params(model.model_specs(src), 0)
+  src_cfg, dst_cfg = ModelConfig.from_config(src), ModelConfig.from_config(dst)
+  p = numpy_init_params(model.model_specs(src_cfg), 0)
   g = grow.grow_params(p, src, dst)
-  assert jax.tree.structure(g) == jax.tree.structure(numpy_init_params(model.model_specs(dst), 1))
+  assert jax.tree.structure(g) == jax.tree.structure(numpy_init_params(model.model_specs(dst_cfg), 1))
   for path in (('attn', 'wo'), ('ffn', 'w_up'), ('ffn', 'router')):
-    src_L = np.asarray(model.moe_layer_leaf(p['moe_blocks'], path, src))
-    got_L = np.asarray(model.moe_layer_leaf(g['moe_blocks'], path, dst))
+    src_L = np.asarray(model.moe_layer_leaf(p['moe_blocks'], path, src_cfg))
+    got_L = np.asarray(model.moe_layer_leaf(g['moe_blocks'], path, dst_cfg))
     np.testing.assert_array_equal(got_L, src_L[[0, 1, 0, 1]])
   bias = np.arange(2 * 8, dtype=np.float32).reshape(2, 8)
   np.testing.assert_array_equal(grow.grow_router_bias(bias, src, dst), bias[[0, 1, 0, 1]])
 
   # 2 dense layers would make dense layer 1 an mla copy of the source's only (gqa) dense layer.
   with pytest.raises(ConfigError, match=r'^model\.attention: dense_blocks layer 1 \(mla\)'):
-    grow.check_compatible(src, tiny_model_config(attention='gqa,mla', num_layers=5, num_dense_layers=2),
+    grow.check_compatible(src, tiny_model_dict(attention='gqa,mla', num_layers=5, num_dense_layers=2),
                           'the source')
 
 

@@ -11,7 +11,7 @@ import math
 import jax
 import numpy as np
 import pytest
-from conftest import TINY_MODEL, numpy_init_params
+from conftest import TINY_MODEL, numpy_init_params, update_model
 
 from moejax import configs, model, params, sharding
 from moejax.state import build_setup
@@ -54,11 +54,12 @@ FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive
 
 def layout_config(mesh: dict, rules: dict):
   c = configs.base_config()
-  c.model.update(TINY_MODEL)
+  update_model(c.model, TINY_MODEL)
   # 8 query / 4 kv heads so that tensor=4 splits both; two MoE layers only (the shared expert
   # covers the 'mlp' axis) to keep compiles short
-  c.model.update(dict(num_heads=8, num_kv_heads=4, head_dim=4, num_layers=2, num_dense_layers=0,
-                      init_std=0.1, balance_loss_weight=0.01, z_loss_weight=0.001))
+  update_model(c.model, dict(attn=dict(num_heads=8, num_kv_heads=4, head_dim=4), num_layers=2,
+                             num_dense_layers=0, init_std=0.1,
+                             loss=dict(balance_weight=0.01, z_weight=0.001)))
   c.train.batch_size, c.train.seq_len, c.train.steps = B, T, 10
   c.optim.b1, c.optim.clip_norm, c.optim.warmup_steps = 0.0, 1e9, 0   # mu after step 1 = grads
   c.mesh = dict(mesh)
@@ -84,16 +85,16 @@ def run_layout(name):
   validate(c, n, check_data=False)
   s = build_setup(c, sharding.make_mesh(mesh_sizes, jax.devices()[:n]))
   if name == 'single':   # numpy draws: a jitted init_state would cost another compile
-    p = numpy_init_params(model.model_specs(c.model), seed=0)
+    p = numpy_init_params(model.model_specs(s.model), seed=0)
     zeros = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), s.abstract_state)
     state = jax.device_put({**zeros, 'params': p, 'opt_state': jax.jit(s.tx.init)(p),
-                            'balance_coef': zeros['balance_coef'] + c.model.balance_loss_weight},
+                            'balance_coef': zeros['balance_coef'] + s.model.loss.balance_weight},
                            s.state_shardings)
   else:
     state = jax.device_put(run_layout('single')[1], s.state_shardings)
   host_init = jax.device_get(state)
   batch = {k: jax.device_put(v, s.batch_sharding) for k, v in make_batch().items()}
-  step = make_train_step(s).lower(state, batch).compile(compiler_options=FAST_COMPILE)
+  step = make_train_step(s, diagnostics=False).lower(state, batch).compile(compiler_options=FAST_COMPILE)
   new_state, out = step(state, batch)
   return s, host_init, jax.device_get(out), new_state
 
@@ -115,7 +116,7 @@ def grads_from_opt_state(opt_state) -> dict:
 
 def param_axes(s):
   return {path_str(p): a for p, a in jax.tree_util.tree_flatten_with_path(
-      params.logical_axes(model.model_specs(s.config.model)), is_leaf=lambda x: isinstance(x, tuple))[0]}
+      params.logical_axes(model.model_specs(s.model)), is_leaf=lambda x: isinstance(x, tuple))[0]}
 
 
 def promised_shard_shape(shape, axes, sizes, rules_override):

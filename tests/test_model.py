@@ -1,4 +1,5 @@
-"""Tests for moejax.model: loss/grads invariant to the mesh, dtype, remat; tying; logical axes; training."""
+"""Tests for moejax.model: loss/grads invariant to the mesh, precision, remat and diagnostics; tying;
+logical axes; training."""
 import functools
 
 import chex
@@ -17,8 +18,7 @@ RULES = {'batch': ('data', 'expert'), 'expert': 'expert'}
 
 def model_cfg(**kw):
   kw.setdefault('init_std', 0.1)
-  kw.setdefault('balance_loss_weight', 0.01)
-  kw.setdefault('z_loss_weight', 0.001)
+  kw['loss'] = dict(dict(balance_weight=0.01, z_weight=0.001), **kw.get('loss', {}))
   return tiny_model_config(**kw)
 
 
@@ -28,16 +28,16 @@ def _mesh(name):
 
 
 @functools.lru_cache(maxsize=None)
-def _grad_fn(cfg_json, mesh_name):
-  import ml_collections
-  cfg = ml_collections.ConfigDict(__import__('json').loads(cfg_json))
+def _grad_fn(cfg, mesh_name, diagnostics=False):
+  """One compiled value-and-grad of loss_fn per (ModelConfig, mesh, diagnostics)."""
   mesh = _mesh(mesh_name)
-  return jax.jit(jax.value_and_grad(lambda p, bias, batch: model.loss_fn(p, bias, batch, cfg, mesh),
-                                    has_aux=True))
+  return jax.jit(jax.value_and_grad(
+      lambda p, bias, batch: model.loss_fn(p, bias, batch, cfg, mesh, diagnostics=diagnostics),
+      has_aux=True))
 
 
-def loss_and_grads(cfg, mesh_name, p, bias, batch):
-  (loss, aux), g = _grad_fn(cfg.to_json(), mesh_name)(p, bias, batch)
+def loss_and_grads(cfg, mesh_name, p, bias, batch, diagnostics=False):
+  (loss, aux), g = _grad_fn(cfg, mesh_name, diagnostics)(p, bias, batch)
   return loss, aux, g
 
 
@@ -48,7 +48,7 @@ def init(cfg, seed):
 def make_problem(cfg, seed=0):
   p = init(cfg, seed)
   k1, k2, k3 = jax.random.split(jax.random.key(seed + 100), 3)
-  bias = 0.05 * jax.random.normal(k1, (model.num_moe_layers(cfg), cfg.num_experts))
+  bias = 0.05 * jax.random.normal(k1, (cfg.num_moe_layers, cfg.num_experts))
   tokens = jax.random.randint(k2, (B, T + 1), 0, cfg.vocab_size)
   mask = (jax.random.uniform(k3, (B, T)) > 0.2).astype(jnp.float32)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': mask}
@@ -75,11 +75,11 @@ def test_loss_and_grads_on_sharded_mesh_equal_single_device(mesh_name):
   loss, aux, g = loss_and_grads(cfg, mesh_name, p, bias, batch)
   assert np.isfinite(float(loss1))
   np.testing.assert_allclose(loss, loss1, rtol=1e-5)
-  np.testing.assert_allclose(aux['lm_loss'], aux1['lm_loss'], rtol=1e-5)
-  np.testing.assert_array_equal(aux['load_E'], aux1['load_E'])
-  np.testing.assert_allclose(aux['balance_loss'], aux1['balance_loss'], rtol=1e-5)
-  np.testing.assert_allclose(aux['z_loss'], aux1['z_loss'], rtol=1e-5)
-  assert float(aux['dropped'].sum()) == 0.0
+  np.testing.assert_allclose(aux.lm_loss, aux1.lm_loss, rtol=1e-5)
+  np.testing.assert_array_equal(aux.moe.load_E, aux1.moe.load_E)
+  np.testing.assert_allclose(aux.moe.balance_loss, aux1.moe.balance_loss, rtol=1e-5)
+  np.testing.assert_allclose(aux.moe.z_loss, aux1.moe.z_loss, rtol=1e-5)
+  assert float(aux.moe.dropped.sum()) == 0.0
   chex.assert_trees_all_close(g, g1, rtol=1e-5, atol=1e-7)
 
 
@@ -89,11 +89,33 @@ def test_router_bias_gets_no_gradient_and_router_does():
   assert float(jnp.abs(g['moe_blocks']['ffn']['w_gate']).max()) > 0.0
 
 
+# ----------------------------------------------------------------------------- diagnostics
+
+def test_diagnostics_are_off_the_hot_path_and_change_no_loss_or_gradient():
+  """diagnostics=False: no router statistics or router gradients in the MoEAux; diagnostics=True
+  adds both (per MoE layer) and leaves the loss, the aux losses and every gradient unchanged."""
+  cfg, p, bias, batch, (loss_off, aux_off, g_off) = reference_run('gqa')
+  assert aux_off.moe.router_stats is None and aux_off.moe.router_grads is None
+  loss_on, aux_on, g_on = loss_and_grads(cfg, 'single', p, bias, batch, diagnostics=True)
+  np.testing.assert_array_equal(loss_on, loss_off)
+  chex.assert_trees_all_equal(g_on, g_off)
+  for f in ('load_E', 'balance_loss', 'z_loss', 'dropped'):
+    np.testing.assert_array_equal(getattr(aux_on.moe, f), getattr(aux_off.moe, f), err_msg=f)
+  chex.assert_trees_all_equal(aux_on.blocks, aux_off.blocks)
+  L = cfg.num_moe_layers
+  assert {'entropy', 'top1_margin', 'topk_margin', 'active_experts_per_token'} <= set(aux_on.moe.router_stats)
+  assert all(v.shape[0] == L for v in jax.tree.leaves(aux_on.moe.router_stats))
+  assert set(aux_on.moe.router_grads) == {'balance', 'z'}   # z: the config has a z-loss weight
+  router = g_off['moe_blocks']['ffn']['router']
+  assert all(v.shape == router.shape for v in aux_on.moe.router_grads.values())
+
+
 # ----------------------------------------------------------------------------- dtype / remat / tying
 
-def test_bfloat16_compute_gives_finite_loss_close_to_float32():
+def test_bf16_precision_gives_finite_loss_close_to_fp32():
   cfg, p, bias, batch, (loss32, _, g32) = reference_run('gqa')
-  cfg16 = model_cfg(compute_dtype='bfloat16')
+  assert cfg.precision == 'fp32'
+  cfg16 = model_cfg(precision='bf16')
   loss16, _, g16 = loss_and_grads(cfg16, 'single', p, bias, batch)
   assert np.isfinite(float(loss16))
   np.testing.assert_allclose(loss16, loss32, rtol=2e-2)
@@ -166,7 +188,7 @@ def test_tree_shardings_put_expert_dim_on_expert_mesh_axis():
 
 def test_thirty_adam_steps_on_a_fixed_batch_lower_the_loss_substantially():
   cfg, p, bias, batch, _ = reference_run('gqa')
-  grad_fn = _grad_fn(cfg.to_json(), 'single')   # already compiled by reference_run
+  grad_fn = _grad_fn(cfg, 'single')   # already compiled by reference_run
   opt = optax.adam(1e-2)
 
   @jax.jit

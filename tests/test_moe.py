@@ -1,113 +1,22 @@
-"""Tests for moejax.moe (routing, dispatch, balancing) and moejax.model.moe_ffn against naive references."""
+"""Tests for moejax.moe (routing, dispatch, balancing) and moejax.model.moe_ffn against the naive
+references in tests/reference.py."""
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import MESH_SHAPES, make_test_mesh, tiny_model_config
+from reference import (T, T_BATCH, T_SEQ, TOL, lib_value_and_grad, make_moe_inputs, ref_capacity_keep,
+                       ref_capacity_keep_per_shard, ref_choose, ref_moe, ref_scores, ref_swiglu,
+                       ref_value_and_grad)
 
 from moejax import model, moe, params
 from moejax import router as router_lib
 
-T_SEQ, T_BATCH = 8, 2          # tokens are T_BATCH sequences of T_SEQ
-T = T_SEQ * T_BATCH            # 16 tokens: divisible by 8 shards
-TOL = dict(rtol=2e-5, atol=2e-6)
 
-
-# ----------------------------------------------------------------------------- naive reference
-
-def ref_scores(x_TD, router_DE, cfg):
-  logits = np.asarray(x_TD, np.float64) @ np.asarray(router_DE, np.float64)
-  if cfg.router_score == 'sigmoid':
-    return 1.0 / (1.0 + np.exp(-logits))
-  e = np.exp(logits - logits.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
-
-
-def ref_choose(x_TD, router_DE, bias_E, cfg):
-  """Top-k experts per token (a python list of lists), chosen on scores + bias."""
-  s = ref_scores(x_TD, router_DE, cfg) + np.asarray(bias_E, np.float64)
-  return [list(np.argsort(-s[t], kind='stable')[:cfg.top_k]) for t in range(s.shape[0])]
-
-
-def ref_moe(x_TD, router_DE, wg, wu, wd, chosen, cfg, keep=None):
-  """Per-token loop: y_t = sum_{e in chosen_t} w_te * SwiGLU_e(x_t). `keep[t][k]` False drops one."""
-  ys = []
-  for t in range(x_TD.shape[0]):
-    xt = x_TD[t].astype(jnp.float32)
-    logits = xt @ router_DE.astype(jnp.float32)
-    s = jax.nn.sigmoid(logits) if cfg.router_score == 'sigmoid' else jax.nn.softmax(logits)
-    w = jnp.stack([s[e] for e in chosen[t]])
-    if cfg.norm_topk:
-      w = w / jnp.sum(w)
-    w = w * cfg.routed_scaling
-    y = jnp.zeros_like(xt)
-    for k, e in enumerate(chosen[t]):
-      if keep is not None and not keep[t][k]:
-        continue
-      h = jax.nn.silu(xt @ wg[e]) * (xt @ wu[e])
-      y = y + w[k] * (h @ wd[e])
-    ys.append(y)
-  return jnp.stack(ys)
-
-
-def ref_swiglu(x_TD, p):
-  return jnp.stack([(jax.nn.silu(x @ p['w_gate']) * (x @ p['w_up'])) @ p['w_down'] for x in x_TD])
-
-
-def ref_capacity_keep(chosen, C, num_experts):
-  """Hand count: walk assignments token-major (k-minor); each expert keeps its first C."""
-  seen = [0] * num_experts
-  keep = []
-  for t in range(len(chosen)):
-    row = []
-    for e in chosen[t]:
-      row.append(seen[e] < C)
-      seen[e] += 1
-    keep.append(row)
-  dropped = sum(max(0, c - C) for c in seen)
-  return keep, dropped
-
-
-# ----------------------------------------------------------------------------- helpers
-
-def make_inputs(cfg, seed=0, scale=0.5):
-  D, E, F = cfg.d_model, cfg.num_experts, cfg.expert_ffn_dim
-  ks = jax.random.split(jax.random.key(seed), 7)
-  x = jax.random.normal(ks[0], (T, D))
-  router = jax.random.normal(ks[1], (D, E)) * D ** -0.5
-  wg = jax.random.normal(ks[2], (E, D, F)) * scale * D ** -0.5
-  wu = jax.random.normal(ks[3], (E, D, F)) * scale * D ** -0.5
-  wd = jax.random.normal(ks[4], (E, F, D)) * scale * F ** -0.5
-  bias = jax.random.normal(ks[5], (E,)) * 0.1
-  r = jax.random.normal(ks[6], (T, D))
-  return (x, router, wg, wu, wd), bias, r
-
-
-def batch_axes_of(mesh):
-  return tuple(a for a in ('data', 'expert') if a in mesh.axis_names)
-
-
-def lib_value_and_grad(cfg, mesh, bias, r):
-  """jit: args -> (grads wrt (x, router, wg, wu, wd), (y, dropped, expert_TK, weight_TK))."""
-  def f(args):
-    x, router, wg, wu, wd = args
-    routing = router_lib.route(x, router, bias, cfg, seq_len=T_SEQ)
-    y, dropped = moe.routed_experts(x, routing, wg, wu, wd, cfg, mesh, batch_axes_of(mesh))
-    return jnp.sum(y * r), (y, dropped, routing.expert_TK, routing.weight_TK)
-  return jax.jit(jax.grad(f, has_aux=True))
-
-
-def ref_value_and_grad(chosen, cfg, r, keep=None):
-  def f(args):
-    y = ref_moe(*args, chosen, cfg, keep=keep)
-    return jnp.sum(y * r), y
-  return jax.grad(f, has_aux=True)
-
-
-def moe_cfg(**kw):
-  kw.setdefault('routed_scaling', 2.5)
-  return tiny_model_config(**kw)
+def moe_cfg(score='sigmoid', norm_topk=True, routed_scaling=2.5, **kw):
+  """The tiny ModelConfig with these router options (routed_scaling != 1 so that it is checked)."""
+  return tiny_model_config(router=dict(score=score, norm_topk=norm_topk, routed_scaling=routed_scaling), **kw)
 
 
 # ----------------------------------------------------------------------------- routing + dropless
@@ -116,11 +25,11 @@ def moe_cfg(**kw):
     ('sigmoid', True, 2), ('softmax', True, 2), ('softmax', False, 3), ('sigmoid', False, 1)])
 def test_route_and_dropless_experts_match_naive_reference_forward_and_grad(
     single_mesh, router_score, norm_topk, top_k):
-  cfg = moe_cfg(router_score=router_score, norm_topk=norm_topk, top_k=top_k, dispatch='dropless')
-  args, bias, r = make_inputs(cfg)
-  chosen = ref_choose(args[0], args[1], bias, cfg)
+  cfg = moe_cfg(score=router_score, norm_topk=norm_topk, top_k=top_k, dispatch='dropless')
+  args, bias, r = make_moe_inputs(cfg)
+  chosen = ref_choose(args[0], args[1], bias, cfg.router)
   g_lib, (y_lib, dropped, expert_TK, _) = lib_value_and_grad(cfg, single_mesh, bias, r)(args)
-  g_ref, y_ref = ref_value_and_grad(chosen, cfg, r)(args)
+  g_ref, y_ref = ref_value_and_grad(chosen, cfg.router, r)(args)
   assert [sorted(c) for c in chosen] == [sorted(c) for c in np.asarray(expert_TK).tolist()]
   assert float(dropped) == 0.0
   chex.assert_trees_all_close(y_lib, y_ref, **TOL)
@@ -128,30 +37,30 @@ def test_route_and_dropless_experts_match_naive_reference_forward_and_grad(
 
 
 def test_route_weights_are_unbiased_scores_normalised_and_scaled():
-  cfg = moe_cfg(router_score='sigmoid', norm_topk=True, top_k=2)
-  (x, router, *_), bias, _ = make_inputs(cfg)
+  cfg = moe_cfg(score='sigmoid', norm_topk=True, top_k=2)
+  (x, router, *_), bias, _ = make_moe_inputs(cfg)
   bias = bias * 20   # a large bias changes the choice but must not change the weights' formula
-  routing = router_lib.route(x, router, bias, cfg, seq_len=T_SEQ)
-  s = ref_scores(x, router, cfg)
+  routing = router_lib.route(x, router, bias, cfg.router, seq_len=T_SEQ)
+  s = ref_scores(x, router, cfg.router)
   e = np.asarray(routing.expert_TK)
   w = np.take_along_axis(s, e, -1)
   np.testing.assert_allclose(routing.weight_TK, w / w.sum(-1, keepdims=True) * 2.5, rtol=1e-5)
   np.testing.assert_array_equal(routing.load_E, np.bincount(e.reshape(-1), minlength=8))
-  assert [sorted(c) for c in ref_choose(x, router, bias, cfg)] == [sorted(c) for c in e.tolist()]
+  assert [sorted(c) for c in ref_choose(x, router, bias, cfg.router)] == [sorted(c) for c in e.tolist()]
 
 
 @pytest.mark.parametrize('skew', ['two_experts', 'one_hot_expert'])
 def test_dropless_with_skewed_router_matches_reference_and_drops_nothing(single_mesh, skew):
   """All tokens on the same few experts: exercises the largest (capacity = num_tokens) branch."""
-  cfg = moe_cfg(router_score='sigmoid', top_k=2, dispatch='dropless')
-  args, bias, r = make_inputs(cfg, seed=1)
+  cfg = moe_cfg(score='sigmoid', top_k=2, dispatch='dropless')
+  args, bias, r = make_moe_inputs(cfg, seed=1)
   bias = jnp.zeros(cfg.num_experts).at[jnp.array([3, 5])].set(10.0)
   if skew == 'one_hot_expert':   # half the tokens on 3+5, the rest on 3+random: expert 3 has all T
     bias = jnp.zeros(cfg.num_experts).at[3].set(10.0)
-  chosen = ref_choose(args[0], args[1], bias, cfg)
+  chosen = ref_choose(args[0], args[1], bias, cfg.router)
   assert all(3 in c for c in chosen)
   g_lib, (y_lib, dropped, _, _) = lib_value_and_grad(cfg, single_mesh, bias, r)(args)
-  g_ref, y_ref = ref_value_and_grad(chosen, cfg, r)(args)
+  g_ref, y_ref = ref_value_and_grad(chosen, cfg.router, r)(args)
   assert float(dropped) == 0.0
   chex.assert_trees_all_close(y_lib, y_ref, **TOL)
   chex.assert_trees_all_close(g_lib, g_ref, **TOL)
@@ -160,11 +69,11 @@ def test_dropless_with_skewed_router_matches_reference_and_drops_nothing(single_
 # ----------------------------------------------------------------------------- capacity mode
 
 def test_capacity_dispatch_with_large_capacity_equals_reference_and_drops_nothing(single_mesh):
-  cfg = moe_cfg(dispatch='capacity', capacity_factor=8.0, router_score='softmax')
-  args, bias, r = make_inputs(cfg, seed=2)
-  chosen = ref_choose(args[0], args[1], bias, cfg)
+  cfg = moe_cfg(dispatch='capacity', capacity_factor=8.0, score='softmax')
+  args, bias, r = make_moe_inputs(cfg, seed=2)
+  chosen = ref_choose(args[0], args[1], bias, cfg.router)
   g_lib, (y_lib, dropped, _, _) = lib_value_and_grad(cfg, single_mesh, bias, r)(args)
-  g_ref, y_ref = ref_value_and_grad(chosen, cfg, r)(args)
+  g_ref, y_ref = ref_value_and_grad(chosen, cfg.router, r)(args)
   assert float(dropped) == 0.0
   chex.assert_trees_all_close(y_lib, y_ref, **TOL)
   chex.assert_trees_all_close(g_lib, g_ref, **TOL)
@@ -172,15 +81,15 @@ def test_capacity_dispatch_with_large_capacity_equals_reference_and_drops_nothin
 
 @pytest.mark.parametrize('capacity_factor', [0.5, 0.75])
 def test_capacity_dispatch_drops_overflow_in_token_order_and_counts_it(single_mesh, capacity_factor):
-  cfg = moe_cfg(dispatch='capacity', capacity_factor=capacity_factor, router_score='sigmoid')
-  args, bias, r = make_inputs(cfg, seed=3)
+  cfg = moe_cfg(dispatch='capacity', capacity_factor=capacity_factor, score='sigmoid')
+  args, bias, r = make_moe_inputs(cfg, seed=3)
   bias = bias.at[0].add(0.3)   # some skew so that several experts overflow
-  chosen = ref_choose(args[0], args[1], bias, cfg)
+  chosen = ref_choose(args[0], args[1], bias, cfg.router)
   C = int(np.ceil(capacity_factor * T * cfg.top_k / cfg.num_experts))
   keep, n_dropped = ref_capacity_keep(chosen, C, cfg.num_experts)
   assert n_dropped > 0
   g_lib, (y_lib, dropped, _, _) = lib_value_and_grad(cfg, single_mesh, bias, r)(args)
-  g_ref, y_ref = ref_value_and_grad(chosen, cfg, r, keep=keep)(args)
+  g_ref, y_ref = ref_value_and_grad(chosen, cfg.router, r, keep=keep)(args)
   assert float(dropped) == n_dropped
   chex.assert_trees_all_close(y_lib, y_ref, **TOL)
   chex.assert_trees_all_close(g_lib, g_ref, **TOL)
@@ -190,23 +99,23 @@ def test_capacity_dispatch_drops_overflow_in_token_order_and_counts_it(single_me
 
 @pytest.mark.parametrize('num_shared_experts', [0, 2])
 def test_moe_ffn_equals_reference_plus_shared_swiglu(single_mesh, num_shared_experts):
-  cfg = moe_cfg(num_shared_experts=num_shared_experts, router_score='sigmoid')
+  cfg = moe_cfg(num_shared_experts=num_shared_experts, score='sigmoid')
   p = params.init_params(model.moe_specs(cfg), jax.random.key(4))
   p = jax.tree.map(lambda w: w * 15.0, p)   # init_std 0.02 is too small to exercise anything
   assert ('shared' in p) == bool(num_shared_experts)
-  _, bias, r = make_inputs(cfg, seed=4)
+  _, bias, r = make_moe_inputs(cfg, seed=4)
   x_BTD = jax.random.normal(jax.random.key(5), (T_BATCH, T_SEQ, cfg.d_model))
   x_TD = x_BTD.reshape(T, -1)
   r_BTD = r.reshape(T_BATCH, T_SEQ, -1)
 
   def lib(x, p):
     y, aux = model.moe_ffn(p, bias, x, cfg, single_mesh, ('data', 'expert'))
-    return jnp.sum(y * r_BTD), (y, aux['dropped'])
+    return jnp.sum(y * r_BTD), (y, aux.dropped)
 
-  chosen = ref_choose(x_TD, p['router'], bias, cfg)
+  chosen = ref_choose(x_TD, p['router'], bias, cfg.router)
 
   def ref(x, p):
-    y = ref_moe(x, p['router'], p['w_gate'], p['w_up'], p['w_down'], chosen, cfg)
+    y = ref_moe(x, p['router'], p['w_gate'], p['w_up'], p['w_down'], chosen, cfg.router)
     if 'shared' in p:
       y = y + ref_swiglu(x, p['shared'])
     return jnp.sum(y * r), y
@@ -219,50 +128,65 @@ def test_moe_ffn_equals_reference_plus_shared_swiglu(single_mesh, num_shared_exp
   chex.assert_trees_all_close(g_lib[1], g_ref[1], **TOL)
 
 
+def test_moe_ffn_diagnostics_add_router_stats_and_grads_and_change_nothing_else(single_mesh):
+  """diagnostics=False (the hot path) computes no router statistics or gradients; True adds them
+  (those of router.stats and of the layer's own losses) and leaves the output and losses alone."""
+  cfg = moe_cfg(loss=dict(z_weight=1e-3))
+  p = jax.tree.map(lambda w: w * 15.0, params.init_params(model.moe_specs(cfg), jax.random.key(4)))
+  _, bias, _ = make_moe_inputs(cfg, seed=4)
+  x_BTD = jax.random.normal(jax.random.key(5), (T_BATCH, T_SEQ, cfg.d_model))
+  run = lambda diagnostics: jax.jit(lambda p, x: model.moe_ffn(
+      p, bias, x, cfg, single_mesh, ('data', 'expert'), diagnostics=diagnostics))(p, x_BTD)
+  y_off, aux_off = run(False)
+  y_on, aux_on = run(True)
+  assert aux_off.router_stats is None and aux_off.router_grads is None
+  np.testing.assert_array_equal(y_on, y_off)
+  for f in ('load_E', 'balance_loss', 'z_loss', 'dropped'):
+    np.testing.assert_array_equal(getattr(aux_on, f), getattr(aux_off, f), err_msg=f)
+  x_TD = x_BTD.reshape(T, -1)
+  chex.assert_trees_all_close(aux_on.router_stats,
+                              router_lib.stats(x_TD, p['router'], bias, cfg.router), rtol=1e-6)
+  route = lambda w, name: getattr(router_lib.route(x_TD, w, bias, cfg.router, T_SEQ), name)
+  assert set(aux_on.router_grads) == {'balance', 'z'}
+  chex.assert_trees_all_close(aux_on.router_grads['balance'],
+                              jax.grad(route)(p['router'], 'balance_loss'), rtol=1e-5, atol=1e-8)
+  chex.assert_trees_all_close(aux_on.router_grads['z'], jax.grad(route)(p['router'], 'z_loss'),
+                              rtol=1e-5, atol=1e-8)
+
+
 # ----------------------------------------------------------------------------- meshes
 
 @pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
 def test_routed_experts_outputs_and_grads_agree_across_meshes(dispatch):
   """1 device, data=8, data=2 x expert=4, expert=8 (and a 1-device mesh without 'expert')."""
-  cfg = moe_cfg(dispatch=dispatch, capacity_factor=8.0, router_score='sigmoid')
-  args, bias, r = make_inputs(cfg, seed=6)
+  cfg = moe_cfg(dispatch=dispatch, capacity_factor=8.0, score='sigmoid')
+  args, bias, r = make_moe_inputs(cfg, seed=6)
   results = {}
   shapes = dict(MESH_SHAPES, data_only1={'data': 1})
   for name, shape in shapes.items():
     g, (y, dropped, _, _) = lib_value_and_grad(cfg, make_test_mesh(shape), bias, r)(args)
     assert float(dropped) == 0.0, name
     results[name] = (y, g)
-  chosen = ref_choose(args[0], args[1], bias, cfg)
-  g_ref, y_ref = ref_value_and_grad(chosen, cfg, r)(args)
+  chosen = ref_choose(args[0], args[1], bias, cfg.router)
+  g_ref, y_ref = ref_value_and_grad(chosen, cfg.router, r)(args)
   for name, (y, g) in results.items():
     chex.assert_trees_all_close(y, y_ref, **TOL, custom_message=name)
     chex.assert_trees_all_close(g, g_ref, **TOL, custom_message=name)
 
 
-def ref_capacity_keep_per_shard(chosen, C, num_experts, num_shards):
-  """Capacity applies to each batch shard's tokens (GShard): the hand count run shard by shard."""
-  n = len(chosen) // num_shards
-  keep, dropped = [], 0
-  for s in range(num_shards):
-    k, d = ref_capacity_keep(chosen[s * n:(s + 1) * n], C, num_experts)
-    keep += k
-    dropped += d
-  return keep, dropped
-
-
 def test_capacity_dropped_count_is_summed_over_devices_under_expert_parallelism():
   """With expert=8 each device's 2 tokens form a capacity group; drops are summed over devices."""
-  cfg = moe_cfg(dispatch='capacity', capacity_factor=0.5, router_score='sigmoid')
-  args, bias, r = make_inputs(cfg, seed=3)
+  cfg = moe_cfg(dispatch='capacity', capacity_factor=0.5, score='sigmoid')
+  args, bias, r = make_moe_inputs(cfg, seed=3)
   bias = bias.at[0].add(10.0)   # every token picks expert 0: each device overflows it
-  chosen = ref_choose(args[0], args[1], bias, cfg)
+  chosen = ref_choose(args[0], args[1], bias, cfg.router)
   C = int(np.ceil(0.5 * (T // 8) * cfg.top_k / cfg.num_experts))
   keep, n_dropped = ref_capacity_keep_per_shard(chosen, C, cfg.num_experts, 8)
   mesh = make_test_mesh(MESH_SHAPES['expert8'])
   _, (y, dropped, _, _) = lib_value_and_grad(cfg, mesh, bias, r)(args)
   assert n_dropped >= 8   # at least one per device, on expert 0
   assert float(dropped) == n_dropped
-  chex.assert_trees_all_close(y, ref_moe(*args, chosen, cfg, keep=keep), **TOL)
+  chex.assert_trees_all_close(y, ref_moe(*args, chosen, cfg.router, keep=keep), **TOL)
 
 
 # ----------------------------------------------------------------------------- index math
@@ -340,7 +264,7 @@ def test_every_dropless_layout_gives_the_same_output_when_the_load_fits():
 # ----------------------------------------------------------------------------- balancing + losses
 
 def test_update_router_bias_reduces_max_violation_of_skewed_router():
-  cfg = moe_cfg(router_score='sigmoid', top_k=2)
+  cfg = moe_cfg(score='sigmoid', top_k=2)
   n, D, E = 128, cfg.d_model, cfg.num_experts
   kx, kr = jax.random.split(jax.random.key(7))
   x = jax.random.normal(kx, (n, D)).at[:, 0].set(1.0)   # feature 0 is a constant 1
@@ -351,7 +275,7 @@ def test_update_router_bias_reduces_max_violation_of_skewed_router():
     return (load_E.max() - load_E.mean()) / load_E.mean()
 
   def step(bias_E, _):
-    load_E = router_lib.route(x, router, bias_E, cfg, seq_len=n).load_E
+    load_E = router_lib.route(x, router, bias_E, cfg.router, seq_len=n).load_E
     new = router_lib.update_router_bias(bias_E[None], load_E[None], 1e-2)[0]
     return new, max_vio(load_E)
 
@@ -370,12 +294,12 @@ def test_update_router_bias_moves_bias_by_rate_times_sign_per_layer():
 
 @pytest.mark.parametrize('router_score', ['sigmoid', 'softmax'])
 def test_balance_loss_and_z_loss_match_their_definitions(router_score):
-  cfg = moe_cfg(router_score=router_score, top_k=2)
-  (x, router, *_), bias, _ = make_inputs(cfg, seed=8)
-  routing = router_lib.route(x, router, bias, cfg, seq_len=T_SEQ)
+  cfg = moe_cfg(score=router_score, top_k=2)
+  (x, router, *_), bias, _ = make_moe_inputs(cfg, seed=8)
+  routing = router_lib.route(x, router, bias, cfg.router, seq_len=T_SEQ)
   E, K = cfg.num_experts, cfg.top_k
-  s = ref_scores(x, router, cfg)
-  chosen = ref_choose(x, router, bias, cfg)
+  s = ref_scores(x, router, cfg.router)
+  chosen = ref_choose(x, router, bias, cfg.router)
   losses = []
   for b in range(T_BATCH):
     toks = range(b * T_SEQ, (b + 1) * T_SEQ)
@@ -393,9 +317,9 @@ def test_balance_loss_and_z_loss_match_their_definitions(router_score):
 
 def test_balance_loss_is_one_when_router_scores_are_uniform():
   """P_i = 1/E for every expert, so the loss is (1/E) * sum_i f_i = (1/E) * E/(K*T) * K*T = 1."""
-  cfg = moe_cfg(router_score='softmax', top_k=2)
+  cfg = moe_cfg(score='softmax', top_k=2)
   E = cfg.num_experts
-  routing = router_lib.route(jnp.zeros((E, cfg.d_model)), jnp.zeros((cfg.d_model, E)), jnp.zeros(E), cfg,
-                      seq_len=E)
+  routing = router_lib.route(jnp.zeros((E, cfg.d_model)), jnp.zeros((cfg.d_model, E)), jnp.zeros(E),
+                             cfg.router, seq_len=E)
   np.testing.assert_allclose(routing.balance_loss, 1.0, rtol=1e-6)
   np.testing.assert_allclose(routing.z_loss, np.log(E) ** 2, rtol=1e-6)

@@ -76,6 +76,30 @@ def test_bad_group_value_is_a_config_error_naming_the_field(field, value, messag
     optim.validate_optim(o, axes, 100)
 
 
+@pytest.mark.parametrize('lr', [0.0, -1e-3])
+def test_group_lr_must_be_positive_or_none(lr):
+  o, _, axes = tiny_setup(hidden__lr=lr)
+  with pytest.raises(ConfigError, match=r'^optim.groups.hidden.lr: must be positive'):
+    optim.validate_optim(o, axes, 100)
+
+
+def test_group_settings_left_none_inherit_the_optim_wide_ones_and_set_values_win():
+  o, specs, axes = tiny_setup(hidden__weight_decay=0.0, router__schedule='constant')
+  for g in o.groups:   # the base config leaves every group's inheritable setting unset
+    assert o.groups[g].name is None and o.groups[g].lr is None
+  assert o.groups.embed.schedule is None and o.groups.embed.weight_decay is None
+  assert optim.inherit(None, 'adamw') == 'adamw'
+  assert optim.inherit(0.0, 0.1) == 0.0          # a falsy value is still the group's own
+  o.name, o.lr = 'lion', 1e-3
+  rows = optim.group_table(o, axes, numpy_init_params(specs, 0)).splitlines()[1:]
+  table = {r.split()[0]: r.split() for r in rows}
+  assert all(row[1] == 'lion' and float(row[2]) == pytest.approx(1e-3) for row in table.values()), table
+  assert optim.group_spec(o, 'hidden', 100)[4] == 0.0 and optim.group_spec(o, 'embed', 100)[4] == o.weight_decay
+  router, embed = optim.group_spec(o, 'router', 100)[3], optim.group_spec(o, 'embed', 100)[3]
+  assert float(router(90)) == pytest.approx(float(router(30))) == pytest.approx(1e-3)   # its own: constant
+  assert float(embed(90)) < 0.5 * float(embed(30))                                     # optim's: cosine
+
+
 @pytest.mark.parametrize('name', ['lion', 'sgd', 'adafactor', 'contrib.muon', 'contrib.schedule_free_adamw'])
 def test_any_optax_transform_by_name_gives_finite_updates(name):
   o, specs, axes = tiny_setup(hidden__name=name)

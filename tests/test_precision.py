@@ -43,6 +43,19 @@ def test_fp8_einsum_forward_and_gradients_match_reference():
   np.testing.assert_allclose(dw, xq.T @ gq, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize('policy,dtype', [('fp32', jnp.float32), ('bf16', jnp.bfloat16), ('fp8', jnp.bfloat16)])
+def test_compute_dtype_follows_the_policy_and_params_stay_float32_except_the_cast(policy, dtype):
+  cfg = tiny_model_config(precision=policy)
+  assert precision.compute_dtype(cfg) == jnp.dtype(dtype)
+  p = numpy_init_params(model.model_specs(cfg), 0)
+  cast = model.cast_params(p, cfg)
+  flat = jax.tree_util.tree_flatten_with_path(cast)[0]
+  for path, w in flat:
+    name = jax.tree_util.keystr(path)
+    kept = any(k in name for k in model.FLOAT32_PARAMS)   # norm scales and the router
+    assert w.dtype == (jnp.float32 if kept else jnp.dtype(dtype)), name
+
+
 def _rel(a, b):
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
@@ -50,14 +63,16 @@ def _rel(a, b):
 
 def test_fp8_moe_layer_relative_error_vs_fp32_is_bounded(single_mesh):
   cfg32 = tiny_model_config(dispatch='capacity', capacity_factor=8.0)
-  cfg8 = tiny_model_config(dispatch='capacity', capacity_factor=8.0, precision='fp8', compute_dtype='float32')
-  cfg8.precision = 'fp8'
+  cfg8 = tiny_model_config(dispatch='capacity', capacity_factor=8.0, precision='fp8')
+  assert cfg8.dispatch.fp8 and not cfg32.dispatch.fp8
   p = numpy_init_params(model.moe_specs(cfg32), 0)
   x_BTD = jnp.asarray(np.random.default_rng(2).standard_normal((2, 16, cfg32.d_model)), jnp.float32)
   bias_E = jnp.zeros((cfg32.num_experts,))
 
   def run(cfg, x):
-    # fp8 matmuls with float32 everywhere else, so the difference is the fp8 rounding alone.
+    # fp8 matmuls with float32 everywhere else (moe_ffn on float32 params and activations: the
+    # policy's bf16 compute dtype is applied by forward's cast_params, not here), so the difference
+    # is the fp8 rounding alone.
     with_f32 = lambda p, x: model.moe_ffn(p, bias_E, x, cfg, single_mesh, ())[0]
     return jax.value_and_grad(lambda p, x: jnp.sum(with_f32(p, x) * x), argnums=(0, 1))(p, x), with_f32(p, x)
 
@@ -81,7 +96,7 @@ def test_each_policy_trains_with_finite_decreasing_loss(policy, single_mesh):
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))   # master weights
   tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (4, 17)), jnp.int32)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': jnp.ones((4, 16))}
-  bias = jnp.zeros((model.num_moe_layers(cfg), cfg.num_experts))
+  bias = jnp.zeros((cfg.num_moe_layers, cfg.num_experts))
   tx = optax.adamw(1e-2)
 
   @jax.jit

@@ -24,18 +24,18 @@ def test_sequence_balance_loss_matches_a_hand_computed_example():
 
 
 def test_global_batch_balance_loss_is_the_same_when_the_batch_is_split_over_data_devices():
-  cfg = tiny_model_config(balance_loss_scope='global')
+  cfg = tiny_model_config(loss=dict(balance_scope='global'))
   key = jax.random.key(0)
   x_TD = jax.random.normal(key, (8 * 16, cfg.d_model))
   w_DE = jax.random.normal(jax.random.fold_in(key, 1), (cfg.d_model, cfg.num_experts)) * 0.3
   bias = jnp.zeros((cfg.num_experts,))
-  f = jax.jit(lambda x: router_lib.route(x, w_DE, bias, cfg, seq_len=16).balance_loss)
+  f = jax.jit(lambda x: router_lib.route(x, w_DE, bias, cfg.router, seq_len=16).balance_loss)
   one = float(f(x_TD))
   mesh = make_test_mesh({'data': 8, 'expert': 1})
   split = float(f(jax.device_put(x_TD, named(mesh, ('batch', None), {'batch': 'data'}))))
   np.testing.assert_allclose(split, one, rtol=1e-6)
   # and it is not the mean of per-device (per-sequence-group) losses
-  per_group = np.mean([float(router_lib.route(x_TD[i * 16:(i + 1) * 16], w_DE, bias, cfg, 16).balance_loss)
+  per_group = np.mean([float(router_lib.route(x_TD[i * 16:(i + 1) * 16], w_DE, bias, cfg.router, 16).balance_loss)
                        for i in range(8)])
   assert abs(per_group - one) > 1e-4
 
@@ -55,14 +55,35 @@ def test_proportional_bias_update_follows_the_longcat_formula_and_centring_zeroe
 
 
 def test_linear_bias_rate_schedule_decays_to_the_final_fraction():
-  cfg = tiny_model_config(bias_update_rate=0.01, bias_update_schedule='linear', bias_update_final=0.1)
+  cfg = tiny_model_config(bias_update_rate=0.01,
+                          router=dict(bias_update_schedule='linear', bias_update_final=0.1)).router
   assert float(router_lib.bias_rate(cfg, 0, 100)) == pytest.approx(0.01)
   assert float(router_lib.bias_rate(cfg, 50, 100)) == pytest.approx(0.0055)
   assert float(router_lib.bias_rate(cfg, 100, 100)) == pytest.approx(0.001)
 
 
+@pytest.mark.parametrize('router_options', [
+    dict(), dict(bias_update_mode='proportional', bias_center=True),
+    dict(bias_update_schedule='linear', bias_update_final=0.1),
+    dict(num_zero_experts=4, target_active_experts=1.5, bias_update_mode='proportional')])
+def test_update_bias_is_the_configured_update_router_bias_step(router_options):
+  """The train step's update (router.update_bias) = update_router_bias at bias_rate(step) with the
+  RouterConfig's mode, centring and zero-expert target (top_k real experts when there are none)."""
+  cfg = tiny_model_config(bias_update_rate=0.01, router=router_options).router
+  E = cfg.num_routed
+  load = jnp.asarray(np.random.default_rng(0).integers(0, 9, (2, E)), jnp.float32)
+  bias = jnp.asarray(np.random.default_rng(1).standard_normal((2, E)), jnp.float32) * 0.1
+  got = router_lib.update_bias(bias, load, cfg, 30, 100)
+  rate = 0.01 * (1 - 0.9 * 0.3) if cfg.bias_update_schedule == 'linear' else 0.01
+  want = router_lib.update_router_bias(
+      bias, load, rate, num_real=cfg.num_experts, target_active=cfg.target_active_experts or cfg.top_k,
+      mode=cfg.bias_update_mode, center=cfg.bias_center, top_k=cfg.top_k)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6)
+  assert not np.allclose(np.asarray(got), np.asarray(bias))
+
+
 def _zero_expert_setup(**kw):
-  cfg = tiny_model_config(num_zero_experts=4, target_active_experts=1.0, num_shared_experts=0, **kw)
+  cfg = tiny_model_config(router=dict(num_zero_experts=4, target_active_experts=1.0, **kw), num_shared_experts=0)
   p = params.init_params(model.moe_specs(cfg), jax.random.key(0))
   x_BTD = jax.random.normal(jax.random.key(1), (2, 8, cfg.d_model))
   return cfg, p, x_BTD
@@ -72,24 +93,25 @@ def test_zero_computation_experts_return_their_input_and_cost_no_expert_flops():
   cfg, p, x_BTD = _zero_expert_setup(norm_topk=True)
   mesh = make_test_mesh({'data': 1, 'expert': 1})
   bias = jnp.concatenate([jnp.full((cfg.num_experts,), -10.0), jnp.zeros((4,))])  # only zero experts
-  y_BTD, aux = model.moe_ffn(p, bias, x_BTD, cfg, mesh, ())
+  y_BTD, aux = model.moe_ffn(p, bias, x_BTD, cfg, mesh, (), diagnostics=True)
   np.testing.assert_allclose(np.asarray(y_BTD), np.asarray(x_BTD), rtol=1e-5, atol=1e-6)  # weights sum to 1
-  assert float(aux['active_experts_per_token']) == 0.0
-  assert float(aux['load_E'][:cfg.num_experts].sum()) == 0.0
+  assert float(aux.router_stats['active_experts_per_token']) == 0.0
+  assert float(aux.load_E[:cfg.num_experts].sum()) == 0.0
   base = flops.forward_flops_per_token(cfg, 8, active_experts_per_token=0.0)
   two = flops.forward_flops_per_token(cfg, 8, active_experts_per_token=2.0)
-  moe_layers = cfg.num_layers - cfg.num_dense_layers
+  moe_layers = cfg.num_moe_layers
   assert two - base == pytest.approx(moe_layers * 2 * 2 * 3 * cfg.d_model * cfg.expert_ffn_dim)
 
 
 def test_bias_steers_mean_active_experts_per_token_to_the_target():
-  cfg = tiny_model_config(num_zero_experts=4, target_active_experts=0.6, top_k=2)
+  cfg = tiny_model_config(router=dict(num_zero_experts=4, target_active_experts=0.6), top_k=2)
   E = cfg.num_experts + 4
   x_TD = jax.random.normal(jax.random.key(2), (512, cfg.d_model))
   w_DE = jax.random.normal(jax.random.key(3), (cfg.d_model, E)) * 0.3
-  step = jax.jit(lambda b: (lambda r: (router_lib.update_router_bias(
-      b[None], r.load_E[None], 0.01, num_real=cfg.num_experts, target_active=0.6, top_k=2)[0],
-      r.stats['active_experts_per_token']))(router_lib.route(x_TD, w_DE, b, cfg, 64)))
+  step = jax.jit(lambda b: (router_lib.update_router_bias(
+      b[None], router_lib.route(x_TD, w_DE, b, cfg.router, 64).load_E[None], 0.01,
+      num_real=cfg.num_experts, target_active=0.6, top_k=2)[0],
+      router_lib.stats(x_TD, w_DE, b, cfg.router)['active_experts_per_token']))
   bias, real = jnp.zeros((E,)), []
   for _ in range(300):
     bias, r = step(bias)
@@ -135,7 +157,7 @@ def test_gradient_norm_ratio_separates_the_balance_gradient_from_the_lm_gradient
   g_bal_unit_raw = 2.0 * jnp.ones((2, 3, 4))       # per layer before the 1/L of the mean over layers
   coef = jnp.array([0.1, 0.0])
   total = g_lm + coef[:, None, None] * g_bal_unit_raw / 2
-  ratio, unit = diagnostics.gradient_norm_ratio(total, {'router_grad_balance': g_bal_unit_raw}, coef, 0.0)
+  ratio, unit = diagnostics.gradient_norm_ratio(total, {'balance': g_bal_unit_raw}, coef, 0.0)
   np.testing.assert_allclose(np.asarray(ratio), [0.1, 0.0], rtol=1e-5)
   np.testing.assert_allclose(np.asarray(unit), [1.0, 1.0], rtol=1e-5)
   new = diagnostics.adapt_balance_coef(coef, jnp.array([0.4, 0.0]), target=0.1, max_coef=0.1)
@@ -144,19 +166,21 @@ def test_gradient_norm_ratio_separates_the_balance_gradient_from_the_lm_gradient
 
 def test_train_step_gradient_norm_ratio_matches_separate_gradients():
   """R from the train step's decomposition equals R from two separately taken gradients."""
-  cfg = tiny_model_config(balance_loss_weight=0.05, num_layers=2, num_dense_layers=0)
+  cfg = tiny_model_config(loss=dict(balance_weight=0.05), num_layers=2, num_dense_layers=0)
   mesh = make_test_mesh({'data': 1, 'expert': 1})
   p = params.init_params(model.model_specs(cfg), jax.random.key(0))
   tok = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   batch = {'inputs': tok, 'targets': jnp.roll(tok, -1, 1), 'loss_mask': jnp.ones((2, 16))}
   bias = jnp.zeros((2, cfg.num_experts))
-  (_, aux), g = jax.value_and_grad(model.loss_fn, has_aux=True)(p, bias, batch, cfg, mesh)
-  ratio, _ = diagnostics.gradient_norm_ratio(g['moe_blocks']['ffn']['router'], aux,
-                                             jnp.full((2,), 0.05), 0.0)
-  lm_cfg = tiny_model_config(balance_loss_weight=0.0, num_layers=2, num_dense_layers=0)
+  (_, aux), g = jax.value_and_grad(model.loss_fn, has_aux=True)(p, bias, batch, cfg, mesh,
+                                                                 diagnostics=True)
+  # as the train step's diagnostics variant takes it (moejax.train.make_train_step)
+  ratio, _ = diagnostics.gradient_norm_ratio(model.moe_layer_leaf(g['moe_blocks'], ('ffn', 'router'), cfg),
+                                             aux.moe.router_grads, jnp.full((2,), 0.05), 0.0)
+  lm_cfg = tiny_model_config(loss=dict(balance_weight=0.0), num_layers=2, num_dense_layers=0)
   g_lm = jax.grad(lambda q: model.loss_fn(q, bias, batch, lm_cfg, mesh)[0])(p)['moe_blocks']['ffn']['router']
   g_bal = g['moe_blocks']['ffn']['router'] - g_lm   # includes indirect paths through later layers
-  direct = 0.05 / 2 * aux['router_grad_balance']
+  direct = 0.05 / 2 * aux.moe.router_grads['balance']
   expect = np.linalg.norm(np.asarray(direct).reshape(2, -1), axis=1) / np.linalg.norm(
       np.asarray(g['moe_blocks']['ffn']['router'] - direct).reshape(2, -1), axis=1)
   np.testing.assert_allclose(np.asarray(ratio), expect, rtol=1e-5)
@@ -191,9 +215,10 @@ def test_variance_alignment_keeps_mla_key_value_variance_across_latent_ranks(ali
   x_BTD = jax.random.normal(jax.random.key(0), (2, 64, 128))
   var = {}
   for C in (16, 64, 128):
-    cfg = tiny_model_config(d_model=128, attention='mla', num_heads=4, kv_lora_rank=C, q_lora_rank=C,
-                            qk_nope_head_dim=16, qk_rope_head_dim=16, v_head_dim=32,
-                            variance_alignment=aligned)
+    cfg = tiny_model_config(d_model=128, attention='mla', attn=dict(num_heads=4),
+                            mla=dict(kv_lora_rank=C, q_lora_rank=C, qk_nope_head_dim=16,
+                                     qk_rope_head_dim=16, v_head_dim=32),
+                            variance_alignment=aligned).attn
     p = params.init_params(ATTENTIONS['mla'].specs(cfg), jax.random.key(1))
     latent = rms_norm(dense(x_BTD, p['wkv_a'])[..., :C], p['kv_norm'], cfg.norm_eps)
     q_lat = rms_norm(dense(x_BTD, p['wq_a']), p['q_norm'], cfg.norm_eps)
@@ -218,10 +243,10 @@ def test_scmoe_block_matches_a_naive_composition_of_its_sub_blocks():
   norm = lambda x, s: rms_norm(x, s, cfg.norm_eps)
   attn = lambda *a: ATTENTIONS[cfg.attention].apply(*a)[0]
   x = p['embed'][tok]
-  h1 = x + attn(b['attn'], norm(x, b['attn_norm']), cfg)
+  h1 = x + attn(b['attn'], norm(x, b['attn_norm']), cfg.attn)
   moe_out, _ = model.moe_ffn(b['ffn'], bias[0], norm(h1, b['ffn_norm']), cfg, mesh, ())
   h2 = h1 + swiglu(b['dense'], norm(h1, b['dense_norm']))
-  h3 = h2 + attn(b['attn2'], norm(h2, b['attn2_norm']), cfg)
+  h3 = h2 + attn(b['attn2'], norm(h2, b['attn2_norm']), cfg.attn)
   h4 = h3 + swiglu(b['dense2'], norm(h3, b['dense2_norm']))
   expect = norm(h4 + moe_out, p['final_norm']) @ p['head']
   np.testing.assert_allclose(np.asarray(logits), np.asarray(expect), rtol=1e-4, atol=1e-5)

@@ -16,7 +16,7 @@ from conftest import numpy_init_params, tiny_model_config
 def _wide(d_model, base_width, **kw):
   """The tiny model at a width: heads, FFN and expert widths grow with d_model (head_dim fixed)."""
   k = d_model // 32
-  return tiny_model_config(d_model=d_model, num_heads=4 * k, num_kv_heads=2 * k, dense_ffn_dim=64 * k,
+  return tiny_model_config(d_model=d_model, attn=dict(num_heads=4 * k, num_kv_heads=2 * k), dense_ffn_dim=64 * k,
                            expert_ffn_dim=16 * k, base_width=base_width, **kw)
 
 
@@ -100,7 +100,7 @@ def _logit_change_after_one_step(cfg, mesh, lr=1e-2):
   rng = np.random.default_rng(1)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 17)), jnp.int32)
   batch = {'inputs': tokens[:, :-1], 'targets': tokens[:, 1:], 'loss_mask': jnp.ones((4, 16), jnp.float32)}
-  bias = jnp.zeros((model.num_moe_layers(cfg), cfg.num_experts), jnp.float32)
+  bias = jnp.zeros((cfg.num_moe_layers, cfg.num_experts), jnp.float32)
 
   @jax.jit
   def change(params):

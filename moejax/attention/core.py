@@ -26,6 +26,17 @@ class Attention:
   # `pos` (a scalar, the same for every row) given the cache of positions 0..pos-1; equals apply's
   # output at that position.
   decode: Callable
+  # (p stacked over L layers, gamma_LH, cfg) -> p with QK-clip applied (moejax.qk_clip); None when
+  # rescaling the projections would not rescale the logits (the type refuses optim.qk_clip).
+  qk_clip: Callable | None = None
+  supports: frozenset = frozenset()   # options of model.attn it honours: 'qk_norm', 'sinks', 'softcap'
+
+
+def scale_heads(w, factor_LH, head_axis: int):
+  """w [L, ..., heads at head_axis (counted without L), ...] times factor [L, heads]."""
+  shape = [factor_LH.shape[0]] + [1] * (w.ndim - 1)
+  shape[head_axis + 1] = factor_LH.shape[1]
+  return w * factor_LH.reshape(shape).astype(w.dtype)
 
 
 def same_segment(seg_q, seg_k):

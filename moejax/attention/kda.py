@@ -22,8 +22,8 @@ from moejax.params import ParamSpec
 
 
 def specs(cfg):
-  D, H, N, W = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.kda_conv
-  s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+  D, H, N, W = cfg.d_model, cfg.num_heads, cfg.head_dim, cfg.kda.conv
+  s, out = cfg.init_std, cfg.out_std
   proj = lambda: ParamSpec((D, H, N), ('embed', 'heads', 'head_dim'), scale=s)
   conv = lambda: ParamSpec((W, H, N), (None, 'heads', 'head_dim'), scale=W ** -0.5)
   return {
@@ -160,15 +160,15 @@ def chunk_delta_rule(q_BTHK, k_BTHK, v_BTHV, beta_BTH, g_BTHK, chunk: int, segme
 def apply(p, x_BTD, cfg, segment_ids_BT=None):
   """Returns y_BTD and, for the attention interface, NaN per head: KDA has no softmax logits."""
   q, k, v, beta, g = gates_and_inputs(p, x_BTD, cfg, segment_ids_BT)
-  o_BTHV = chunk_delta_rule(q, k, v, beta, g, cfg.kda_chunk, segment_ids_BT)
+  o_BTHV = chunk_delta_rule(q, k, v, beta, g, cfg.kda.chunk, segment_ids_BT)
   o_BTHV = rms_norm(o_BTHV, p['o_norm'], cfg.norm_eps) * jax.nn.sigmoid(dense(x_BTD, p['w_gate']))
   return dense(o_BTHV.astype(x_BTD.dtype), p['wo'], n_in=2), jnp.full((cfg.num_heads,), jnp.nan)
 
 
 def flops_per_token(cfg, seq_len):
-  D, H, N, L = cfg.d_model, cfg.num_heads, cfg.head_dim, min(cfg.kda_chunk, seq_len)
+  D, H, N, L = cfg.d_model, cfg.num_heads, cfg.head_dim, min(cfg.kda.chunk, seq_len)
   proj = 2 * D * H * N * 5 + 2 * D * (H + N) + 2 * N * H * N          # q k v gate out, beta, decay
-  conv = 2 * 3 * cfg.kda_conv * H * N
+  conv = 2 * 3 * cfg.kda.conv * H * N
   # per head: A and P (L x L x K each), two L x L solves, P U, and four K x V state products
   core = 2 * H * (2 * L * N + 2 * L * N + L * N + 4 * N * N)
   return proj + conv + core
@@ -183,7 +183,7 @@ def init_cache(cfg, batch, max_len, dtype):
   """The state S [B, H, K, V] (float32) and the last kda_conv - 1 inputs of each short convolution;
   memory independent of max_len."""
   del max_len
-  H, N, W = cfg.num_heads, cfg.head_dim, cfg.kda_conv
+  H, N, W = cfg.num_heads, cfg.head_dim, cfg.kda.conv
   cache = {f'conv_{c}': jnp.zeros((batch, W - 1, H, N), dtype) for c in CONVS}
   cache['state'] = jnp.zeros((batch, H, N, N), jnp.float32)
   return cache
@@ -215,4 +215,5 @@ def decode(p, x_BD, cache, pos, cfg):
   return dense(o_B1HV.astype(x_BD.dtype), p['wo'], n_in=2)[:, 0], cache
 
 
-KDA = Attention(specs, apply, flops_per_token, init_cache, decode)
+# No softmax logits (the logit max is NaN and never clips): QK-clip leaves KDA's params alone.
+KDA = Attention(specs, apply, flops_per_token, init_cache, decode, qk_clip=lambda p, gamma_LH, cfg: p)

@@ -28,8 +28,8 @@ BRANCHES = ('cmp', 'slc', 'win')
 
 
 def specs(cfg):
-  D, H, G, N, l = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.nsa_block
-  s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+  D, H, G, N, l = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.nsa.block
+  s, out = cfg.init_std, cfg.out_std
   kv = lambda: ParamSpec((D, G, N), ('embed', 'kv_heads', 'head_dim'), scale=s)
   sp = {'wq': ParamSpec((D, H, N), ('embed', 'heads', 'head_dim'), scale=s),
         'w_gate': ParamSpec((D, H, 3), ('embed', 'heads', None), scale=s),
@@ -80,7 +80,7 @@ def branches(p, x_BTD, cfg, segment_ids_BT=None):
   head over the three branches. With segment ids, every branch stays within the query's document."""
   B, T, _ = x_BTD.shape
   G, N = cfg.num_kv_heads, cfg.head_dim
-  l, d, l_sel, n = cfg.nsa_block, cfg.nsa_stride, cfg.nsa_select_block, cfg.nsa_num_selected
+  l, d, l_sel, n = cfg.nsa.block, cfg.nsa.stride, cfg.nsa.select_block, cfg.nsa.num_selected
   q = rope(dense(x_BTD, p['wq']), cfg.rope_theta).reshape(B, T, G, -1, N)
   k = {b: rope(dense(x_BTD, p[f'wk_{b}']), cfg.rope_theta) for b in BRANCHES}
   v = {b: dense(x_BTD, p[f'wv_{b}']) for b in BRANCHES}
@@ -153,10 +153,10 @@ def apply(p, x_BTD, cfg, segment_ids_BT=None):
 
 def flops_per_token(cfg, seq_len):
   D, H, G, N = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  l, d = cfg.nsa_block, cfg.nsa_stride
+  l, d = cfg.nsa.block, cfg.nsa.stride
   proj = 2 * D * N * (2 * H + 6 * G) + 2 * D * H * 3
   compress_ = 2 * 2 * G * (l * N * N + N * N) / d          # one k and one v block every d tokens
-  keys = num_cmp_blocks(seq_len, l, d) / 2 + min(cfg.nsa_num_selected * cfg.nsa_select_block, seq_len) \
+  keys = num_cmp_blocks(seq_len, l, d) / 2 + min(cfg.nsa.num_selected * cfg.nsa.select_block, seq_len) \
       + min(cfg.window, seq_len)
   return proj + compress_ + 4 * H * N * keys
 
@@ -167,7 +167,7 @@ def init_cache(cfg, batch, max_len, dtype):
   """Per branch: cmp  the latest l raw keys/values (a ring; a block is compressed when it
   completes) and the compressed keys/values of every block [B, J, G, N];  slc  the raw keys/values
   of every position, padded to whole selection blocks;  win  a ring of the latest `window`."""
-  G, N, l, d, l_sel = cfg.num_kv_heads, cfg.head_dim, cfg.nsa_block, cfg.nsa_stride, cfg.nsa_select_block
+  G, N, l, d, l_sel = cfg.num_kv_heads, cfg.head_dim, cfg.nsa.block, cfg.nsa.stride, cfg.nsa.select_block
   zeros = lambda S: jnp.zeros((batch, S, G, N), dtype)
   J, K = num_cmp_blocks(max_len, l, d), -(-max_len // l_sel)
   cache = {'slc': {'k': zeros(K * l_sel), 'v': zeros(K * l_sel)},
@@ -180,7 +180,7 @@ def init_cache(cfg, batch, max_len, dtype):
 def _compress_step(c, k_BGN, v_BGN, pos, p, cfg):
   """Writes this position into the cmp ring; when it ends block j (pos = j d + l - 1), stores the
   block's compressed key and value at j."""
-  l, d = cfg.nsa_block, cfg.nsa_stride
+  l, d = cfg.nsa.block, cfg.nsa.stride
   c = {**c, 'k': cache_write(c['k'], k_BGN, pos % l), 'v': cache_write(c['v'], v_BGN, pos % l)}
   start = pos - l + 1
   ring_l = (start + jnp.arange(l)) % l                               # block positions in order
@@ -196,8 +196,8 @@ def _compress_step(c, k_BGN, v_BGN, pos, p, cfg):
 def decode(p, x_BD, cache, pos, cfg):
   """The three branches for one query per row, as in `branches` at position pos."""
   B = x_BD.shape[0]
-  G, N, l, d = cfg.num_kv_heads, cfg.head_dim, cfg.nsa_block, cfg.nsa_stride
-  l_sel, n = cfg.nsa_select_block, cfg.nsa_num_selected
+  G, N, l, d = cfg.num_kv_heads, cfg.head_dim, cfg.nsa.block, cfg.nsa.stride
+  l_sel, n = cfg.nsa.select_block, cfg.nsa.num_selected
   x_B1D = x_BD[:, None]
   q = rope(dense(x_B1D, p['wq']), cfg.rope_theta, pos).reshape(B, G, -1, N)
   k = {b: rope(dense(x_B1D, p[f'wk_{b}']), cfg.rope_theta, pos)[:, 0] for b in BRANCHES}
@@ -239,4 +239,6 @@ def decode(p, x_BD, cache, pos, cfg):
   return dense(o_BGHN.reshape(B, -1, N), p['wo'], n_in=2), cache
 
 
+# Its compressed keys pass through an MLP, so rescaling the key projections would not rescale its
+# logits: no QK-clip.
 NSA = Attention(specs, apply, flops_per_token, init_cache, decode)

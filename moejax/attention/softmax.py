@@ -5,7 +5,7 @@ R rope dim, C latent rank.
 """
 from moejax.attention.core import (Attention, cache_write, causal_softmax_attention,
                                    decode_softmax_attention, ring_attention, ring_cache,
-                                   sliding_window_attention, softmax_probs)
+                                   scale_heads, sliding_window_attention, softmax_probs)
 from moejax.layers import dense, rms_norm, rope
 from moejax.params import ParamSpec
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 def gqa_specs(cfg, num_kv_heads: int | None = None):
   D, H, N = cfg.d_model, cfg.num_heads, cfg.head_dim
   G = num_kv_heads or cfg.num_kv_heads
-  s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+  s, out = cfg.init_std, cfg.out_std
   specs = {
       'wq': ParamSpec((D, H, N), ('embed', 'heads', 'head_dim'), scale=s),
       'wk': ParamSpec((D, G, N), ('embed', 'kv_heads', 'head_dim'), scale=s),
@@ -26,7 +26,7 @@ def gqa_specs(cfg, num_kv_heads: int | None = None):
   if cfg.qk_norm:   # RMSNorm of each head's query and key before RoPE (OLMo 2, Qwen 3)
     specs['q_norm'] = ParamSpec((N,), ('head_dim',), init='ones')
     specs['k_norm'] = ParamSpec((N,), ('head_dim',), init='ones')
-  if cfg.attn_sinks:   # one learned sink logit per query head
+  if cfg.sinks:   # one learned sink logit per query head
     specs['sinks'] = ParamSpec((H,), ('heads',), init='zeros')
   return specs
 
@@ -50,7 +50,7 @@ def gqa_qkv(p, x_BTD, cfg, offset=0):
 
 def _softmax_options(p, cfg, G: int) -> dict:
   sink = p['sinks'].reshape(G, -1) if 'sinks' in p else None
-  return {'softcap': cfg.attn_softcap, 'sink_GH': sink}
+  return {'softcap': cfg.softcap, 'sink_GH': sink}
 
 
 def gqa_out(p, o_BTGHN):
@@ -94,18 +94,18 @@ def swa_flops(cfg, seq_len):
 
 def mla_specs(cfg):
   D, H = cfg.d_model, cfg.num_heads
-  Nn, R, M, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  s, out = cfg.init_std, cfg.init_std / (2 * cfg.num_layers) ** 0.5
+  Nn, R, M, C = cfg.mla.qk_nope_head_dim, cfg.mla.qk_rope_head_dim, cfg.mla.v_head_dim, cfg.mla.kv_lora_rank
+  s, out = cfg.init_std, cfg.out_std
   specs = {
       'wkv_a': ParamSpec((D, C + R), ('embed', 'kv_lora'), scale=s),   # latent + shared rope key
       'kv_norm': ParamSpec((C,), ('kv_lora',), init='ones'),
       'wkv_b': ParamSpec((C, H, Nn + M), ('kv_lora', 'heads', 'head_dim'), scale=s),
       'wo': ParamSpec((H, M, D), ('heads', 'head_dim', 'embed'), scale=out),
   }
-  if cfg.q_lora_rank:
-    specs['wq_a'] = ParamSpec((D, cfg.q_lora_rank), ('embed', 'q_lora'), scale=s)
-    specs['q_norm'] = ParamSpec((cfg.q_lora_rank,), ('q_lora',), init='ones')
-    specs['wq_b'] = ParamSpec((cfg.q_lora_rank, H, Nn + R), ('q_lora', 'heads', 'head_dim'), scale=s)
+  if cfg.mla.q_lora_rank:
+    specs['wq_a'] = ParamSpec((D, cfg.mla.q_lora_rank), ('embed', 'q_lora'), scale=s)
+    specs['q_norm'] = ParamSpec((cfg.mla.q_lora_rank,), ('q_lora',), init='ones')
+    specs['wq_b'] = ParamSpec((cfg.mla.q_lora_rank, H, Nn + R), ('q_lora', 'heads', 'head_dim'), scale=s)
   else:
     specs['wq'] = ParamSpec((D, H, Nn + R), ('embed', 'heads', 'head_dim'), scale=s)
   return specs
@@ -119,10 +119,10 @@ def latent_scale(cfg, rank: int) -> float:
 
 
 def mla_apply(p, x_BTD, cfg, segment_ids_BT=None):
-  Nn, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
-  if cfg.q_lora_rank:
+  Nn, C = cfg.mla.qk_nope_head_dim, cfg.mla.kv_lora_rank
+  if cfg.mla.q_lora_rank:
     q_lat = rms_norm(dense(x_BTD, p['wq_a']), p['q_norm'], cfg.norm_eps)
-    q_BTHK = dense(q_lat * latent_scale(cfg, cfg.q_lora_rank), p['wq_b'])
+    q_BTHK = dense(q_lat * latent_scale(cfg, cfg.mla.q_lora_rank), p['wq_b'])
   else:
     q_BTHK = dense(x_BTD, p['wq'])
   q_BTHK = jnp.concatenate([q_BTHK[..., :Nn], rope(q_BTHK[..., Nn:], cfg.rope_theta)], axis=-1)
@@ -136,14 +136,14 @@ def mla_apply(p, x_BTD, cfg, segment_ids_BT=None):
       axis=-1)
   v_BTHM = kv_BTHK[..., Nn:]
   o, logit_max_H = causal_softmax_attention(q_BTHK[:, :, :, None], k_BTHK, v_BTHM,  # G = H groups
-                                            segment_ids_BT, softcap=cfg.attn_softcap)  # of one head
+                                            segment_ids_BT, softcap=cfg.softcap)  # of one head
   return dense(o[:, :, :, 0], p['wo'], n_in=2), logit_max_H
 
 
 def mla_flops(cfg, seq_len):
   D, H = cfg.d_model, cfg.num_heads
-  Nn, R, M, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-  q = D * cfg.q_lora_rank + cfg.q_lora_rank * H * (Nn + R) if cfg.q_lora_rank else D * H * (Nn + R)
+  Nn, R, M, C = cfg.mla.qk_nope_head_dim, cfg.mla.qk_rope_head_dim, cfg.mla.v_head_dim, cfg.mla.kv_lora_rank
+  q = D * cfg.mla.q_lora_rank + cfg.mla.q_lora_rank * H * (Nn + R) if cfg.mla.q_lora_rank else D * H * (Nn + R)
   proj = 2 * (q + D * (C + R) + C * H * (Nn + M) + H * M * D)
   return proj + seq_len * H * (Nn + R + M)
 
@@ -183,8 +183,8 @@ def swa_decode(p, x_BD, cache, pos, cfg):
 
 def mla_init_cache(cfg, batch, max_len, dtype):
   """Only the normalised latent [B, max_len, C] and the shared RoPE key [B, max_len, R]."""
-  return {'latent': jnp.zeros((batch, max_len, cfg.kv_lora_rank), dtype),
-          'k_rope': jnp.zeros((batch, max_len, cfg.qk_rope_head_dim), dtype)}
+  return {'latent': jnp.zeros((batch, max_len, cfg.mla.kv_lora_rank), dtype),
+          'k_rope': jnp.zeros((batch, max_len, cfg.mla.qk_rope_head_dim), dtype)}
 
 
 def mla_decode(p, x_BD, cache, pos, cfg):
@@ -192,11 +192,11 @@ def mla_decode(p, x_BD, cache, pos, cfg):
   formed; W_UK_h folds into the query (q_nope_h^T W_UK_h c = (W_UK_h^T q_nope_h)^T c) and W_UV_h
   into the output (sum_s p_s W_UV_h c_s = W_UV_h sum_s p_s c_s), so each step reads only the
   cached latents and RoPE keys."""
-  Nn, C = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+  Nn, C = cfg.mla.qk_nope_head_dim, cfg.mla.kv_lora_rank
   x_B1D = x_BD[:, None]
-  if cfg.q_lora_rank:
+  if cfg.mla.q_lora_rank:
     q_lat = rms_norm(dense(x_B1D, p['wq_a']), p['q_norm'], cfg.norm_eps)
-    q_B1HK = dense(q_lat * latent_scale(cfg, cfg.q_lora_rank), p['wq_b'])
+    q_B1HK = dense(q_lat * latent_scale(cfg, cfg.mla.q_lora_rank), p['wq_b'])
   else:
     q_B1HK = dense(x_B1D, p['wq'])
   q_nope_BHN, q_rope_BHR = q_B1HK[:, 0, :, :Nn], rope(q_B1HK[..., Nn:], cfg.rope_theta, pos)[:, 0]
@@ -210,13 +210,43 @@ def mla_decode(p, x_BD, cache, pos, cfg):
   scores_BHS = (jnp.einsum('bhc,bsc->bhs', q_lat_BHC, cache['latent'])
                 + jnp.einsum('bhr,bsr->bhs', q_rope_BHR, cache['k_rope'])).astype(jnp.float32)
   scores_BHS = scores_BHS * q_B1HK.shape[-1] ** -0.5
-  probs = softmax_probs(scores_BHS, jnp.arange(cache['latent'].shape[1]) <= pos, cfg.attn_softcap)
+  probs = softmax_probs(scores_BHS, jnp.arange(cache['latent'].shape[1]) <= pos, cfg.softcap)
   o_lat_BHC = jnp.einsum('bhs,bsc->bhc', probs.astype(cache['latent'].dtype), cache['latent'])
   o_BHM = jnp.einsum('bhc,chm->bhm', o_lat_BHC, w_uv_CHM)
   return dense(o_BHM, p['wo'], n_in=2), cache
 
 
-GQA = Attention(gqa_specs, gqa_apply, gqa_flops, gqa_init_cache, gqa_decode)
-MHA = Attention(mha_specs, gqa_apply, mha_flops, mha_init_cache, gqa_decode)
-SWA = Attention(gqa_specs, swa_apply, swa_flops, swa_init_cache, swa_decode)
-MLA = Attention(mla_specs, mla_apply, mla_flops, mla_init_cache, mla_decode)
+# --- QK-clip (moejax.qk_clip): rescale query/key projections so each head's logits scale by gamma ---
+
+def gqa_qk_clip(p, gamma_LH, cfg):
+  """A kv head is shared by its group: it takes sqrt(min gamma of the group) and each query head
+  the rest, gamma_h / sqrt(min gamma), so every head's logits scale by exactly gamma_h."""
+  del cfg
+  L, H = gamma_LH.shape
+  G = p['wk'].shape[2]                                     # wk [L, D, G, N]
+  gamma_LGh = gamma_LH.reshape(L, G, H // G)
+  k_factor_LG = jnp.sqrt(gamma_LGh.min(-1))
+  q_factor_LH = (gamma_LGh / k_factor_LG[..., None]).reshape(L, H)
+  return {**p, 'wq': scale_heads(p['wq'], q_factor_LH, 1), 'wk': scale_heads(p['wk'], k_factor_LG, 1)}
+
+
+def mla_qk_clip(p, gamma_LH, cfg):
+  """The per-head no-RoPE query and key parts by sqrt(gamma), the RoPE query part by gamma; the
+  RoPE key is shared by all heads and is left alone."""
+  Nn = cfg.mla.qk_nope_head_dim
+  half = jnp.sqrt(gamma_LH)
+  q_key = 'wq_b' if 'wq_b' in p else 'wq'
+  q = p[q_key]                                             # [L, in, H, Nn + R]
+  kv = p['wkv_b']                                          # [L, C, H, Nn + M]
+  return {**p,
+          q_key: jnp.concatenate([scale_heads(q[..., :Nn], half, 1),
+                                  scale_heads(q[..., Nn:], gamma_LH, 1)], axis=-1),
+          'wkv_b': jnp.concatenate([scale_heads(kv[..., :Nn], half, 1), kv[..., Nn:]], axis=-1)}
+
+
+GQA_OPTIONS = frozenset({'qk_norm', 'sinks', 'softcap'})
+GQA = Attention(gqa_specs, gqa_apply, gqa_flops, gqa_init_cache, gqa_decode, gqa_qk_clip, GQA_OPTIONS)
+MHA = Attention(mha_specs, gqa_apply, mha_flops, mha_init_cache, gqa_decode, gqa_qk_clip, GQA_OPTIONS)
+SWA = Attention(gqa_specs, swa_apply, swa_flops, swa_init_cache, swa_decode, gqa_qk_clip, GQA_OPTIONS)
+MLA = Attention(mla_specs, mla_apply, mla_flops, mla_init_cache, mla_decode, mla_qk_clip,
+                frozenset({'softcap'}))

@@ -15,56 +15,56 @@ SOURCE_FIELDS = ('dir', 'weight', 'epochs', 'variant_policy', 'doc_fraction')
 
 
 def manifest_sha256(data_dir: str) -> str | None:
-    path = Path(data_dir) / 'manifest.json'
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+  path = Path(data_dir) / 'manifest.json'
+  return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def fingerprint(sources, *, seq_len: int, batch_size: int, seed: int) -> dict:
-    """{config field: value} for the pipeline's sources (moejax.data.pipeline.Source) and shapes."""
-    out = {'seed': seed, 'train.seq_len': seq_len, 'train.batch_size': batch_size}
-    for s in sources:
-        for f in SOURCE_FIELDS:
-            out[f'{s.field}.{f}'] = getattr(s, f)
-        out[f'{s.field}.dir/manifest.json sha256'] = manifest_sha256(s.dir)
-    return out
+  """{config field: value} for the pipeline's sources (moejax.data.pipeline.Source) and shapes."""
+  out = {'seed': seed, 'train.seq_len': seq_len, 'train.batch_size': batch_size}
+  for s in sources:
+    for f in SOURCE_FIELDS:
+      out[f'{s.field}.{f}'] = getattr(s, f)
+    out[f'{s.field}.dir/manifest.json sha256'] = manifest_sha256(s.dir)
+  return out
 
 
 def _show(value) -> str:
-    if value is None:
-        return 'absent'
-    if isinstance(value, str) and len(value) == 64:  # a sha256
-        return value[:12]
-    return repr(value)
+  if value is None:
+    return 'absent'
+  if isinstance(value, str) and len(value) == 64:  # a sha256
+    return value[:12]
+  return repr(value)
 
 
 def changes(saved: dict, current: dict) -> list[str]:
-    """'field old -> new' for every field that differs, in a stable order."""
-    return [f'{k} {_show(saved.get(k))} -> {_show(current.get(k))}'
-            for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
+  """'field old -> new' for every field that differs, in a stable order."""
+  return [f'{k} {_show(saved.get(k))} -> {_show(current.get(k))}'
+          for k in sorted(set(saved) | set(current)) if saved.get(k) != current.get(k)]
 
 
 def describe(saved: dict, current: dict, limit: int = 4) -> str:
-    """The changes on one line, at most `limit` of them spelled out."""
-    c = changes(saved, current)
-    more = f' (+{len(c) - limit} more)' if len(c) > limit else ''
-    return '; '.join(c[:limit]) + more
+  """The changes on one line, at most `limit` of them spelled out."""
+  c = changes(saved, current)
+  more = f' (+{len(c) - limit} more)' if len(c) > limit else ''
+  return '; '.join(c[:limit]) + more
 
 
 def resume_state(saved: dict, current_fp: dict, allow_change: bool, log=print) -> dict:
-    """The iterator state in a checkpoint's data item ({'iterator', 'fingerprint'}), after checking
-    that the data config is the one it was saved under; raises DataError naming what changed."""
-    from moejax.data.pipeline import DataError
-    if 'fingerprint' not in saved:   # written before fingerprints: the item is the iterator state
-        log('checkpoint has no data fingerprint; the data config cannot be checked')
-        return saved
-    if saved['fingerprint'] != current_fp:
-        what = describe(saved['fingerprint'], current_fp)
-        n = saved['iterator']['next_index']
-        if not allow_change:
-            raise DataError(f'data: config differs from the checkpoint\'s: {what}; its saved '
-                            f'position (batch {n}) would index another stream; restore those values '
-                            'or pass --allow_data_change to go on from that batch index of the new '
-                            'stream')
-        log(f'--allow_data_change: data config differs from the checkpoint\'s: {what}; going on '
-            f'from batch {n} of the new stream')
-    return saved['iterator']
+  """The iterator state in a checkpoint's data item ({'iterator', 'fingerprint'}), after checking
+  that the data config is the one it was saved under; raises DataError naming what changed."""
+  from moejax.data.pipeline import DataError
+  if 'fingerprint' not in saved:   # written before fingerprints: the item is the iterator state
+    log('checkpoint has no data fingerprint; the data config cannot be checked')
+    return saved
+  if saved['fingerprint'] != current_fp:
+    what = describe(saved['fingerprint'], current_fp)
+    n = saved['iterator']['next_index']
+    if not allow_change:
+      raise DataError(f'data: config differs from the checkpoint\'s: {what}; its saved '
+                      f'position (batch {n}) would index another stream; restore those values '
+                      'or pass --allow_data_change to go on from that batch index of the new '
+                      'stream')
+    log(f'--allow_data_change: data config differs from the checkpoint\'s: {what}; going on '
+        f'from batch {n} of the new stream')
+  return saved['iterator']

@@ -42,173 +42,173 @@ RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 class ReplyError(Exception):
-    """A reply that cannot be used: kind is 'empty', 'malformed' or 'failed'."""
+  """A reply that cannot be used: kind is 'empty', 'malformed' or 'failed'."""
 
-    def __init__(self, kind: str, detail: str):
-        super().__init__(detail)
-        self.kind = kind
+  def __init__(self, kind: str, detail: str):
+    super().__init__(detail)
+    self.kind = kind
 
 
 def chunks(text: str, max_chars: int) -> list[str]:
-    """Greedy paragraph-aligned chunks of at most max_chars (long paragraphs are cut)."""
-    out, cur = [], ''
-    for para in text.split('\n\n'):
-        while len(para) > max_chars:
-            if cur:
-                out.append(cur)
-                cur = ''
-            out.append(para[:max_chars])
-            para = para[max_chars:]
-        if cur and len(cur) + 2 + len(para) > max_chars:
-            out.append(cur)
-            cur = ''
-        cur = f'{cur}\n\n{para}' if cur else para
-    if cur.strip():
+  """Greedy paragraph-aligned chunks of at most max_chars (long paragraphs are cut)."""
+  out, cur = [], ''
+  for para in text.split('\n\n'):
+    while len(para) > max_chars:
+      if cur:
         out.append(cur)
-    return out
+        cur = ''
+      out.append(para[:max_chars])
+      para = para[max_chars:]
+    if cur and len(cur) + 2 + len(para) > max_chars:
+      out.append(cur)
+      cur = ''
+    cur = f'{cur}\n\n{para}' if cur else para
+  if cur.strip():
+    out.append(cur)
+  return out
 
 
 class Client:
-    """Chat completions over urllib with retries and exponential backoff."""
+  """Chat completions over urllib with retries and exponential backoff."""
 
-    def __init__(self, base_url: str, model: str, api_key: str | None, *, retries: int,
-                 timeout: float, temperature: float, max_tokens: int, backoff: float = 1.0):
-        self.url = base_url.rstrip('/') + '/chat/completions'
-        self.model, self.retries, self.timeout, self.backoff = model, retries, timeout, backoff
-        self.temperature, self.max_tokens = temperature, max_tokens
-        self._headers = {'Content-Type': 'application/json'}
-        if api_key:
-            self._headers['Authorization'] = f'Bearer {api_key}'
+  def __init__(self, base_url: str, model: str, api_key: str | None, *, retries: int,
+               timeout: float, temperature: float, max_tokens: int, backoff: float = 1.0):
+    self.url = base_url.rstrip('/') + '/chat/completions'
+    self.model, self.retries, self.timeout, self.backoff = model, retries, timeout, backoff
+    self.temperature, self.max_tokens = temperature, max_tokens
+    self._headers = {'Content-Type': 'application/json'}
+    if api_key:
+      self._headers['Authorization'] = f'Bearer {api_key}'
 
-    def complete(self, system: str, user: str) -> str:
-        body = json.dumps({'model': self.model, 'temperature': self.temperature,
-                           'max_tokens': self.max_tokens,
-                           'messages': [{'role': 'system', 'content': system},
-                                        {'role': 'user', 'content': user}]}).encode()
-        last = ''
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
-            req = urllib.request.Request(self.url, data=body, headers=self._headers, method='POST')
-            try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                    raw = resp.read()
-            except urllib.error.HTTPError as e:
-                last = f'HTTP {e.code}'
-                if e.code in RETRY_STATUS:
-                    continue
-                raise ReplyError('failed', last) from None
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
-                last = f'{type(e).__name__}: {getattr(e, "reason", e)}'
-                continue
-            try:
-                text = json.loads(raw)['choices'][0]['message']['content']
-            except (ValueError, KeyError, IndexError, TypeError):
-                raise ReplyError('malformed', 'reply is not a chat completion') from None
-            if not isinstance(text, str):
-                raise ReplyError('malformed', 'reply content is not text')
-            if not text.strip():
-                raise ReplyError('empty', 'empty reply')
-            return text.strip()
-        raise ReplyError('failed', f'gave up after {self.retries + 1} attempts ({last})')
+  def complete(self, system: str, user: str) -> str:
+    body = json.dumps({'model': self.model, 'temperature': self.temperature,
+                       'max_tokens': self.max_tokens,
+                       'messages': [{'role': 'system', 'content': system},
+                                    {'role': 'user', 'content': user}]}).encode()
+    last = ''
+    for attempt in range(self.retries + 1):
+      if attempt:
+        time.sleep(self.backoff * 2 ** (attempt - 1) * (0.5 + random.random()))
+      req = urllib.request.Request(self.url, data=body, headers=self._headers, method='POST')
+      try:
+        with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+          raw = resp.read()
+      except urllib.error.HTTPError as e:
+        last = f'HTTP {e.code}'
+        if e.code in RETRY_STATUS:
+          continue
+        raise ReplyError('failed', last) from None
+      except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        last = f'{type(e).__name__}: {getattr(e, "reason", e)}'
+        continue
+      try:
+        text = json.loads(raw)['choices'][0]['message']['content']
+      except (ValueError, KeyError, IndexError, TypeError):
+        raise ReplyError('malformed', 'reply is not a chat completion') from None
+      if not isinstance(text, str):
+        raise ReplyError('malformed', 'reply content is not text')
+      if not text.strip():
+        raise ReplyError('empty', 'empty reply')
+      return text.strip()
+    raise ReplyError('failed', f'gave up after {self.retries + 1} attempts ({last})')
 
 
 def done_ids(out: Path, style: str) -> set[str]:
-    """Ids of documents already rephrased in `style` in `out` (a torn last line is ignored)."""
-    if not out.is_file():
-        return set()
-    ids = set()
-    for line in out.read_text(encoding='utf-8').splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get('variant') == style:
-            ids.add(str(rec['id']))
-    return ids
+  """Ids of documents already rephrased in `style` in `out` (a torn last line is ignored)."""
+  if not out.is_file():
+    return set()
+  ids = set()
+  for line in out.read_text(encoding='utf-8').splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if rec.get('variant') == style:
+      ids.add(str(rec['id']))
+  return ids
 
 
 def rephrase(docs: list[sources.Document], out: Path, style: str, client: Client, *,
              max_chunk_chars: int, concurrency: int, log=print) -> dict:
-    """Rephrases every document not yet in `out`; returns counts."""
-    done = done_ids(out, style)
-    todo = [d for d in docs if d.id not in done]
-    counts = {'documents': len(docs), 'skipped_done': len(docs) - len(todo), 'written': 0,
-              'chunks': 0, 'empty': 0, 'malformed': 0, 'failed': 0}
-    lock = threading.Lock()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # A torn last line from a crash would glue onto the next record: start on a fresh line.
-    if out.is_file() and out.stat().st_size and not out.read_bytes().endswith(b'\n'):
-        with out.open('a') as f:
-            f.write('\n')
+  """Rephrases every document not yet in `out`; returns counts."""
+  done = done_ids(out, style)
+  todo = [d for d in docs if d.id not in done]
+  counts = {'documents': len(docs), 'skipped_done': len(docs) - len(todo), 'written': 0,
+            'chunks': 0, 'empty': 0, 'malformed': 0, 'failed': 0}
+  lock = threading.Lock()
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # A torn last line from a crash would glue onto the next record: start on a fresh line.
+  if out.is_file() and out.stat().st_size and not out.read_bytes().endswith(b'\n'):
+    with out.open('a') as f:
+      f.write('\n')
 
-    def one(doc: sources.Document):
-        parts = []
-        for chunk in chunks(doc.variants[0], max_chunk_chars):
-            try:
-                parts.append(client.complete(STYLES[style], chunk))
-            except ReplyError as e:
-                with lock:
-                    counts[e.kind] += 1
-                    log(f'rephrase: {doc.id}: {e} ({e.kind}); left out')
-                return
+  def one(doc: sources.Document):
+    parts = []
+    for chunk in chunks(doc.variants[0], max_chunk_chars):
+      try:
+        parts.append(client.complete(STYLES[style], chunk))
+      except ReplyError as e:
         with lock:
-            counts['chunks'] += len(parts)
-            counts['written'] += 1
-            with out.open('a', encoding='utf-8') as f:
-                f.write(json.dumps({'id': doc.id, 'variant': style, 'text': '\n\n'.join(parts)}) + '\n')
+          counts[e.kind] += 1
+          log(f'rephrase: {doc.id}: {e} ({e.kind}); left out')
+        return
+    with lock:
+      counts['chunks'] += len(parts)
+      counts['written'] += 1
+      with out.open('a', encoding='utf-8') as f:
+        f.write(json.dumps({'id': doc.id, 'variant': style, 'text': '\n\n'.join(parts)}) + '\n')
 
-    with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
-        list(pool.map(one, todo))
-    return counts
+  with concurrent.futures.ThreadPoolExecutor(max(1, concurrency)) as pool:
+    list(pool.map(one, todo))
+  return counts
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument('--raw', action='append', required=True, help='as for moejax.data.prepare')
-    p.add_argument('--out', type=Path, required=True, help='JSONL to append rephrasings to')
-    p.add_argument('--style', default='wiki', help=f'prompt style: {", ".join(STYLES)}')
-    p.add_argument('--base_url', default='http://localhost:8000/v1')
-    p.add_argument('--model', default='default')
-    p.add_argument('--api_key_env', default='OPENAI_API_KEY', help='environment variable holding the key')
-    p.add_argument('--concurrency', type=int, default=8)
-    p.add_argument('--max_chunk_chars', type=int, default=6000, help='fit the model context')
-    p.add_argument('--max_tokens', type=int, default=2048)
-    p.add_argument('--temperature', type=float, default=0.7)
-    p.add_argument('--retries', type=int, default=4)
-    p.add_argument('--timeout', type=float, default=120.0)
-    p.add_argument('--backoff', type=float, default=1.0, help='first retry delay in seconds')
-    p.add_argument('--variant_regex', default='')
-    p.add_argument('--no_split', action='store_true')
-    p.add_argument('--text_field', default='text')
-    p.add_argument('--limit', type=int, default=0, help='only the first N documents (0 = all)')
-    a = p.parse_args(argv)
-    if a.style not in STYLES:
-        print(f'rephrase: error: --style: unknown style {a.style!r}; choose one of {list(STYLES)}', file=sys.stderr)
-        return 2
-    if a.concurrency < 1 or a.max_chunk_chars < 1 or a.retries < 0:
-        print('rephrase: error: --concurrency and --max_chunk_chars must be >= 1, --retries >= 0', file=sys.stderr)
-        return 2
-    try:
-        docs = sources.read_documents([r for spec in a.raw for r in spec.split(',') if r],
-                                      split_headings=not a.no_split, variant_regex=a.variant_regex,
-                                      text_field=a.text_field)
-    except sources.SourceError as e:
-        print(f'rephrase: error: {e}', file=sys.stderr)
-        return 2
-    if a.limit:
-        docs = docs[:a.limit]
-    client = Client(a.base_url, a.model, os.environ.get(a.api_key_env), retries=a.retries,
-                    timeout=a.timeout, temperature=a.temperature, max_tokens=a.max_tokens,
-                    backoff=a.backoff)
-    start = time.perf_counter()
-    c = rephrase(docs, a.out, a.style, client, max_chunk_chars=a.max_chunk_chars,
-                 concurrency=a.concurrency, log=lambda m: print(m, file=sys.stderr, flush=True))
-    print(f'rephrased {c["written"]} of {c["documents"]} documents ({c["chunks"]} chunks) into {a.out} '
-          f'in {time.perf_counter() - start:.1f}s; {c["skipped_done"]} already done, {c["empty"]} empty, '
-          f'{c["malformed"]} malformed, {c["failed"]} failed replies left out')
-    return 0
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--raw', action='append', required=True, help='as for moejax.data.prepare')
+  p.add_argument('--out', type=Path, required=True, help='JSONL to append rephrasings to')
+  p.add_argument('--style', default='wiki', help=f'prompt style: {", ".join(STYLES)}')
+  p.add_argument('--base_url', default='http://localhost:8000/v1')
+  p.add_argument('--model', default='default')
+  p.add_argument('--api_key_env', default='OPENAI_API_KEY', help='environment variable holding the key')
+  p.add_argument('--concurrency', type=int, default=8)
+  p.add_argument('--max_chunk_chars', type=int, default=6000, help='fit the model context')
+  p.add_argument('--max_tokens', type=int, default=2048)
+  p.add_argument('--temperature', type=float, default=0.7)
+  p.add_argument('--retries', type=int, default=4)
+  p.add_argument('--timeout', type=float, default=120.0)
+  p.add_argument('--backoff', type=float, default=1.0, help='first retry delay in seconds')
+  p.add_argument('--variant_regex', default='')
+  p.add_argument('--no_split', action='store_true')
+  p.add_argument('--text_field', default='text')
+  p.add_argument('--limit', type=int, default=0, help='only the first N documents (0 = all)')
+  a = p.parse_args(argv)
+  if a.style not in STYLES:
+    print(f'rephrase: error: --style: unknown style {a.style!r}; choose one of {list(STYLES)}', file=sys.stderr)
+    return 2
+  if a.concurrency < 1 or a.max_chunk_chars < 1 or a.retries < 0:
+    print('rephrase: error: --concurrency and --max_chunk_chars must be >= 1, --retries >= 0', file=sys.stderr)
+    return 2
+  try:
+    docs = sources.read_documents([r for spec in a.raw for r in spec.split(',') if r],
+                                  split_headings=not a.no_split, variant_regex=a.variant_regex,
+                                  text_field=a.text_field)
+  except sources.SourceError as e:
+    print(f'rephrase: error: {e}', file=sys.stderr)
+    return 2
+  if a.limit:
+    docs = docs[:a.limit]
+  client = Client(a.base_url, a.model, os.environ.get(a.api_key_env), retries=a.retries,
+                  timeout=a.timeout, temperature=a.temperature, max_tokens=a.max_tokens,
+                  backoff=a.backoff)
+  start = time.perf_counter()
+  c = rephrase(docs, a.out, a.style, client, max_chunk_chars=a.max_chunk_chars,
+               concurrency=a.concurrency, log=lambda m: print(m, file=sys.stderr, flush=True))
+  print(f'rephrased {c["written"]} of {c["documents"]} documents ({c["chunks"]} chunks) into {a.out} '
+        f'in {time.perf_counter() - start:.1f}s; {c["skipped_done"]} already done, {c["empty"]} empty, '
+        f'{c["malformed"]} malformed, {c["failed"]} failed replies left out')
+  return 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+  sys.exit(main())

@@ -1,0 +1,102 @@
+"""The model's typed config: one frozen, self-checking dataclass per component, built once from
+`config.model` (`ModelConfig.from_config`) and passed to the code that uses it; kernels see only
+their own component (attention: `AttentionConfig`, routing: `RouterConfig`, expert dispatch:
+`DispatchConfig`), never the whole ConfigDict."""
+from dataclasses import dataclass
+
+import jax
+
+from moejax import precision
+from moejax.attention import check_pattern, pattern_names
+from moejax.attention.config import AttentionConfig
+from moejax.blocks import BLOCKS
+from moejax.errors import check, non_negative, one_of, positive_int
+from moejax.moe import DispatchConfig
+from moejax.router import RouterConfig
+
+REMAT_POLICIES = {
+    'none': None,
+    'full': jax.checkpoint_policies.nothing_saveable,
+    'dots': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclass(frozen=True)
+class LossConfig:
+  """`model.loss`: the auxiliary losses' weights (the LM loss is always on)."""
+  balance_weight: float = 0.0
+  balance_scope: str = 'sequence'    # also read by the router (RouterConfig.balance_scope)
+  balance_gnr_target: float = 0.0
+  z_weight: float = 0.0
+  hidden_z_weight: float = 0.0
+
+  def __post_init__(self):
+    for name in ('balance_weight', 'balance_gnr_target', 'z_weight', 'hidden_z_weight'):
+      non_negative(getattr(self, name), f'model.loss.{name}')
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_dense_layers: int
+  dense_ffn_dim: int
+  attention: str
+  num_experts: int
+  top_k: int
+  expert_ffn_dim: int
+  num_shared_experts: int
+  block: str
+  tie_embeddings: bool
+  init_std: float
+  base_width: int
+  variance_alignment: bool
+  norm_eps: float
+  scan_unroll: int
+  remat: str
+  precision: str
+  document_mask: bool
+  attn: AttentionConfig
+  router: RouterConfig
+  dispatch: DispatchConfig
+  loss: LossConfig
+
+  def __post_init__(self):
+    for name in ('vocab_size', 'd_model', 'num_layers', 'dense_ffn_dim', 'expert_ffn_dim'):
+      positive_int(getattr(self, name), f'model.{name}')
+    check(0 <= self.num_dense_layers <= self.num_layers, 'model.num_dense_layers',
+          f'{self.num_dense_layers} must be between 0 and model.num_layers ({self.num_layers})')
+    check(self.num_shared_experts >= 0, 'model.num_shared_experts', 'must be >= 0')
+    check_pattern(self.attention, self.attn)
+    one_of(self.block, BLOCKS, 'model.block')
+    one_of(self.remat, REMAT_POLICIES, 'model.remat')
+    one_of(self.precision, precision.POLICIES, 'model.precision')
+    check(isinstance(self.base_width, int) and self.base_width >= 0, 'model.base_width',
+          f'must be an integer >= 0 (0 = off), got {self.base_width!r}')
+
+  @property
+  def layer_attentions(self) -> tuple[str, ...]:
+    """The attention type of every layer (dense blocks first)."""
+    return pattern_names(self.attention, self.num_layers)
+
+  @property
+  def num_moe_layers(self) -> int:
+    return self.num_layers - self.num_dense_layers
+
+  @classmethod
+  def from_config(cls, m) -> 'ModelConfig':
+    """Checks every field of `config.model` (ConfigError naming the key) and builds the dataclasses."""
+    check(isinstance(m.attention, str), 'model.attention', f'must be a name or a comma pattern, got {m.attention!r}')
+    positive_int(m.d_model, 'model.d_model')
+    positive_int(m.num_layers, 'model.num_layers')
+    return cls(
+        vocab_size=m.vocab_size, d_model=m.d_model, num_layers=m.num_layers,
+        num_dense_layers=m.num_dense_layers, dense_ffn_dim=m.dense_ffn_dim, attention=m.attention,
+        num_experts=m.num_experts, top_k=m.top_k, expert_ffn_dim=m.expert_ffn_dim,
+        num_shared_experts=m.num_shared_experts, block=m.block, tie_embeddings=m.tie_embeddings,
+        init_std=m.init_std, base_width=m.base_width, variance_alignment=m.variance_alignment,
+        norm_eps=m.norm_eps, scan_unroll=m.scan_unroll, remat=m.remat, precision=m.precision,
+        document_mask=m.attn.document_mask, attn=AttentionConfig.from_config(m),
+        router=RouterConfig.from_config(m), dispatch=DispatchConfig.from_config(m),
+        loss=LossConfig(**m.loss))

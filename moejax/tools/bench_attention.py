@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from moejax import configs, params
-from moejax.attention import ATTENTIONS
+from moejax.attention import ATTENTIONS, AttentionConfig
 from moejax.tools import provenance
 
 flags.DEFINE_string('out', 'docs/attention.md', 'markdown file to write')
@@ -24,9 +24,9 @@ FLAGS = flags.FLAGS
 
 def bench_config():
   m = configs.base_config().model   # d_model 128, 4 heads of 32, 2 kv heads
-  m.window, m.kda_chunk = 128, 64
-  m.nsa_block, m.nsa_stride, m.nsa_select_block, m.nsa_num_selected = 32, 16, 64, 4
-  return m
+  m.attn.window, m.kda.chunk = 128, 64
+  m.nsa.update(block=32, stride=16, select_block=64, num_selected=4)
+  return AttentionConfig.from_config(m)
 
 
 def time_fwd_bwd(name, cfg, T, repeats):
@@ -61,8 +61,8 @@ def main(argv):
       f'Made by `make bench-attention` (`{provenance.command("moejax.tools.bench_attention")}`) at commit '
       f'{commit}, on {jax.devices()[0].platform} ({jax.device_count()} device(s)).',
       f'One layer, batch 1, d_model {cfg.d_model}, {cfg.num_heads} heads of {cfg.head_dim}, '
-      f'{cfg.num_kv_heads} kv heads; swa window {cfg.window}; nsa l={cfg.nsa_block} d={cfg.nsa_stride} '
-      f"l'={cfg.nsa_select_block} n={cfg.nsa_num_selected} window {cfg.window}; kda chunk {cfg.kda_chunk}. "
+      f'{cfg.num_kv_heads} kv heads; swa window {cfg.window}; nsa l={cfg.nsa.block} d={cfg.nsa.stride} '
+      f"l'={cfg.nsa.select_block} n={cfg.nsa.num_selected} window {cfg.window}; kda chunk {cfg.kda.chunk}. "
       f'Time of jit(grad) of sum(y^2) w.r.t. params and input, median of {FLAGS.repeats} calls after '
       'compiling. Full attention is O(T^2) (ratio -> 4 at long T); swa, nsa, kda are O(T) (ratio -> 2). '
       'The machine is shared, so absolute times are noisy.',

@@ -322,7 +322,7 @@ def run_study(study: str, out: str, runs_dir: str = '', steps: int = 0, jobs: in
     for run in built.values():
       shutil.rmtree(run.workdir, ignore_errors=True)
   if jobs > 1:   # prepare each data.dir once, before parallel runs would each prepare it
-    from moejax.state import ensure_data
+    from moejax.data.ensure import ensure_data
     for run in {r.config.data.dir: r for r in built.values()}.values():
       ensure_data(run.config)
   start = time.time()

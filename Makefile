@@ -39,34 +39,38 @@ test-slow: data
 	$(CPU_MESH) $(PY) -m pytest -q -m slow tests
 
 bench: data
-	$(PY) -m moejax.bench --out=docs/perf.md
+	$(PY) -m moejax.tools.bench --out=docs/perf.md
 
 # Bytes per device of the 1B and 20B MoE configs on a 64-device mesh, from the shardings (seconds, no devices).
 memory: setup
-	JAX_PLATFORMS=cpu $(PY) -m moejax.memory --out=docs/memory.md
+	JAX_PLATFORMS=cpu $(PY) -m moejax.tools.memory --out=docs/memory.md
+
+# Studies (experiments/studies/<name>.py): every variant is validated first, then trained in
+# runs/study-<name>/<variant> (a finished run with the same config is read back; --fresh retrains).
+STUDY := $(PY) -m moejax.tools.study
 
 # Optimizer and precision ablations on the smoke model (one CPU device, a few minutes each).
 ablate-optimizer: setup
-	JAX_PLATFORMS=cpu $(PY) -m moejax.ablate_study --study=optimizer --out=results/optimizer.md
+	JAX_PLATFORMS=cpu $(STUDY) --study=experiments/studies/optimizer.py --out=results/optimizer.md
 
 ablate-precision: setup
-	JAX_PLATFORMS=cpu $(PY) -m moejax.ablate_study --study=precision --out=results/precision.md
+	JAX_PLATFORMS=cpu $(STUDY) --study=experiments/studies/precision.py --out=results/precision.md
 
 ablate-epochs: data
-	$(PY) -m experiments.ablate_epochs --out=results/epochs.md
+	$(STUDY) --study=experiments/studies/epochs.py --out=results/epochs.md
 
-# Learning-rate sweep at d_model 64 and 128, with and without the width-transfer rule (13 short CPU runs).
+# Learning-rate sweep at d_model 64 and 128, with and without the width-transfer rule (14 short CPU runs).
 sweep-width: setup
-	JAX_PLATFORMS=cpu $(PY) -m moejax.sweep_width --out=results/sweep_width.md
+	JAX_PLATFORMS=cpu $(STUDY) --study=experiments/studies/width.py --out=results/sweep_width.md --jobs=2
 
 bench-attention: setup
-	$(PY) -m moejax.bench_attention --out=docs/attention.md
+	$(PY) -m moejax.tools.bench_attention --out=docs/attention.md
 
 ablate-attention: setup
-	$(PY) -m moejax.ablate_attention --out=results/attention.md
+	$(STUDY) --study=experiments/studies/attention.py --out=results/attention.md
 
 clean:
 	rm -rf runs data/*/prepared
 
 ablate-balancing: data
-	$(PY) -m moejax.ablate --experiment=experiments/ablate_balancing.py --out=results/balancing.md --runs=runs/ablate_balancing
+	$(STUDY) --study=experiments/studies/balancing.py --out=results/balancing.md

@@ -1,5 +1,5 @@
 """A ~1B-total DeepSeek-style MoE (fine-grained routed experts + shared experts), for a 64-chip
-v5p-like slice: `python -m moejax.memory` reports its bytes per device (docs/memory.md)."""
+v5p-like slice: `python -m moejax.tools.memory` reports its bytes per device (docs/memory.md)."""
 from moejax.configs import base_config
 
 

@@ -1,6 +1,6 @@
 """A ~20B-total DeepSeek-style MoE (fine-grained routed experts + shared experts), for a 64-chip
 v5p-like slice: experiments/moe_1b.py (same layout, precision, batch and mesh) made wider and deeper;
-`python -m moejax.memory` reports its bytes per device (docs/memory.md)."""
+`python -m moejax.tools.memory` reports its bytes per device (docs/memory.md)."""
 from experiments import moe_1b
 
 

@@ -64,7 +64,7 @@ def logical_to_spec(axes: tuple, rules: dict, mesh_axes=None) -> P:
 
 
 def named(mesh, axes: tuple, rules: dict) -> NamedSharding:
-  """`mesh` may be a Mesh or an AbstractMesh (for shapes only, e.g. moejax.memory)."""
+  """`mesh` may be a Mesh or an AbstractMesh (for shapes only, e.g. moejax.tools.memory)."""
   return NamedSharding(mesh, logical_to_spec(axes, rules, mesh.axis_names))
 
 

@@ -63,7 +63,7 @@ def setup(config, devices=None) -> Setup:
 
 def build_setup(config, mesh) -> Setup:
   """The optimizer, shardings and abstract state of an already validated config on `mesh`, which
-  may be an AbstractMesh (shapes and shardings only, e.g. moejax.memory)."""
+  may be an AbstractMesh (shapes and shardings only, e.g. moejax.tools.memory)."""
   rules = dict(config.sharding)
   mc = ModelConfig.from_config(config.model)
   specs = model.model_specs(mc)

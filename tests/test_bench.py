@@ -1,4 +1,4 @@
-"""`python -m moejax.bench --quick`: the report builds, every section's table has numeric cells."""
+"""`python -m moejax.tools.bench --quick`: the report builds, every section's table has numeric cells."""
 import math
 import os
 import re
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moejax import bench
+from moejax.tools import bench
 
 ROOT = Path(__file__).resolve().parents[1]
 # The heading each section starts its table(s) under.
@@ -29,7 +29,7 @@ def run_quick(tmp_path, sections) -> str:
   out = tmp_path / 'perf.md'
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}   # one CPU device, as `make bench`
   env['JAX_PLATFORMS'] = 'cpu'
-  r = subprocess.run([sys.executable, '-m', 'moejax.bench', '--quick', f'--sections={",".join(sections)}',
+  r = subprocess.run([sys.executable, '-m', 'moejax.tools.bench', '--quick', f'--sections={",".join(sections)}',
                       f'--out={out}'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert r.returncode == 0, r.stderr[-3000:]
   return out.read_text()

@@ -1,5 +1,5 @@
-"""moejax.memory against real runs: the state's bytes per device exactly against the buffers of a
-sharded state on 8 CPU devices, and the activation estimate against XLA's buffer assignment."""
+"""moejax.tools.memory against real runs: the state's bytes per device exactly against the buffers
+of a sharded state on 8 CPU devices, and the activation estimate against XLA's buffer assignment."""
 import math
 
 import jax
@@ -7,8 +7,9 @@ import jax.numpy as jnp
 import pytest
 from test_layouts import LAYOUTS, layout_config, run_layout
 
-from moejax import configs, memory, sharding
+from moejax import configs, sharding
 from moejax.state import build_setup
+from moejax.tools import memory
 from moejax.train import make_train_step
 
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
@@ -41,9 +42,9 @@ def test_state_bytes_per_device_equal_the_real_shards(name):
 
 def probe_config(batch_size: int, remat: str):
   c = configs.base_config()
-  c.model.update(dict(vocab_size=256, d_model=64, num_heads=4, num_kv_heads=2, head_dim=16,
-                      num_experts=8, top_k=2, expert_ffn_dim=32, dense_ffn_dim=128, num_layers=3,
-                      num_dense_layers=1, remat=remat))
+  c.model.update(dict(vocab_size=256, d_model=64, num_experts=8, top_k=2, expert_ffn_dim=32,
+                      dense_ffn_dim=128, num_layers=3, num_dense_layers=1, remat=remat))
+  c.model.attn.update(dict(num_heads=4, num_kv_heads=2, head_dim=16))
   c.train.batch_size, c.train.seq_len = batch_size, 64
   c.mesh = {'data': 1}
   return c
@@ -54,7 +55,7 @@ def temp_bytes(config) -> int:
   t = config.train
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), d, sharding=s.batch_sharding)
            for k, d in (('inputs', jnp.int32), ('targets', jnp.int32), ('loss_mask', jnp.float32))}
-  compiled = make_train_step(s).lower(s.abstract_state, batch).compile(compiler_options=FAST_COMPILE)
+  compiled = make_train_step(s, diagnostics=False).lower(s.abstract_state, batch).compile(compiler_options=FAST_COMPILE)
   stats = compiled.memory_analysis()
   assert stats is not None, 'XLA:CPU reports a memory analysis'
   return stats.temp_size_in_bytes

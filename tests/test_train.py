@@ -377,7 +377,7 @@ def test_sample_on_empty_workdir_fails_with_one_line_naming_workdir(tmp_path):
 def test_report_draws_every_plot_and_a_summary_from_a_run(run_a, tmp_path):
   workdir = tmp_path / 'run'
   shutil.copytree(run_a, workdir, ignore=shutil.ignore_patterns('checkpoints'))
-  proc = subprocess.run(_cmd('moejax.report', workdir), cwd=REPO, env=_env(),
+  proc = subprocess.run(_cmd('moejax.tools.report', workdir), cwd=REPO, env=_env(),
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
   assert proc.returncode == 0, proc.stdout[-4000:]
   out = workdir / 'report'

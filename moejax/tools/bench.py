@@ -1,7 +1,7 @@
 """Benchmarks behind `make bench`: throughput and MFU, MoE layer efficiency, step-time scaling with
 sequence length and depth, compile time, a 1B-class step, and the memory table (docs/perf.md).
 
-`python -m moejax.bench --out=docs/perf.md [--sections=throughput,scaling,...] [--quick]`
+`python -m moejax.tools.bench --out=docs/perf.md [--sections=throughput,scaling,...] [--quick]`
 
 All figures in one report come from one run on one device of one machine (the first of
 `jax.devices()`, so the same command runs on CPU, GPU or TPU); compare them as ratios, not across
@@ -13,7 +13,6 @@ import importlib.util
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -23,12 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import flops, memory, model, moe, precision, sharding
+from moejax import flops, model, moe, precision, sharding
 from moejax.data import pipeline
 from moejax.layers import swiglu
 from moejax.params import count, init_params
 from moejax.state import init_state, setup
 from moejax.train import make_train_step, to_global
+from moejax.data.ensure import ensure_data
+from moejax.model_config import ModelConfig
+from moejax.tools import memory, provenance
 
 SECTIONS = ('throughput', 'scaling', 'compile', 'moe_ratio', 'mfu_1b', 'memory')
 
@@ -112,6 +114,7 @@ def run_steps(config, steps: int, warmup: int) -> dict:
   Reports the first `warmup` steps after the first (routing still settling from its init) and the
   `steps` after them separately: dropless cost follows the load imbalance (MaxVio)."""
   s = setup(config, devices=jax.devices()[:1])
+  ensure_data(config)
   t = config.train
   data = pipeline.train_iterator(pipeline.train_dataset(
       config.data.dir, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed))
@@ -119,7 +122,7 @@ def run_steps(config, steps: int, warmup: int) -> dict:
   state = init_state(s)
   batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batches[0].items()}
   start = time.perf_counter()
-  step = make_train_step(s).lower(s.abstract_state, batch_spec).compile()
+  step = make_train_step(s, diagnostics=False).lower(s.abstract_state, batch_spec).compile()
   compile_s = time.perf_counter() - start
   mem = step.memory_analysis()
   tokens = t.batch_size * t.seq_len
@@ -134,7 +137,7 @@ def run_steps(config, steps: int, warmup: int) -> dict:
     jax.block_until_ready(out)
     dt = (time.perf_counter() - start) / len(window)
     r = {'step_ms': dt * 1e3, 'tokens_per_sec': tokens / dt,
-         'mfu': flops.train_flops_per_token(config.model, t.seq_len) * tokens / dt / peak,
+         'mfu': flops.train_flops_per_token(s.model, t.seq_len) * tokens / dt / peak,
          'dropped_frac': float(out.get('moe/dropped_frac', 0.0))}
     if loads[0] is not None:
       load = np.stack(jax.device_get(loads))  # [steps, L, E]
@@ -158,7 +161,7 @@ def compile_seconds(config, num_layers: int) -> float:
   batch = {k: jax.ShapeDtypeStruct((t.batch_size, t.seq_len), d, sharding=s.batch_sharding)
            for k, d in (('inputs', jnp.int32), ('targets', jnp.int32), ('loss_mask', jnp.float32))}
   start = time.perf_counter()
-  make_train_step(s).lower(s.abstract_state, batch).compile()
+  make_train_step(s, diagnostics=False).lower(s.abstract_state, batch).compile()
   return time.perf_counter() - start
 
 
@@ -175,8 +178,8 @@ def moe_layer_ratio(config, num_experts: int, repeats: int = 10) -> dict:
   """Forward+backward time of one MoE layer (routed + shared experts) over a dense SwiGLU with the
   same active FLOPs (ffn = (top_k + shared) * expert_ffn_dim), on the same tokens, in the config's
   compute dtype (float32 master weights cast as in the model), dispatch chosen for the platform."""
-  m = config.model
-  m.num_experts, m.dispatch = num_experts, 'auto'
+  config.model.num_experts, config.model.dispatch = num_experts, 'auto'
+  m = ModelConfig.from_config(config.model)
   mesh = sharding.make_mesh({'data': 1, 'expert': 1}, jax.devices()[:1])
   B, T, D = config.train.batch_size, config.train.seq_len, m.d_model
   key = jax.random.key(0)
@@ -187,7 +190,7 @@ def moe_layer_ratio(config, num_experts: int, repeats: int = 10) -> dict:
 
   def moe_loss(p, x):
     y, aux = model.moe_ffn(model.cast_params(p, m), bias, x, m, mesh, ())
-    return jnp.sum(jnp.square(y.astype(jnp.float32))), aux['load_E']
+    return jnp.sum(jnp.square(y.astype(jnp.float32))), aux.load_E
 
   def dense_loss(p, x):
     return jnp.sum(jnp.square(swiglu(model.cast_params(p, m), x).astype(jnp.float32)))
@@ -201,14 +204,6 @@ def moe_layer_ratio(config, num_experts: int, repeats: int = 10) -> dict:
   return {'moe_ms': t_moe * 1e3, 'dense_ms': t_dense * 1e3, 'ratio': t_moe / t_dense,
           'maxvio': float((load.max() - load.mean()) / load.mean()), 'tokens': B * T,
           'dispatch': dispatch}
-
-
-def git_commit() -> str:
-  try:
-    return subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True,
-                          check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
 
 
 # --- sections: each returns its markdown lines ---
@@ -320,7 +315,7 @@ def section_mfu_1b(plan: Plan, prec: str, quick: bool, steps: int, shape: str) -
   c.optim.name = 'sgd'   # stateless: the moments of AdamW would add 2 x 4 bytes per parameter
   m = c.model
   r = run_steps(c, steps, 0)
-  total, active = count(model.model_specs(m)), memory.active_params(m)
+  total, active = count(model.model_specs(ModelConfig.from_config(m))), memory.active_params(m)
   dispatch = moe.resolve_dispatch(m.dispatch, platform_name(), 1, precision.fp8_mlp(m))
   xla = f'{r["xla_bytes"] / GiB:.2f}' if r['xla_bytes'] is not None else 'n/a'
   lines = [f'## MFU of a 1B-class config: {plan.big}', '',
@@ -349,8 +344,8 @@ def header(argv, prec: str, quick: bool, steps: int, warmup: int) -> list:
   peak_kind = 'an estimate for CPUs' if d.platform == 'cpu' else "the vendor's dense bf16 figure"
   lines = [
       '# Performance', '',
-      f'Made by `{" ".join(["python -m moejax.bench", *argv])}` (`make bench` runs it with '
-      f'--out=docs/perf.md) at commit `{git_commit()}` on {datetime.date.today()}, on one {d.platform.upper()} device '
+      f'Made by `{provenance.command("moejax.tools.bench", argv)}` (`make bench` runs it with '
+      f'--out=docs/perf.md) at commit `{provenance.commit()}` on {datetime.date.today()}, on one {d.platform.upper()} device '
       f'(`{d.device_kind}`, {jax.device_count()} on the host) of a {platform.processor() or platform.machine()} '
       f'host with {os.cpu_count()} cores, jax {jax.__version__}. Precision: {rule}. '
       f'Throughput: the trainer\'s own jitted step (AdamW, bias balancing on) on real batches of the '

@@ -1,4 +1,4 @@
-"""Plots and a summary of a run: `python -m moejax.report --workdir=<dir>`.
+"""Plots and a summary of a run: `python -m moejax.tools.report --workdir=<dir>`.
 
 Writes into <workdir>/report/: expert_load.png (expert load fractions over steps, one heatmap per
 MoE layer), balance.png (MaxVio per batch and over each log window, dead experts), stability.png
@@ -14,9 +14,6 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory with metrics.jsonl.')
-
 
 def read_jsonl(path: str) -> list[dict]:
   if not os.path.exists(path):
@@ -131,13 +128,15 @@ def report(workdir: str) -> str:
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  workdir = flags.FLAGS.workdir
+  if not workdir:
     raise SystemExit('error: --workdir is required')
   try:
-    print(f'wrote {report(_WORKDIR.value)}')
+    print(f'wrote {report(workdir)}')
   except FileNotFoundError as e:
     raise SystemExit(f'error: {e}')
 
 
 if __name__ == '__main__':
+  flags.DEFINE_string('workdir', None, 'Run directory with metrics.jsonl.')   # here: importable beside train
   app.run(main)

@@ -1,11 +1,10 @@
 """Forward + backward time of one attention layer per type at several sequence lengths (CPU).
 
-    python -m moejax.bench_attention --out=docs/attention.md
+    python -m moejax.tools.bench_attention --out=docs/attention.md
 
 Full softmax attention should scale ~4x per doubling of T at long T; SWA, NSA and KDA ~2x.
 """
 import statistics
-import subprocess
 import time
 
 import jax
@@ -13,7 +12,8 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from moejax import configs, params
-from moejax.attention import ATTENTIONS
+from moejax.attention import ATTENTIONS, AttentionConfig
+from moejax.tools import provenance
 
 flags.DEFINE_string('out', 'docs/attention.md', 'markdown file to write')
 flags.DEFINE_list('types', ['gqa', 'mla', 'swa', 'nsa', 'kda'], 'attention types')
@@ -24,9 +24,9 @@ FLAGS = flags.FLAGS
 
 def bench_config():
   m = configs.base_config().model   # d_model 128, 4 heads of 32, 2 kv heads
-  m.window, m.kda_chunk = 128, 64
-  m.nsa_block, m.nsa_stride, m.nsa_select_block, m.nsa_num_selected = 32, 16, 64, 4
-  return m
+  m.attn.window, m.kda.chunk = 128, 64
+  m.nsa.update(block=32, stride=16, select_block=64, num_selected=4)
+  return AttentionConfig.from_config(m)
 
 
 def time_fwd_bwd(name, cfg, T, repeats):
@@ -45,6 +45,7 @@ def time_fwd_bwd(name, cfg, T, repeats):
 
 def main(argv):
   del argv
+  commit = provenance.commit()   # before anything is written
   cfg = bench_config()
   lens = [int(t) for t in FLAGS.seq_lens]
   rows = []
@@ -53,16 +54,15 @@ def main(argv):
     ratio = ts[-1] / ts[-2] if len(ts) > 1 else float('nan')
     rows.append(f'| {name} | ' + ' | '.join(f'{t * 1e3:.1f}' for t in ts) + f' | {ratio:.2f} |')
     print(rows[-1], flush=True)
-  commit = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True, text=True).stdout.strip()
   head = ' | '.join(f't(T={T}) ms' for T in lens)
   text = '\n'.join([
       '# Attention types: forward + backward time vs sequence length (CPU)',
       '',
-      f'Made by `make bench-attention` (`python -m moejax.bench_attention --out={FLAGS.out}`) at commit '
+      f'Made by `make bench-attention` (`{provenance.command("moejax.tools.bench_attention")}`) at commit '
       f'{commit}, on {jax.devices()[0].platform} ({jax.device_count()} device(s)).',
       f'One layer, batch 1, d_model {cfg.d_model}, {cfg.num_heads} heads of {cfg.head_dim}, '
-      f'{cfg.num_kv_heads} kv heads; swa window {cfg.window}; nsa l={cfg.nsa_block} d={cfg.nsa_stride} '
-      f"l'={cfg.nsa_select_block} n={cfg.nsa_num_selected} window {cfg.window}; kda chunk {cfg.kda_chunk}. "
+      f'{cfg.num_kv_heads} kv heads; swa window {cfg.window}; nsa l={cfg.nsa.block} d={cfg.nsa.stride} '
+      f"l'={cfg.nsa.select_block} n={cfg.nsa.num_selected} window {cfg.window}; kda chunk {cfg.kda.chunk}. "
       f'Time of jit(grad) of sum(y^2) w.r.t. params and input, median of {FLAGS.repeats} calls after '
       'compiling. Full attention is O(T^2) (ratio -> 4 at long T); swa, nsa, kda are O(T) (ratio -> 2). '
       'The machine is shared, so absolute times are noisy.',

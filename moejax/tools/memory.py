@@ -1,6 +1,6 @@
 """Bytes per device of the train state and the activations, from the shardings alone.
 
-`python -m moejax.memory --out=docs/memory.md` writes the table for experiments/moe_1b.py and
+`python -m moejax.tools.memory --out=docs/memory.md` writes the table for experiments/moe_1b.py and
 experiments/moe_20b.py on a 64-device mesh. Nothing is allocated: the state's shapes come from
 `jax.eval_shape` (moejax.state.build_setup) and its shardings from the config's rules on a
 `jax.sharding.AbstractMesh`, so any mesh size works on one CPU.
@@ -34,8 +34,9 @@ from absl import app, flags
 from jax.sharding import AbstractMesh, NamedSharding
 
 from moejax import model, precision, router, sharding
-from moejax.attention import layer_attentions
+from moejax.model_config import ModelConfig
 from moejax.state import build_setup
+from moejax.tools import provenance
 from moejax.validate import validate
 
 GiB = 2 ** 30
@@ -88,17 +89,18 @@ def tokens_per_device(config, mesh_sizes: dict) -> int:
 
 def attention_elements(cfg, name: str, seq_len: int, tp: int) -> tuple[float, float]:
   """(all saved elements, matmul outputs) per token of one attention layer (see module doc)."""
-  D, H = cfg.d_model, cfg.num_heads / tp
+  a = cfg.attn
+  D, H = cfg.d_model, a.num_heads / tp
   if name in ('gqa', 'mha', 'swa'):
-    G = (H if name == 'mha' else cfg.num_kv_heads / tp)
-    N = cfg.head_dim
-    keys = min(cfg.window, seq_len) * 2 if name == 'swa' else seq_len   # SWA: blocks of 2 windows
+    G = (H if name == 'mha' else a.num_kv_heads / tp)
+    N = a.head_dim
+    keys = min(a.window, seq_len) * 2 if name == 'swa' else seq_len   # SWA: blocks of 2 windows
     proj = H * N + 2 * G * N
     return 2 * D + proj + (H + G) * N + H * N + H * keys, proj + D
   if name == 'mla':
-    Nn, R, M, C = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    Nn, R, M, C = a.mla.qk_nope_head_dim, a.mla.qk_rope_head_dim, a.mla.v_head_dim, a.mla.kv_lora_rank
     q = H * (Nn + R)
-    proj = (C + R) + q + H * (Nn + M) + (cfg.q_lora_rank or 0)
+    proj = (C + R) + q + H * (Nn + M) + (a.mla.q_lora_rank or 0)
     return 2 * D + proj + C + q + H * (Nn + R) + H * M + H * seq_len, proj + D
   raise ValueError(f'model.attention: no activation formula for {name!r} (gqa, mha, swa, mla)')
 
@@ -110,7 +112,7 @@ def ffn_elements(cfg, kind: str, tp: int, compute_bytes: int) -> tuple[float, fl
     F = cfg.dense_ffn_dim / tp
     return 2 * D + 3 * F, 2 * F + D
   F, K, S = cfg.expert_ffn_dim / tp, cfg.top_k, cfg.num_shared_experts
-  E = router.num_routed(cfg)
+  E = cfg.router.num_routed
   f32 = 4 / compute_bytes
   routed = K * (2 * D + 3 * F)
   shared = 3 * S * F
@@ -119,12 +121,12 @@ def ffn_elements(cfg, kind: str, tp: int, compute_bytes: int) -> tuple[float, fl
 
 def activation_bytes(config, mesh_sizes: dict) -> int:
   """Estimated activation bytes per device of one train step (formula in the module doc)."""
-  m, t = config.model, config.train
+  m, t = ModelConfig.from_config(config.model), config.train
   b = jnp.dtype(precision.compute_dtype(m)).itemsize
   tp = mesh_sizes.get('tensor', 1)
   tokens = tokens_per_device(config, mesh_sizes)
   layers = []
-  for i, name in enumerate(layer_attentions(m)):
+  for i, name in enumerate(m.layer_attentions):
     attn, attn_dots = attention_elements(m, name, t.seq_len, tp)
     ffn, ffn_dots = ffn_elements(m, 'dense' if i < m.num_dense_layers else 'moe', tp, b)
     if m.block == 'scmoe' and i >= m.num_dense_layers:   # second attention and two dense FFNs
@@ -165,7 +167,8 @@ def load_config(path: str):
 
 def active_params(m) -> int:
   from moejax.params import count
-  idle = 3 * m.d_model * m.expert_ffn_dim * (m.num_experts - m.top_k) * model.num_moe_layers(m)
+  m = ModelConfig.from_config(m)
+  idle = 3 * m.d_model * m.expert_ffn_dim * (m.num_experts - m.top_k) * m.num_moe_layers
   return count(model.model_specs(m)) - idle
 
 
@@ -179,7 +182,8 @@ def table(rows) -> str:
     m = config.model
     r = memory(config, sizes)
     mesh = ' x '.join(f'{a}={s}' for a, s in sizes.items() if s > 1)
-    out.append(f'| {name} | {count(model.model_specs(m)) / 1e9:.2f}B / {active_params(m) / 1e9:.2f}B | '
+    out.append(f'| {name} | {count(model.model_specs(ModelConfig.from_config(m))) / 1e9:.2f}B / '
+               f'{active_params(m) / 1e9:.2f}B | '
                f'{mesh} | {m.remat} | {r.tokens_per_device:,} | {g(r.params)} | {g(r.grads)} | '
                f'{g(r.opt_state)} | {g(r.activations)} | {g(r.total)} |')
   return '\n'.join(out)
@@ -197,9 +201,9 @@ def report() -> str:
   return f'''## Memory per device (computed, `make memory`)
 
 Bytes per device (GiB) of one train step on a v5p-64-like mesh of {NUM_DEVICES} devices (a v5p chip has
-95 GiB of HBM), from `python -m moejax.memory`. Parameters, gradients and optimizer state are exact
+95 GiB of HBM), from `python -m moejax.tools.memory`. Parameters, gradients and optimizer state are exact
 for the shardings (`jax.eval_shape` + `jax.sharding.AbstractMesh`, nothing allocated); activations
-are the estimate documented in `moejax/memory.py` (tensors saved per layer under the remat policy
+are the estimate documented in `moejax/tools/memory.py` (tensors saved per layer under the remat policy
 plus one block's backward, times tokens per device). Parameters and AdamW's two moments float32,
 compute bfloat16 (`model.precision=bf16`), GQA attention with the scores materialised (no fused
 attention kernel). XLA's own temporaries (all-gathered fsdp weights, collective buffers) come on
@@ -216,10 +220,10 @@ batch was 2% above XLA's with remat 'full' and 15% below with remat 'none' (the 
 
 def main(argv):
   del argv
-  import datetime, subprocess
-  commit = subprocess.run(['git', 'describe', '--always', '--dirty'], capture_output=True, text=True).stdout.strip()
-  text = (report() + f'\nMade by `make memory` at commit `{commit or "unknown"}` on '
-          f'{datetime.date.today().isoformat()}.\n')
+  import datetime
+  commit = provenance.commit()
+  text = (report() + f'\nMade by `make memory` (`{provenance.command("moejax.tools.memory")}`) at commit '
+          f'`{commit}` on {datetime.date.today().isoformat()}.\n')
   with open(flags.FLAGS.out, 'w') as f:
     f.write(text)
   print(text)

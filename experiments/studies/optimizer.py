@@ -1,0 +1,45 @@
+"""`make ablate-optimizer`: AdamW everywhere vs Muon on the hidden matrices, two learning rates each."""
+from experiments.studies import apply, smoke_on_one_device
+
+TITLE = 'Optimizer ablation'
+
+
+def about(runs):
+  c = next(iter(runs.values())).config
+  return ('AdamW everywhere vs Muon on the hidden matrices (attention, dense MLP, experts per expert) with '
+          f'AdamW (lr {c.optim.lr:g}) on embeddings, head, router and norms; two learning rates each. Model and '
+          'data: experiments/smoke.py (d_model 64, 3 layers (1 dense), 8 experts top-2, vocab 1024, the '
+          f'committed three-play sample), {c.train.steps} steps of {c.train.batch_size} x {c.train.seq_len} '
+          f'tokens on one device, cosine schedule with {c.optim.warmup_steps} warmup steps. Held-out loss: mean '
+          f'over the held-out batches (up to {c.train.eval_batches}) at the last step.')
+
+
+ABOUT = about
+
+
+def adamw(lr):
+  def edit(c):
+    c.optim.lr = lr
+  return edit
+
+
+def muon(lr):
+  def edit(c):
+    c.optim.groups.hidden.name = 'contrib.muon'
+    c.optim.groups.hidden.lr = lr
+  return edit
+
+
+VARIANTS = {
+    'adamw lr=3e-3': adamw(3e-3),
+    'adamw lr=1e-2': adamw(1e-2),
+    'muon lr=0.02 + adamw': muon(0.02),
+    'muon lr=0.05 + adamw': muon(0.05),
+}
+
+
+def get_config(variant=None):
+  c = smoke_on_one_device(300)
+  c.train.log_every, c.train.eval_every = 10, 50
+  c.optim.warmup_steps = 30
+  return apply(c, VARIANTS, variant)

@@ -5,7 +5,6 @@ diagnostics variant), router entropy, score margins, real experts per token, the
 layer's own losses), and per block the max residual activation. At log steps the expert weights'
 pairwise cosine similarity is added (rising similarity = experts homogenising).
 """
-import jax
 import jax.numpy as jnp
 import numpy as np
 

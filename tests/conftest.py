@@ -39,6 +39,8 @@ MESH_SHAPES = {
 def update_model(m, overrides: dict):
   """Sets config.model fields in place; a dict value updates that group (attn={'qk_norm': True})."""
   for k, v in overrides.items():
+    if k not in m:   # a stray key would be ignored by ModelConfig, silently testing the default
+      raise KeyError(f'config.model has no {k!r} (moved into a group? see docs/layout.md)')
     if isinstance(v, dict):
       update_model(m[k], v)
     else:

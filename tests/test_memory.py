@@ -5,7 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import pytest
-from test_layouts import LAYOUTS, layout_config, run_layout
+from layouts import LAYOUTS, layout_config, run_layout
 
 from moejax import configs, sharding
 from moejax.state import build_setup

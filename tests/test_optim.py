@@ -10,7 +10,7 @@ from moejax import configs, model, optim
 from moejax.params import logical_axes
 from moejax.validate import ConfigError
 from conftest import numpy_init_params, tiny_model_config
-from test_train import BASE_FLAGS, losses_by_step, train
+from runs import BASE_FLAGS, losses_by_step, train
 
 NO_CLIP = 1e9
 

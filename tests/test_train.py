@@ -14,55 +14,17 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = '--config=experiments/smoke.py'
-BASE_FLAGS = ['--config.train.log_every=1', '--config.checkpoint.every=4',
-              '--config.mesh.data=8', '--config.mesh.expert=1']
+from runs import (BASE_FLAGS, REPO, SMOKE, cmd as _cmd, env as _env, eval_records, losses_by_step,  # noqa: F401
+                  read_jsonl, train, train_records)
+
 METRIC_KEYS = ('step', 'loss', 'lm_loss', 'grad_norm', 'lr', 'tokens_per_sec', 'mfu', 'moe/maxvio',
                'moe/dead_experts', 'moe/dropped_frac', 'attn/logit_max')
-
-
-def _env():
-  env = dict(os.environ)
-  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=8'
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
-
-
-def _cmd(module, workdir, *flags):
-  return [sys.executable, '-m', module, f'--workdir={workdir}', *flags]
-
-
-def train(workdir, *flags, timeout=300) -> str:
-  """Runs the training CLI to completion; returns its combined output (asserts exit code 0)."""
-  proc = subprocess.run(_cmd('moejax.train', workdir, SMOKE, *flags), cwd=REPO, env=_env(),
-                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
-  assert proc.returncode == 0, proc.stdout[-4000:]
-  return proc.stdout
-
-
-def read_jsonl(path) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(l) for l in f if l.strip()]
-
-
-def train_records(workdir) -> list[dict]:
-  return [r for r in read_jsonl(Path(workdir) / 'metrics.jsonl') if 'loss' in r]
-
-
-def eval_records(workdir) -> list[dict]:
-  return [r for r in read_jsonl(Path(workdir) / 'metrics.jsonl') if 'eval/loss' in r]
-
-
-def losses_by_step(workdir) -> dict:
-  return {r['step']: r['loss'] for r in train_records(workdir)}
 
 
 @pytest.fixture(scope='module')

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from jax.sharding import AbstractMesh, NamedSharding
 
-from moejax import model, precision, router, sharding
+from moejax import model, precision, sharding
 from moejax.model_config import ModelConfig
 from moejax.state import build_setup
 from moejax.tools import provenance

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from moejax.data.ensure import ensure_data
+from moejax import optim
 from moejax.validate import ConfigError, validate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -412,6 +413,25 @@ def test_cli_bad_component_value_fails_with_one_line_naming_the_field(tmp_path, 
   assert 'Traceback' not in proc.stderr
 
 
+def test_optimizer_group_placeholder_takes_a_command_line_value_that_reaches_the_optimizer(monkeypatch):
+  """The group's None markers (ml_collections placeholders) parse a value given the way the CLI
+  gives it (config_flags), and the optimizer is built from it; None keeps inheriting."""
+  from absl import flags
+  from ml_collections import config_flags
+  argv = ['prog', '--config=experiments/smoke.py', '--config.optim.groups.hidden.name=contrib.muon',
+          '--config.optim.groups.router.lr=0.001']
+  monkeypatch.setattr(sys, 'argv', argv)   # config_flags reads the overrides from sys.argv
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, 'experiment', flag_values=fv)
+  fv(argv)
+  o = fv.config.optim
+  assert o.groups.hidden.name == 'contrib.muon' and o.groups.embed.name is None
+  assert o.groups.router.lr == pytest.approx(1e-3) and o.groups.hidden.lr is None
+  assert optim.group_spec(o, 'hidden', 10)[0] == 'contrib.muon'
+  assert optim.group_spec(o, 'embed', 10)[0] == 'adamw'   # None: optim.name
+
+
+@pytest.mark.slow
 def test_cli_optimizer_group_placeholder_is_overridable_and_reaches_the_optimizer(tmp_path):
   """The group's None markers (ml_collections placeholders) take a CLI value; the run's group table
   (what moejax.optim builds the optimizer from) shows it, and one step trains."""

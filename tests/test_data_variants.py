@@ -380,7 +380,7 @@ def test_training_setup_leaves_a_data_dir_prepared_from_other_inputs_alone(srcs,
   """ensure_data (run before training) prepares data.dir from data.raw, but never overwrites a
   data.dir made from other inputs or with a given tokenizer (e.g. originals + rephrasings)."""
   from moejax.configs import base_config
-  from moejax.state import ensure_data
+  from moejax.data.ensure import ensure_data
   raw = tmp_path / 'raw'
   raw.mkdir()
   write_jsonl(raw / 'x.jsonl', [{'id': i, 'text': _text(random.Random(i))} for i in range(6)])

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 STUDY = '''
@@ -61,6 +63,7 @@ def test_misspelt_key_fails_before_any_run_with_one_line(tmp_path):
   assert not (tmp_path / 'runs').exists() and not (tmp_path / 'out').exists()   # nothing trained
 
 
+@pytest.mark.slow
 def test_two_variant_study_writes_table_with_command_and_commit(tmp_path):
   r = run_study(tmp_path, False, '--steps=3', '--jobs=2')   # the two runs at once
   assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]

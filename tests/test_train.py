@@ -115,6 +115,7 @@ def test_resume_under_another_data_config_is_refused_in_one_line_naming_the_fiel
   assert sorted(os.listdir(d / 'checkpoints')) == ['4']
 
 
+@pytest.mark.slow   # the same promise in-process: tests/test_model.py (diagnostics change nothing)
 def test_steps_between_log_steps_train_exactly_as_logged_ones(run_a, tmp_path):
   """Train compiles two step variants: router diagnostics (stats, gradient-norm ratio) at log steps
   only. With log_every=4, steps 1-3 and 5-7 run the plain variant; the losses at the log steps, the

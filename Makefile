@@ -32,8 +32,9 @@ train: data
 	$(PY) -m moejax.train --config=experiments/default.py --workdir=runs/default
 	$(PY) -m moejax.sample --workdir=runs/default --prompt="ROMEO:" --max_new_tokens=60
 
+# Two workers, one test file each at a time (files share module-scoped runs): CI has 2 cores.
 test: setup
-	$(CPU_MESH) $(PY) -m pytest -q -m "not slow" tests
+	$(CPU_MESH) $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile tests
 
 test-slow: data
 	$(CPU_MESH) $(PY) -m pytest -q -m slow tests

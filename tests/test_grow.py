@@ -76,6 +76,7 @@ def test_grown_state_is_source_layers_stacked_with_fresh_optimizer(source_run, m
   assert moments and all(not np.any(x) for x in moments)   # Adam's mu and nu start at zero
 
 
+@pytest.mark.slow
 def test_grown_run_trains_with_finite_loss(source_run, tmp_path):
   workdir = tmp_path / 'grown'
   proc = _train(workdir, *DEEPER, '--config.train.steps=3', '--config.checkpoint.every=3',

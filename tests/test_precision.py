@@ -74,7 +74,8 @@ def test_fp8_moe_layer_relative_error_vs_fp32_is_bounded(single_mesh):
     # policy's bf16 compute dtype is applied by forward's cast_params, not here), so the difference
     # is the fp8 rounding alone.
     with_f32 = lambda p, x: model.moe_ffn(p, bias_E, x, cfg, single_mesh, ())[0]
-    return jax.value_and_grad(lambda p, x: jnp.sum(with_f32(p, x) * x), argnums=(0, 1))(p, x), with_f32(p, x)
+    value_and_grad = jax.jit(jax.value_and_grad(lambda p, x: jnp.sum(with_f32(p, x) * x), argnums=(0, 1)))
+    return value_and_grad(p, x), jax.jit(with_f32)(p, x)
 
   (_, (gp32, gx32)), y32 = run(cfg32, x_BTD)
   (_, (gp8, gx8)), y8 = run(cfg8, x_BTD)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_test_mesh, tiny_model_config
+from conftest import make_test_mesh, numpy_init_params, tiny_model_config
 from moejax import diagnostics, flops, model, params
 from moejax import router as router_lib
 from moejax.sharding import named
@@ -168,17 +168,17 @@ def test_train_step_gradient_norm_ratio_matches_separate_gradients():
   """R from the train step's decomposition equals R from two separately taken gradients."""
   cfg = tiny_model_config(loss=dict(balance_weight=0.05), num_layers=2, num_dense_layers=0)
   mesh = make_test_mesh({'data': 1, 'expert': 1})
-  p = params.init_params(model.model_specs(cfg), jax.random.key(0))
+  p = numpy_init_params(model.model_specs(cfg), 0)
   tok = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   batch = {'inputs': tok, 'targets': jnp.roll(tok, -1, 1), 'loss_mask': jnp.ones((2, 16))}
   bias = jnp.zeros((2, cfg.num_experts))
-  (_, aux), g = jax.value_and_grad(model.loss_fn, has_aux=True)(p, bias, batch, cfg, mesh,
-                                                                 diagnostics=True)
+  (_, aux), g = jax.jit(jax.value_and_grad(
+      lambda q: model.loss_fn(q, bias, batch, cfg, mesh, diagnostics=True), has_aux=True))(p)
   # as the train step's diagnostics variant takes it (moejax.train.make_train_step)
   ratio, _ = diagnostics.gradient_norm_ratio(model.moe_layer_leaf(g['moe_blocks'], ('ffn', 'router'), cfg),
                                              aux.moe.router_grads, jnp.full((2,), 0.05), 0.0)
   lm_cfg = tiny_model_config(loss=dict(balance_weight=0.0), num_layers=2, num_dense_layers=0)
-  g_lm = jax.grad(lambda q: model.loss_fn(q, bias, batch, lm_cfg, mesh)[0])(p)['moe_blocks']['ffn']['router']
+  g_lm = jax.jit(jax.grad(lambda q: model.loss_fn(q, bias, batch, lm_cfg, mesh)[0]))(p)['moe_blocks']['ffn']['router']
   g_bal = g['moe_blocks']['ffn']['router'] - g_lm   # includes indirect paths through later layers
   direct = 0.05 / 2 * aux.moe.router_grads['balance']
   expect = np.linalg.norm(np.asarray(direct).reshape(2, -1), axis=1) / np.linalg.norm(
@@ -198,7 +198,7 @@ def test_variance_alignment_keeps_routed_output_variance_across_granularity(alig
     cfg = tiny_model_config(d_model=64, num_experts=E, top_k=K, expert_ffn_dim=512 // K,
                             num_shared_experts=0, variance_alignment=aligned, init_std=0.02)
     p = params.init_params(model.moe_specs(cfg), jax.random.key(E))
-    y, _ = model.moe_ffn(p, jnp.zeros((E,)), x_BTD, cfg, mesh, ())
+    y, _ = jax.jit(lambda p, x: model.moe_ffn(p, jnp.zeros((E,)), x, cfg, mesh, ()))(p, x_BTD)
     var[E] = float(jnp.var(y))
   spread = max(var.values()) / min(var.values())
   if aligned:
@@ -234,10 +234,10 @@ def test_scmoe_block_matches_a_naive_composition_of_its_sub_blocks():
   from moejax.layers import rms_norm, swiglu
   cfg = tiny_model_config(block='scmoe', num_layers=1, num_dense_layers=0)
   mesh = make_test_mesh({'data': 1, 'expert': 1})
-  p = params.init_params(model.model_specs(cfg), jax.random.key(0))
+  p = numpy_init_params(model.model_specs(cfg), 0)
   tok = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
   bias = jax.random.normal(jax.random.key(2), (1, cfg.num_experts)) * 0.1
-  logits, _ = model.forward(p, bias, tok, cfg, mesh)
+  logits, _ = jax.jit(lambda p: model.forward(p, bias, tok, cfg, mesh))(p)
 
   b = jax.tree.map(lambda a: a[0], p['moe_blocks'])
   norm = lambda x, s: rms_norm(x, s, cfg.norm_eps)
@@ -254,7 +254,7 @@ def test_scmoe_block_matches_a_naive_composition_of_its_sub_blocks():
 
 def test_scmoe_losses_agree_on_one_device_and_an_expert_parallel_mesh():
   cfg = tiny_model_config(block='scmoe')
-  p = params.init_params(model.model_specs(cfg), jax.random.key(0))
+  p = numpy_init_params(model.model_specs(cfg), 0)
   tok = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
   batch = {'inputs': tok, 'targets': jnp.roll(tok, -1, 1), 'loss_mask': jnp.ones((8, 16))}
   bias = jnp.zeros((2, cfg.num_experts))

@@ -236,6 +236,7 @@ def test_metrics_jsonl_loads_jsonl_and_tensorboard_written(run_a):
 # ----------------------------------------------------------------------------- learning
 
 
+@pytest.mark.slow   # the acceptance check of `make train` shows the same on the full corpus
 def test_short_run_on_real_corpus_lowers_heldout_loss(tmp_path):
   workdir = tmp_path / 'learn'
   train(workdir, '--config.train.steps=40', '--config.train.eval_every=40', '--config.train.log_every=10',
@@ -249,6 +250,7 @@ def test_short_run_on_real_corpus_lowers_heldout_loss(tmp_path):
 # ----------------------------------------------------------------------------- dispatch
 
 
+@pytest.mark.slow   # in-process: tests/test_moe.py counts the dropped assignments by hand
 def test_capacity_dispatch_drops_tokens_dropless_does_not(run_a, tmp_path):
   workdir = tmp_path / 'capacity'
   cf = 0.5

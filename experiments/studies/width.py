@@ -126,6 +126,9 @@ def verdict(results: dict, lrs, pair) -> list[str]:
 
 def table(runs) -> list[str]:
   """Held-out loss per lr and column, the same minus each column's best, and the verdict."""
+  if set(runs) != set(VARIANTS):   # --variant picked a subset: there is no sweep to tabulate
+    return ['| variant | held-out loss |', '|---|---:|',
+            *(f'| {name} | {r.final_eval:.3f} |' for name, r in runs.items())]
   results = _results(runs)
   bad = [name for name, r in runs.items() if not math.isfinite(r.final_eval)]
   best = {col: min(LRS, key=lambda lr: _score(results[col, lr])) for col in CURVES}
@@ -146,6 +149,8 @@ def table(runs) -> list[str]:
 
 
 def plot(runs, path):
+  if set(runs) != set(VARIANTS):
+    return []
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt

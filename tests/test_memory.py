@@ -8,6 +8,7 @@ import pytest
 from layouts import LAYOUTS, layout_config, run_layout
 
 from moejax import configs, sharding
+from moejax.model_config import ModelConfig
 from moejax.state import build_setup
 from moejax.tools import memory
 from moejax.train import make_train_step
@@ -87,3 +88,16 @@ def test_memory_table_for_64_devices_is_computed_without_devices():
   # params are float32 and split 16-64 ways: between 1/64 and 1/16 of their bytes per device
   assert 4 * total_params / 64 <= r.params <= 4 * total_params / 16
   assert r.opt_state >= 2 * r.params * 0.99   # Adam's two moments
+
+
+def test_activation_estimate_comes_from_the_attention_table_and_names_a_type_without_one():
+  from moejax.attention import ATTENTIONS
+  c = probe_config(8, 'none')
+  m = ModelConfig.from_config(c.model)
+  for name, entry in ATTENTIONS.items():
+    if entry.activations is None:
+      with pytest.raises(ValueError, match=f'attention {name} has no activation estimate'):
+        memory.attention_elements(m, name, 64, 1)
+    else:
+      assert memory.attention_elements(m, name, 64, 1) == entry.activations(m.attn, 64, 1)
+  assert {n for n, a in ATTENTIONS.items() if a.activations} >= {'gqa', 'mha', 'swa', 'mla'}

@@ -30,6 +30,9 @@ class Attention:
   # rescaling the projections would not rescale the logits (the type refuses optim.qk_clip).
   qk_clip: Callable | None = None
   supports: frozenset = frozenset()   # options of model.attn it honours: 'qk_norm', 'sinks', 'softcap'
+  # (cfg, seq_len, tp) -> (saved elements, matmul-output elements) per token of one layer, the
+  # activation estimate of moejax.tools.memory (heads split over `tp`); None: no estimate yet.
+  activations: Callable | None = None
 
 
 def scale_heads(w, factor_LH, head_axis: int):

@@ -244,9 +244,40 @@ def mla_qk_clip(p, gamma_LH, cfg):
           'wkv_b': jnp.concatenate([scale_heads(kv[..., :Nn], half, 1), kv[..., Nn:]], axis=-1)}
 
 
+# --- activation estimates (moejax.tools.memory): per token, 2D (norm in/out) + projections + q, k
+# after RoPE + output + the probabilities H x keys; the matmul outputs are the projections + D ---
+
+def gqa_activations(cfg, seq_len: int, tp: int, num_kv_heads=None, keys=None):
+  H = cfg.num_heads / tp
+  G = (num_kv_heads or cfg.num_kv_heads) / tp
+  D, N, keys = cfg.d_model, cfg.head_dim, keys or seq_len
+  proj = H * N + 2 * G * N
+  return 2 * D + proj + (H + G) * N + H * N + H * keys, proj + D
+
+
+def mha_activations(cfg, seq_len: int, tp: int):
+  return gqa_activations(cfg, seq_len, tp, num_kv_heads=cfg.num_heads)
+
+
+def swa_activations(cfg, seq_len: int, tp: int):
+  return gqa_activations(cfg, seq_len, tp, keys=min(cfg.window, seq_len) * 2)   # blocks of 2 windows
+
+
+def mla_activations(cfg, seq_len: int, tp: int):
+  D, H = cfg.d_model, cfg.num_heads / tp
+  m = cfg.mla
+  Nn, R, M, C = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim, m.kv_lora_rank
+  q = H * (Nn + R)
+  proj = (C + R) + q + H * (Nn + M) + m.q_lora_rank
+  return 2 * D + proj + C + q + H * (Nn + R) + H * M + H * seq_len, proj + D
+
+
 GQA_OPTIONS = frozenset({'qk_norm', 'sinks', 'softcap'})
-GQA = Attention(gqa_specs, gqa_apply, gqa_flops, gqa_init_cache, gqa_decode, gqa_qk_clip, GQA_OPTIONS)
-MHA = Attention(mha_specs, gqa_apply, mha_flops, mha_init_cache, gqa_decode, gqa_qk_clip, GQA_OPTIONS)
-SWA = Attention(gqa_specs, swa_apply, swa_flops, swa_init_cache, swa_decode, gqa_qk_clip, GQA_OPTIONS)
+GQA = Attention(gqa_specs, gqa_apply, gqa_flops, gqa_init_cache, gqa_decode, gqa_qk_clip, GQA_OPTIONS,
+                gqa_activations)
+MHA = Attention(mha_specs, gqa_apply, mha_flops, mha_init_cache, gqa_decode, gqa_qk_clip, GQA_OPTIONS,
+                mha_activations)
+SWA = Attention(gqa_specs, swa_apply, swa_flops, swa_init_cache, swa_decode, gqa_qk_clip, GQA_OPTIONS,
+                swa_activations)
 MLA = Attention(mla_specs, mla_apply, mla_flops, mla_init_cache, mla_decode, mla_qk_clip,
-                frozenset({'softcap'}))
+                frozenset({'softcap'}), mla_activations)

@@ -34,6 +34,7 @@ from absl import app, flags
 from jax.sharding import AbstractMesh, NamedSharding
 
 from moejax import model, precision, sharding
+from moejax.attention import ATTENTIONS
 from moejax.model_config import ModelConfig
 from moejax.state import build_setup
 from moejax.tools import provenance
@@ -88,21 +89,14 @@ def tokens_per_device(config, mesh_sizes: dict) -> int:
 
 
 def attention_elements(cfg, name: str, seq_len: int, tp: int) -> tuple[float, float]:
-  """(all saved elements, matmul outputs) per token of one attention layer (see module doc)."""
-  a = cfg.attn
-  D, H = cfg.d_model, a.num_heads / tp
-  if name in ('gqa', 'mha', 'swa'):
-    G = (H if name == 'mha' else a.num_kv_heads / tp)
-    N = a.head_dim
-    keys = min(a.window, seq_len) * 2 if name == 'swa' else seq_len   # SWA: blocks of 2 windows
-    proj = H * N + 2 * G * N
-    return 2 * D + proj + (H + G) * N + H * N + H * keys, proj + D
-  if name == 'mla':
-    Nn, R, M, C = a.mla.qk_nope_head_dim, a.mla.qk_rope_head_dim, a.mla.v_head_dim, a.mla.kv_lora_rank
-    q = H * (Nn + R)
-    proj = (C + R) + q + H * (Nn + M) + (a.mla.q_lora_rank or 0)
-    return 2 * D + proj + C + q + H * (Nn + R) + H * M + H * seq_len, proj + D
-  raise ValueError(f'model.attention: no activation formula for {name!r} (gqa, mha, swa, mla)')
+  """(all saved elements, matmul outputs) per token of one attention layer: its table entry's
+  estimate (moejax.attention, `Attention.activations`)."""
+  estimate = ATTENTIONS[name].activations
+  if estimate is None:
+    have = ', '.join(n for n, a in ATTENTIONS.items() if a.activations is not None)
+    raise ValueError(f'model.attention: attention {name} has no activation estimate in its table entry '
+                     f'(those with one: {have})')
+  return estimate(cfg.attn, seq_len, tp)
 
 
 def ffn_elements(cfg, kind: str, tp: int, compute_bytes: int) -> tuple[float, float]:

@@ -14,7 +14,7 @@ from moejax import model, precision
 from moejax.attention import ATTENTIONS, repeating_unit
 from moejax.blocks import block_layout
 from moejax.layers import swiglu
-from moejax.model import BlockOps, kind_attentions, scan_layers, unit_stacks
+from moejax.model import BlockOps, kind_attentions, kind_layout, scan_layers, unit_stacks
 
 
 def _block_caches(cfg, ffn: str, attention: str, num: int, batch: int, max_len: int, dtype):
@@ -27,9 +27,8 @@ def _block_caches(cfg, ffn: str, attention: str, num: int, batch: int, max_len: 
 def _group_caches(cfg, ffn: str, batch: int, max_len: int, dtype):
   names = kind_attentions(cfg, ffn)
   unit = repeating_unit(names)
-  stacks = [_block_caches(cfg, ffn, a, len(names[j::len(unit)]), batch, max_len, dtype)
-            for j, a in enumerate(unit)]
-  return stacks[0] if len(unit) == 1 else stacks
+  return kind_layout([_block_caches(cfg, ffn, a, len(names[j::len(unit)]), batch, max_len, dtype)
+                      for j, a in enumerate(unit)])
 
 
 def init_caches(params, cfg, batch: int, max_len: int) -> dict:
@@ -67,14 +66,14 @@ def decode_step(params, router_bias_LE, caches, token_B, pos, cfg, mesh):
     names = kind_attentions(cfg, 'dense')
     xs = tuple(zip(unit_stacks(params['dense_blocks'], names), unit_stacks(caches['dense_blocks'], names)))
     x_BD, outs = scan_layers(dense_block, x_BD, xs, names)
-    new['dense_blocks'] = outs[0] if len(outs) == 1 else outs
+    new['dense_blocks'] = kind_layout(outs)
   if 'moe_blocks' in params:
     names = kind_attentions(cfg, 'moe')
     U = len(repeating_unit(names))
     xs = tuple(zip(unit_stacks(params['moe_blocks'], names), (router_bias_LE[j::U] for j in range(U)),
                    unit_stacks(caches['moe_blocks'], names)))
     x_BD, outs = scan_layers(moe_block, x_BD, xs, names)
-    new['moe_blocks'] = outs[0] if len(outs) == 1 else outs
+    new['moe_blocks'] = kind_layout(outs)
   return model.logits_from(params, x_BD, cfg), new
 
 

@@ -65,16 +65,15 @@ def _with(d: dict, dotted: str, value) -> dict:
 
 def unstack(stacks, names: list[str]) -> list:
   """A kind's params (one stack, or one per position of the pattern's unit) -> per-layer trees."""
-  U = len(repeating_unit(names))
-  stacks = [stacks] if U == 1 else stacks
+  stacks = model.unit_stacks(stacks, names)
+  U = len(stacks)
   return [jax.tree.map(lambda a: a[l // U], stacks[l % U]) for l in range(len(names))]
 
 
 def restack(layers: list, names: list[str]):
   """Per-layer trees -> the layout `model.group_specs` declares for `names`."""
   U = len(repeating_unit(names))
-  stacks = [jax.tree.map(lambda *a: jnp.stack(a), *layers[j::U]) for j in range(U)]
-  return stacks[0] if U == 1 else stacks
+  return model.kind_layout([jax.tree.map(lambda *a: jnp.stack(a), *layers[j::U]) for j in range(U)])
 
 
 def _shape_signature(m) -> dict:

@@ -122,13 +122,22 @@ def group_specs(cfg: ModelConfig, ffn: str):
   """Blocks of one FFN kind: one stack per position of the attention pattern's repeating unit."""
   names = kind_attentions(cfg, ffn)
   unit = repeating_unit(names)
-  stacks = [stacked(block_specs(cfg, ffn, a), len(names[j::len(unit)])) for j, a in enumerate(unit)]
-  return stacks[0] if len(unit) == 1 else stacks
+  return kind_layout([stacked(block_specs(cfg, ffn, a), len(names[j::len(unit)])) for j, a in enumerate(unit)])
 
+
+# A kind's blocks are stored as one stack when its pattern unit has one position (every block of
+# the kind has the same attention), else as a list of stacks; these two are the only places that
+# know it (a single stack keeps the parameter paths, hence the initialisation, of uniform models).
 
 def unit_stacks(stacks, names) -> tuple:
   """A kind's params (or anything shaped like them) as one stack per position of the unit."""
   return (stacks,) if len(repeating_unit(names)) == 1 else tuple(stacks)
+
+
+def kind_layout(per_position):
+  """The inverse of unit_stacks: one stack per unit position -> the kind's stored layout."""
+  per_position = list(per_position)
+  return per_position[0] if len(per_position) == 1 else per_position
 
 
 def moe_layer_leaf(moe_blocks, path: tuple, cfg: ModelConfig):

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from moejax.attention import ATTENTIONS, repeating_unit
 from moejax.blocks import block_layout
-from moejax.model import kind_attentions, unit_stacks
+from moejax.model import kind_attentions, kind_layout, unit_stacks
 
 
 def clip_factors(logit_max_H, tau: float):
@@ -29,7 +29,7 @@ def _clip_group(stacks, ffn: str, gamma_LH, cfg):
     for key in block_layout(cfg, ffn).attentions:
       stack[key] = ATTENTIONS[name].qk_clip(stack[key], gamma_LH[j::len(unit)], cfg.attn)
     out.append(stack)
-  return out[0] if len(unit) == 1 else out
+  return kind_layout(out)
 
 
 def qk_clip(params: dict, logit_max_LH, cfg, tau: float) -> dict:

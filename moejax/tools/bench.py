@@ -248,7 +248,7 @@ def section_scaling(plan: Plan, prec: str) -> list:
       c = prepare(load_config(plan.default), prec)
       c.train.seq_len, c.train.batch_size, c.model.num_layers = seq_len, tokens // seq_len, layers
       r = run_steps(c, plan.scaling_steps, plan.scaling_warmup)
-      r['flops'] = flops.train_flops_per_token(c.model, seq_len) * tokens
+      r['flops'] = flops.train_flops_per_token(ModelConfig.from_config(c.model), seq_len) * tokens
       results[seq_len, layers] = r
     return results[seq_len, layers]
 

@@ -237,7 +237,7 @@ def moe_ffn(p, bias_E, x_BTD, cfg: ModelConfig, mesh, batch_axes, diagnostics: b
     y_BTD = y_BTD + swiglu(p['shared'], x_BTD, precision.einsum_for(precision.fp8_mlp(cfg)))
   aux = MoEAux(routing.load_E, routing.balance_loss, routing.z_loss, dropped)
   if diagnostics:
-    aux.router_stats = router.stats(x_TD, p['router'], bias_E, cfg.router)
+    aux.router_stats = router.routing_stats(routing, cfg.router)   # the scores this layer routed by
     aux.router_grads = router_grads(x_TD, p['router'], bias_E, cfg, T)
   return y_BTD, aux
 

@@ -80,6 +80,8 @@ class Routing:
   load_E: jax.Array        # float32 assignments per expert (real then zero experts)
   balance_loss: jax.Array
   z_loss: jax.Array
+  scores_TE: jax.Array     # float32 scores and scores + bias, kept for the diagnostics (`routing_stats`)
+  selection_TE: jax.Array
 
 
 def balance_loss(chosen_TE, scores_TE, K: int, group_size: int):
@@ -135,14 +137,18 @@ def route(x_TD, router_DE, bias_E, cfg: RouterConfig, seq_len: int) -> Routing:
   return Routing(
       expert_TK=expert_TK.astype(jnp.int32), weight_TK=weight_TK, load_E=chosen_TE.sum(0),
       balance_loss=balance_loss(chosen_TE, scores_TE, K, group),
-      z_loss=jnp.mean(jax.nn.logsumexp(logits_TE, axis=-1) ** 2))
+      z_loss=jnp.mean(jax.nn.logsumexp(logits_TE, axis=-1) ** 2),
+      scores_TE=scores_TE, selection_TE=selection_TE)
+
+
+def routing_stats(routing: Routing, cfg: RouterConfig) -> dict:
+  """Router diagnostics of a routing already computed (log steps only; see router_stats)."""
+  return router_stats(routing.scores_TE, routing.selection_TE, routing.expert_TK, cfg.num_experts)
 
 
 def stats(x_TD, router_DE, bias_E, cfg: RouterConfig) -> dict:
-  """Router diagnostics of one layer's tokens (log steps only; see router_stats)."""
-  _, scores_TE, selection_TE = router_scores(x_TD, router_DE, bias_E, cfg)
-  _, expert_TK = jax.lax.top_k(selection_TE, cfg.top_k)
-  return router_stats(scores_TE, selection_TE, expert_TK, cfg.num_experts)
+  """Router diagnostics of one layer's tokens, routing them first."""
+  return routing_stats(route(x_TD, router_DE, bias_E, cfg, seq_len=x_TD.shape[0]), cfg)
 
 
 def target_load(load_LE, num_real: int, target_active: float | None, top_k: int):

@@ -19,6 +19,14 @@ def apply(config, variants: dict, variant: str | None = None):
   return config
 
 
+def smoke_run_text(c) -> str:
+  """What the smoke-model studies' ABOUT texts say of the model, data and run of config `c`."""
+  return ('Model and data: experiments/smoke.py (d_model 64, 3 layers (1 dense), 8 experts top-2, vocab 1024, '
+          f'the committed three-play sample), {c.train.steps} steps of {c.train.batch_size} x {c.train.seq_len} '
+          f'tokens on one device, cosine schedule with {c.optim.warmup_steps} warmup steps. Held-out loss: mean '
+          f'over the held-out batches (up to {c.train.eval_batches}) at the last step.')
+
+
 def smoke_on_one_device(steps: int):
   """experiments/smoke.py for `steps` steps of 16 x 64 tokens on one device, 8 held-out batches, a
   cosine schedule over the run and no checkpoint before the last: the optimizer, precision and

@@ -1,5 +1,5 @@
 """`make ablate-optimizer`: AdamW everywhere vs Muon on the hidden matrices, two learning rates each."""
-from experiments.studies import apply, smoke_on_one_device
+from experiments.studies import apply, smoke_on_one_device, smoke_run_text
 
 TITLE = 'Optimizer ablation'
 
@@ -7,11 +7,8 @@ TITLE = 'Optimizer ablation'
 def about(runs):
   c = next(iter(runs.values())).config
   return ('AdamW everywhere vs Muon on the hidden matrices (attention, dense MLP, experts per expert) with '
-          f'AdamW (lr {c.optim.lr:g}) on embeddings, head, router and norms; two learning rates each. Model and '
-          'data: experiments/smoke.py (d_model 64, 3 layers (1 dense), 8 experts top-2, vocab 1024, the '
-          f'committed three-play sample), {c.train.steps} steps of {c.train.batch_size} x {c.train.seq_len} '
-          f'tokens on one device, cosine schedule with {c.optim.warmup_steps} warmup steps. Held-out loss: mean '
-          f'over the held-out batches (up to {c.train.eval_batches}) at the last step.')
+          f'AdamW (lr {c.optim.lr:g}) on embeddings, head, router and norms; two learning rates each. '
+          + smoke_run_text(c))
 
 
 ABOUT = about

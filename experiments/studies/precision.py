@@ -1,5 +1,5 @@
 """`make ablate-precision`: fp32, bf16 and fp8 on the smoke model."""
-from experiments.studies import apply, smoke_on_one_device
+from experiments.studies import apply, smoke_on_one_device, smoke_run_text
 
 TITLE = 'Precision ablation'
 
@@ -8,11 +8,8 @@ def about(runs):
   c = next(iter(runs.values())).config
   return ('fp32; bf16 compute with fp32 parameters; fp8 (e4m3 forward, e5m2 gradients, per-tensor current '
           'scaling) expert and dense MLP matmuls with bf16 compute elsewhere. On CPU fp8 is emulated by '
-          'quantize-dequantize, so its tokens/s measures the emulation overhead, not fp8 speed. Model and data: '
-          'experiments/smoke.py (d_model 64, 3 layers (1 dense), 8 experts top-2, vocab 1024, the committed '
-          f'three-play sample), {c.train.steps} steps of {c.train.batch_size} x {c.train.seq_len} tokens on one '
-          f'device, cosine schedule with {c.optim.warmup_steps} warmup steps. Held-out loss: mean over the '
-          f'held-out batches (up to {c.train.eval_batches}) at the last step.')
+          'quantize-dequantize, so its tokens/s measures the emulation overhead, not fp8 speed. '
+          + smoke_run_text(c))
 
 
 ABOUT = about

@@ -36,7 +36,7 @@ def write_corpus(raw_dir) -> str:
 
 
 def run_prepare(raw, out, capsys, *extra) -> tuple[int, str, str]:
-  code = prepare.main([f'--raw={raw}', f'--out={out}', '--vocab_size=300',
+  code = prepare.main(['--workers=1', f'--raw={raw}', f'--out={out}', '--vocab_size=300',
                        '--val_fraction=0.2', *extra])
   captured = capsys.readouterr()
   return code, captured.out, captured.err
@@ -46,15 +46,13 @@ def run_prepare(raw, out, capsys, *extra) -> tuple[int, str, str]:
 def data_dir(tmp_path_factory):
   root = tmp_path_factory.mktemp('corpus')
   write_corpus(root / 'raw')
-  assert prepare.main([f"--raw={root / 'raw'}", f"--out={root / 'prepared'}",
+  assert prepare.main(['--workers=1', f"--raw={root / 'raw'}", f"--out={root / 'prepared'}",
                        '--vocab_size=300', '--val_fraction=0.2']) == 0
   return str(root / 'prepared')
 
 
 def split_docs(data_dir, split) -> list[np.ndarray]:
-  tokens = np.load(f'{data_dir}/{split}.tokens.npy', mmap_mode='r')
-  offsets = np.load(f'{data_dir}/{split}.docs.npy')
-  return [np.asarray(tokens[a:b]) for a, b in zip(offsets[:-1], offsets[1:])]
+  return pipeline.split_entries(data_dir, split)
 
 
 def take(iterator, n) -> list[dict]:
@@ -87,10 +85,11 @@ def test_prepare_manifest_describes_outputs(data_dir):
   assert manifest['eod_id'] == 0 and manifest['vocab_size'] == 300
   assert manifest['duplicate_docs_removed'] == 1
   for split in ('train', 'val'):
-    tokens = np.load(f'{data_dir}/{split}.tokens.npy', mmap_mode='r')
-    offsets = np.load(f'{data_dir}/{split}.docs.npy')
-    assert tokens.dtype == np.uint16 and offsets.dtype == np.int64
     stats = manifest['splits'][split]
+    [shard] = stats['shards']   # a small corpus: one shard per split
+    tokens = np.load(f"{data_dir}/{shard['name']}.tokens.npy", mmap_mode='r')
+    offsets = np.load(f"{data_dir}/{shard['name']}.docs.npy")
+    assert tokens.dtype == np.uint16 and offsets.dtype == np.int64
     assert (stats['num_entries'], stats['num_tokens']) == (len(offsets) - 1, len(tokens))
     assert stats['num_docs'] == stats['num_entries']  # plain .txt: one variant per document
 

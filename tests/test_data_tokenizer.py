@@ -30,7 +30,7 @@ def write_corpus(path, num_docs=12, seed=0):
 
 
 def run_prepare(*args) -> int:
-  return prepare.main([*args, '--val_fraction=0.25'])
+  return prepare.main(['--workers=1', *args, '--val_fraction=0.25'])
 
 
 @pytest.fixture(scope='module', autouse=True)
@@ -140,7 +140,7 @@ def test_bad_tiktoken_inputs_are_one_line_errors_naming_the_file_or_flag(tik, tm
       (['--tiktoken_pattern=cl100k_base'], '--tiktoken_pattern: only with'),
   ]
   for args, match in cases:
-    assert prepare.main([raw, out, *args]) == 2
+    assert prepare.main(['--workers=1', raw, out, *args]) == 2
     err = capsys.readouterr().err
     assert match in err and err.count('\n') == 1, err
   assert not (tmp_path / 'out').exists()

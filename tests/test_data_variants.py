@@ -33,7 +33,7 @@ def make_source(root, name, num_docs, num_rephrasings, seed, tokenizer=None, cap
   recs.append({'id': 'dup', 'text': recs[0]['text']})
   raw = root / f'{name}.jsonl'
   write_jsonl(raw, recs)
-  args = [f'--raw={raw}', f'--out={root / name}', '--vocab_size=300', '--val_fraction=0.2']
+  args = ['--workers=1', f'--raw={raw}', f'--out={root / name}', '--vocab_size=300', '--val_fraction=0.2']
   assert prepare.main(args + ([f'--tokenizer={tokenizer}'] if tokenizer else [])) == 0
   return str(root / name)
 
@@ -181,7 +181,7 @@ def test_bad_source_config_is_one_line_naming_the_field(field, value, match):
 
 
 def _prepare_err(capsys, *args):
-  code = prepare.main(list(args))
+  code = prepare.main(['--workers=1', *args])
   err = capsys.readouterr().err
   assert code == 2 and err.count('\n') == 1, err
   return err
@@ -191,8 +191,8 @@ def test_bad_raw_inputs_give_one_line_naming_the_file_and_keep_prepared_data(src
   out = tmp_path / 'out'
   good = tmp_path / 'good.jsonl'
   write_jsonl(good, [{'id': i, 'text': _text(random.Random(i))} for i in range(5)])
-  assert prepare.main([f'--raw={good}', f'--out={out}', '--vocab_size=300']) == 0
-  before = {p.name: p.read_bytes() for p in out.iterdir()}
+  assert prepare.main(['--workers=1', f'--raw={good}', f'--out={out}', '--vocab_size=300']) == 0
+  before = _files(out)
   capsys.readouterr()
   empty = tmp_path / 'empty.jsonl'
   write_jsonl(empty, [{'id': 1, 'text': 'x y z'}, {'id': 2, 'text': '  '}])
@@ -206,25 +206,29 @@ def test_bad_raw_inputs_give_one_line_naming_the_file_and_keep_prepared_data(src
                      (no_field, "nofield.jsonl:1: field 'text' missing"),
                      (tmp_path / '*.nothing', 'glob matches no')):
     assert match in _prepare_err(capsys, f'--raw={raw}', f'--out={out}')
-  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-  assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
+  assert _files(out) == before
+  assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]   # no work folder left
+
+
+def _files(d) -> dict:
+  return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob('*')) if p.is_file()}
 
 
 def test_truncated_shard_and_manifest_mismatch_are_one_line_errors_naming_the_file(srcs, tmp_path):
   import shutil
   d = tmp_path / 'copy'
   shutil.copytree(srcs['a'], d)
-  tokens = d / 'train.tokens.npy'
+  tokens = d / 'train/00000-00000.tokens.npy'
   tokens.write_bytes(tokens.read_bytes()[:-100])
-  with pytest.raises(pipeline.DataError, match='train.tokens.npy: .*truncated') as e:
+  with pytest.raises(pipeline.DataError, match='train/00000-00000.tokens.npy: .*truncated') as e:
     pipeline.load_split(str(d), 'train')
   assert '\n' not in str(e.value)
   shutil.rmtree(d)
   shutil.copytree(srcs['a'], d)
   m = json.loads((d / 'manifest.json').read_text())
-  m['splits']['train']['num_tokens'] += 1
+  m['splits']['train']['shards'][0]['num_tokens'] += 1
   (d / 'manifest.json').write_text(json.dumps(m))
-  with pytest.raises(pipeline.DataError, match='train.tokens.npy: .* manifest.json says'):
+  with pytest.raises(pipeline.DataError, match='train/00000-00000.tokens.npy: .* manifest.json says'):
     pipeline.load_split(str(d), 'train')
 
 
@@ -235,7 +239,7 @@ def test_txt_files_named_by_variant_regex_become_one_document_with_variants(tmp_
   for w in ('x', 'y', 'z'):
     (raw / f'{w}_gut.txt').write_text('ACT I.\n' + _text(rng, 80) + '\nACT II.\n' + _text(rng, 80))
   (raw / 'x_gut_f.txt').write_text('Actus Primus.\n' + _text(rng, 90))
-  assert prepare.main([f'--raw={raw}/*.txt', f"--out={tmp_path / 'p'}", '--vocab_size=300',
+  assert prepare.main(['--workers=1', f'--raw={raw}/*.txt', f"--out={tmp_path / 'p'}", '--vocab_size=300',
                        '--variant_regex=(?P<doc>.+?)_gut(?:_(?P<variant>f))?']) == 0
   m = pipeline.load_manifest(str(tmp_path / 'p'))
   assert m['variants'] == {'names': {'original': 3, 'f': 1},
@@ -322,34 +326,39 @@ def test_resume_state_refuses_another_data_config_in_one_line_unless_allowed(src
   assert fingerprint.resume_state({'next_index': 3}, changed, False, logs.append) == {'next_index': 3}
 
 
-def test_a_prepare_failing_while_writing_leaves_the_prepared_dir_and_no_temp_dir(srcs, tmp_path, capsys,
-                                                                               monkeypatch):
+def test_a_prepare_failing_while_writing_leaves_the_prepared_dir_and_resumes(srcs, tmp_path, capsys,
+                                                                           monkeypatch):
+  from moejax.data import steps
   raw = tmp_path / 'good.jsonl'
   write_jsonl(raw, [{'id': i, 'text': _text(random.Random(i))} for i in range(5)])
   out = tmp_path / 'out'
-  assert prepare.main([f'--raw={raw}', f'--out={out}', '--vocab_size=300']) == 0
-  before = {p.name: p.read_bytes() for p in out.iterdir()}
-  write_split = prepare.write_split
+  assert prepare.main(['--workers=1', f'--raw={raw}', f'--out={out}', '--vocab_size=300', '--workers=1']) == 0
+  before = _files(out)
+  write_shard = steps.WriteShards._write_shard
 
-  def full_disk(out_dir, split, *args):
-    if split == 'val':   # train is already written into the staging dir
-      raise OSError(28, 'No space left on device', str(out_dir / 'val.tokens.npy'))
-    return write_split(out_dir, split, *args)
+  def full_disk(self, work, readers, name, *args):
+    if name.startswith('val/'):   # train is already written into the work folder
+      raise OSError(28, 'No space left on device', f'{name}.tokens.npy')
+    return write_shard(self, work, readers, name, *args)
 
-  monkeypatch.setattr(prepare, 'write_split', full_disk)
+  monkeypatch.setattr(steps.WriteShards, '_write_shard', full_disk)
   capsys.readouterr()
-  err = _prepare_err(capsys, f'--raw={raw}', f'--out={out}', '--vocab_size=300', '--seed=5')
-  assert 'val.tokens.npy: No space left on device' in err
-  assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-  assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]
+  args = (f'--raw={raw}', f'--out={out}', '--vocab_size=300', '--seed=5', '--workers=1')
+  err = _prepare_err(capsys, *args)
+  assert 'val/00000-00000.tokens.npy: No space left on device' in err
+  assert _files(out) == before
+  [work] = [p for p in tmp_path.iterdir() if p.name.startswith('.out.prepare-')]   # kept to resume
+  monkeypatch.undo()
+  assert prepare.main(list(args)) == 0   # the same command finishes the remaining tasks
+  assert not work.exists() and pipeline.load_manifest(str(out))['args']['seed'] == 5
 
 
 def test_missing_shard_file_is_one_line_naming_it(srcs, tmp_path):
   import shutil
   d = tmp_path / 'copy'
   shutil.copytree(srcs['a'], d)
-  (d / 'train.variants.npy').unlink()
-  with pytest.raises(pipeline.DataError, match=r'train.variants.npy: missing; prepare the data again$') as e:
+  (d / 'train/00000-00000.variants.npy').unlink()
+  with pytest.raises(pipeline.DataError, match=r'train/00000-00000.variants.npy: missing; prepare the data again$') as e:
     pipeline.load_split(str(d), 'train')
   assert '\n' not in str(e.value)
 
@@ -390,7 +399,7 @@ def test_training_setup_leaves_a_data_dir_prepared_from_other_inputs_alone(srcs,
   assert pipeline.load_manifest(c.data.dir)['inputs'] == [str(raw)]
   for made_otherwise in ([f'--raw={raw}', f"--raw={srcs['root'] / 'a.jsonl'}"],
                          [f'--raw={raw}', f"--tokenizer={srcs['a']}"]):
-    assert prepare.main([*made_otherwise, f'--out={c.data.dir}', '--vocab_size=300']) == 0
+    assert prepare.main(['--workers=1', *made_otherwise, f'--out={c.data.dir}', '--vocab_size=300']) == 0
     before = (tmp_path / 'p' / 'manifest.json').read_bytes()
     ensure_data(c)
     assert (tmp_path / 'p' / 'manifest.json').read_bytes() == before

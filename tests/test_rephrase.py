@@ -84,7 +84,7 @@ def test_rephrase_writes_variants_retries_skips_bad_replies_and_resumes(server, 
   assert '3 already done' in msg
   assert sum(server.requests.values()) - before == 2  # only the two bad documents are retried
   # The rephrasings become variants of the originals when prepared together.
-  assert prepare.main([f'--raw={raw}', f'--raw={out}', f'--out={tmp_path / "p"}', '--vocab_size=300',
+  assert prepare.main(['--workers=1', f'--raw={raw}', f'--raw={out}', f'--out={tmp_path / "p"}', '--vocab_size=300',
                        '--val_fraction=0.2']) == 0
   assert pipeline.load_manifest(str(tmp_path / 'p'))['variants']['names'] == {'original': 5, 'simple': 3}
 

@@ -1,23 +1,28 @@
-"""Raw inputs -> documents with variants: text files, JSONL, Parquet; local paths, globs, or any
-path `etils.epath` opens (e.g. gs://).
+"""Raw inputs -> records: text files, JSONL (plain, .gz, .zst) and Parquet, as local paths, globs,
+directories or fsspec URLs (gs://, s3://, hf://datasets/..., memory://, file://), read as streams.
 
-A document is (id, [variant texts]); variant 0 is the original, the others are rephrasings
-of it (same id). Where variants come from:
+A record is one (document id, variant name, text). Records with the same id are the variants of
+one document; variant "original" (or a missing/empty variant field) is the original, the others
+are rephrasings of it. Where records come from:
 - `.txt` files: one file is one document unless `split_headings` (then each act/scene/numbered
   section is a document, id `<stem>#<k>`). With `variant_regex` (named groups `doc` and
   `variant`), the file stem gives the document id and the variant name; files of the same doc
   become its variants (an empty `variant` group is the original), and such docs are not split.
-- `.jsonl` / `.parquet`: one record per (document, variant): fields `text`, `id` (optional:
-  the line/row number when absent) and `variant` (optional; missing, "" or "original" is the
-  original). Records with the same id are variants of one document.
+- `.jsonl[.gz|.zst]` / `.parquet`: one record per line/row: the text field, the id field
+  (optional: `<file stem>:<line or row number>` when absent) and `variant` (optional).
+
+`records` streams one file (memory independent of its size, except a .txt file, which is one
+document or its sections); `read_documents` gathers every record into documents in memory, for
+tools that work on a handful of documents (moejax.data.rephrase).
 """
+import io
 import json
 import re
 from dataclasses import dataclass, field
 
-from etils import epath
+import fsspec
 
-FORMATS = ('.txt', '.jsonl', '.parquet')
+FORMATS = ('.txt', '.jsonl', '.jsonl.gz', '.jsonl.zst', '.parquet')
 ORIGINAL = 'original'
 MIN_DOC_CHARS = 200  # shorter sections (e.g. a bare "ACT II." line) merge into the next one
 # Section headings: "ACT I.", "SCENE 2.", "ACT FIFTH.", folio "Actus Primus. Scoena Prima.",
@@ -32,11 +37,32 @@ class SourceError(Exception):
   """A problem with one raw input; the message names the file (and line or field)."""
 
 
-@dataclass
-class Document:
+@dataclass(frozen=True)
+class ReadOptions:
+  """How records are read from raw files (the prepare flags of the same names)."""
+  text_field: str = 'text'
+  id_field: str = 'id'
+  variant_field: str = 'variant'
+  split_headings: bool = True
+  variant_regex: str = ''
+  skip_bad_records: bool = False   # False: a malformed record stops with SourceError
+
+
+@dataclass(frozen=True)
+class Record:
   id: str
-  variants: list[str] = field(default_factory=list)       # [0] is the original
-  variant_names: list[str] = field(default_factory=list)
+  variant: str       # ORIGINAL for the original
+  text: str
+
+
+def fmt(path: str) -> str:
+  """The format suffix of a path ('' if not one of FORMATS)."""
+  return next((f for f in sorted(FORMATS, key=len, reverse=True) if path.endswith(f)), '')
+
+
+def stem(path: str) -> str:
+  name = path.rstrip('/').rsplit('/', 1)[-1]
+  return name[:len(name) - len(fmt(name))] if fmt(name) else name.rsplit('.', 1)[0]
 
 
 def split_documents(text: str) -> list[str]:
@@ -56,113 +82,155 @@ def split_documents(text: str) -> list[str]:
   return [re.sub(r'\n{3,}', '\n\n', d.strip()) for d in docs]
 
 
-def expand(specs: list[str]) -> list[epath.Path]:
-  """Paths, globs and directories (their *.txt/*.jsonl/*.parquet) -> sorted file list."""
+def _url(fs, path: str) -> str:
+  """A path fsspec opens again: plain for local files, with its protocol otherwise."""
+  from fsspec.implementations.local import LocalFileSystem
+  return path if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(path)
+
+
+def expand(specs: list[str]) -> list[str]:
+  """Paths, globs, directories (their files of FORMATS, not recursive) and URLs -> file URLs, in
+  the order given (each glob or directory sorted). Raises SourceError naming a spec that
+  matches nothing."""
   files = []
   for spec in specs:
-    if any(c in spec for c in '*?['):
-      parent, pattern = _glob_root(spec)
-      matched = sorted(p for p in parent.glob(pattern) if p.suffix in FORMATS)
-      if not matched:
-        raise SourceError(f"{spec}: glob matches no {'/'.join(FORMATS)} file")
-      files += matched
-      continue
-    path = epath.Path(spec)
-    if path.is_dir():
-      matched = sorted(p for p in path.iterdir() if p.suffix in FORMATS)
-      if not matched:
-        raise SourceError(f"{spec}: directory has no {'/'.join(FORMATS)} file")
-      files += matched
-    elif path.is_file():
-      if path.suffix not in FORMATS:
-        raise SourceError(f'{spec}: unknown format {path.suffix!r}; use one of {FORMATS}')
-      files.append(path)
-    else:
-      raise SourceError(f'{spec}: no such file or directory')
+    try:
+      fs, path = fsspec.core.url_to_fs(spec)
+    except (ValueError, ImportError) as e:
+      raise SourceError(f'{spec}: cannot open ({e})') from None
+    try:
+      if any(c in path for c in '*?['):
+        matched = sorted(p for p in fs.glob(path) if fmt(p) and fs.isfile(p))
+        if not matched:
+          raise SourceError(f"{spec}: glob matches no {'/'.join(FORMATS)} file")
+      elif fs.isdir(path):
+        matched = sorted(p for p in fs.ls(path, detail=False) if fmt(p) and fs.isfile(p))
+        if not matched:
+          raise SourceError(f"{spec}: directory has no {'/'.join(FORMATS)} file")
+      elif fs.isfile(path):
+        if not fmt(path):
+          raise SourceError(f'{spec}: unknown format; use one of {FORMATS}')
+        matched = [path]
+      else:
+        raise SourceError(f'{spec}: no such file or directory')
+    except (OSError, PermissionError) as e:
+      raise SourceError(f'{spec}: cannot list ({e})') from None
+    files += [_url(fs, p) for p in matched]
   return files
 
 
-def _glob_root(spec: str) -> tuple[epath.Path, str]:
-  parts = spec.split('/')
-  k = next(i for i, p in enumerate(parts) if any(c in p for c in '*?['))
-  return epath.Path('/'.join(parts[:k]) or '.'), '/'.join(parts[k:])
+def check_readable(url: str, opts: ReadOptions):
+  """Opens a file (and for Parquet reads its schema) so that an unreadable file or a Parquet file
+  without the text field stops before any work, naming the file."""
+  try:
+    with fsspec.open(url, 'rb') as f:
+      if fmt(url) == '.parquet':
+        import pyarrow.parquet as pq
+        names = pq.ParquetFile(f).schema_arrow.names
+        if opts.text_field not in names:
+          raise SourceError(f'{url}: no column {opts.text_field!r} (has {names})')
+      else:
+        f.read(1)
+  except SourceError:
+    raise
+  except Exception as e:  # OSError, PermissionError, pyarrow's ArrowInvalid, ...
+    raise SourceError(f'{url}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
 
 
-def _read_text(path: epath.Path) -> str:
-  data = path.read_bytes()
+def _decode(data: bytes, where: str) -> str:
   try:
     return data.decode('utf-8')
   except UnicodeDecodeError as e:
-    raise SourceError(f'{path}: undecodable bytes at offset {e.start} (not UTF-8)') from None
+    raise SourceError(f'{where}: undecodable bytes at offset {e.start} (not UTF-8)') from None
 
 
-def _records(path: epath.Path, text_field: str):
-  """Yields (where, record dict) from a .jsonl or .parquet file."""
-  if path.suffix == '.jsonl':
-    for n, line in enumerate(_read_text(path).splitlines(), 1):
+def _jsonl(url: str, opts: ReadOptions, bad: list):
+  import orjson
+  with fsspec.open(url, 'rb', compression='infer') as f:
+    for n, line in enumerate(io.BufferedReader(f, 1 << 20), 1):
       if not line.strip():
         continue
       try:
-        rec = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise SourceError(f'{path}:{n}: not JSON ({e.msg})') from None
-      if not isinstance(rec, dict):
-        raise SourceError(f'{path}:{n}: not a JSON object')
-      yield f'{path}:{n}', n, rec
-  else:
-    try:
-      import pyarrow.parquet as pq
-    except ImportError:
-      raise SourceError(f'{path}: reading Parquet needs pyarrow (pip install pyarrow)') from None
-    with path.open('rb') as f:
-      table = pq.read_table(f)
-    if text_field not in table.column_names:
-      raise SourceError(f'{path}: no column {text_field!r} (has {table.column_names})')
-    for n, rec in enumerate(table.to_pylist(), 1):
-      yield f'{path}:row {n}', n, rec
+        rec = orjson.loads(line)
+        if not isinstance(rec, dict):
+          raise ValueError('not a JSON object')
+      except (ValueError, orjson.JSONDecodeError) as e:
+        problem = 'not a JSON object' if 'object' in str(e) else f'not JSON ({str(e).split(":")[0]})'
+        if opts.skip_bad_records:
+          bad.append(f'{url}:{n}')
+          continue
+        raise SourceError(f'{url}:{n}: {problem} (--bad_records=skip skips and counts such lines)') from None
+      yield f'{url}:{n}', n, rec
+
+
+def _parquet(url: str, opts: ReadOptions, bad: list):
+  import pyarrow.parquet as pq
+  with fsspec.open(url, 'rb') as f:
+    pf = pq.ParquetFile(f)
+    names = pf.schema_arrow.names
+    if opts.text_field not in names:
+      raise SourceError(f'{url}: no column {opts.text_field!r} (has {names})')
+    cols = [c for c in (opts.text_field, opts.id_field, opts.variant_field) if c in names]
+    n = 0
+    for batch in pf.iter_batches(batch_size=1024, columns=cols):
+      for rec in batch.to_pylist():
+        n += 1
+        yield f'{url}:row {n}', n, rec
+
+
+def records(url: str, opts: ReadOptions, bad: list | None = None):
+  """Streams the records of one file; malformed ones raise SourceError naming the file and line,
+  or with opts.skip_bad_records are appended to `bad` ('file:line') and skipped."""
+  bad = [] if bad is None else bad
+  if fmt(url) == '.txt':
+    with fsspec.open(url, 'rb') as f:
+      text = _decode(f.read(), url).replace('\r\n', '\n')
+    m = re.fullmatch(opts.variant_regex, stem(url)) if opts.variant_regex else None
+    if not text.strip():
+      raise SourceError(f'{url}: empty document')
+    if m:
+      yield Record(m.group('doc'), m.group('variant') or ORIGINAL, text.strip())
+    elif opts.split_headings:
+      for k, part in enumerate(split_documents(text)):
+        yield Record(f'{stem(url)}#{k}', ORIGINAL, part)
+    else:
+      yield Record(stem(url), ORIGINAL, text.strip())
+    return
+  rows = _parquet(url, opts, bad) if fmt(url) == '.parquet' else _jsonl(url, opts, bad)
+  for where, n, rec in rows:
+    text = rec.get(opts.text_field)
+    problem = (f'field {opts.text_field!r} missing or not a string' if not isinstance(text, str)
+               else 'empty document' if not text.strip() else '')
+    if problem:
+      if opts.skip_bad_records:
+        bad.append(where)
+        continue
+      raise SourceError(f'{where}: {problem}')
+    doc_id = rec.get(opts.id_field)
+    yield Record(str(doc_id) if doc_id is not None else f'{stem(url)}:{n}',
+                 str(rec.get(opts.variant_field) or '') or ORIGINAL, text)
+
+
+@dataclass
+class Document:
+  id: str
+  variants: list[str] = field(default_factory=list)       # [0] is the original
+  variant_names: list[str] = field(default_factory=list)
 
 
 def read_documents(specs: list[str], *, split_headings: bool = True, variant_regex: str = '',
-                   text_field: str = 'text', id_field: str = 'id',
-                   variant_field: str = 'variant') -> list[Document]:
-  """Reads every input into documents (first-seen order); raises SourceError naming the file."""
-  pattern = re.compile(variant_regex) if variant_regex else None
+                   text_field: str = 'text') -> list[Document]:
+  """Reads every input into documents in memory (first-seen order); SourceError names the file."""
+  opts = ReadOptions(text_field=text_field, split_headings=split_headings, variant_regex=variant_regex)
   docs: dict[str, Document] = {}
-
-  def add(doc_id: str, variant: str, text: str, where: str):
-    if not text.strip():
-      raise SourceError(f'{where}: empty document')
-    doc = docs.setdefault(doc_id, Document(doc_id))
-    variant = variant or ORIGINAL
-    if variant in doc.variant_names:
-      raise SourceError(f'{where}: document {doc_id!r} already has variant {variant!r}')
-    if variant == ORIGINAL:   # the original always comes first
-      doc.variants.insert(0, text)
-      doc.variant_names.insert(0, variant)
-    else:
-      doc.variants.append(text)
-      doc.variant_names.append(variant)
-
-  for path in expand(specs):
-    if path.suffix == '.txt':
-      text = _read_text(path).replace('\r\n', '\n')
-      m = pattern.fullmatch(path.stem) if pattern else None
-      if m:
-        add(m.group('doc'), m.group('variant') or '', text.strip(), str(path))
-      elif split_headings:
-        if not text.strip():
-          raise SourceError(f'{path}: empty document')
-        for k, part in enumerate(split_documents(text)):
-          add(f'{path.stem}#{k}', '', part, str(path))
-      else:
-        add(path.stem, '', text.strip(), str(path))
-      continue
-    for where, n, rec in _records(path, text_field):
-      text = rec.get(text_field)
-      if not isinstance(text, str):
-        raise SourceError(f'{where}: field {text_field!r} missing or not a string')
-      doc_id = str(rec.get(id_field, f'{path.stem}:{n}'))
-      add(doc_id, str(rec.get(variant_field) or ''), text, where)
+  for url in expand(specs):
+    for r in records(url, opts):
+      doc = docs.setdefault(r.id, Document(r.id))
+      if r.variant in doc.variant_names:
+        raise SourceError(f'{url}: document {r.id!r} already has variant {r.variant!r}')
+      at = 0 if r.variant == ORIGINAL else len(doc.variants)   # the original always comes first
+      doc.variants.insert(at, r.text)
+      doc.variant_names.insert(at, r.variant)
   for doc in docs.values():   # a doc seen only as rephrasings: its first one stands as original
     if doc.variant_names[0] != ORIGINAL:
       doc.variant_names[0] = f'{doc.variant_names[0]} (as original)'

@@ -35,6 +35,7 @@ from moejax.data import sources, tokenizer as tokenizers
 from moejax.data.sources import ORIGINAL, SourceError
 
 FORMAT_VERSION = 3
+EXACT_SPLIT_DOCS = 10_000        # partitions with fewer documents hold out an exact count
 TOKENIZE_BATCH_CHARS = 4 << 20   # texts per encode_batch call (bounded memory, full batches)
 OPEN_TOKEN_FILES = 64            # token files WriteShards keeps open at once
 
@@ -68,6 +69,28 @@ def val_key(plan: Plan, doc_id: str) -> float:
   """A document's uniform [0, 1) split key: in val iff below val_fraction (seeded, per document:
   adding documents never moves another one across the split)."""
   return _h64(f'{plan.seed}\0{doc_id}', b'moejax-split') / 2.0**64
+
+
+def val_flags(plan: Plan, doc_ids: list[str]) -> list[bool]:
+  """Which of a partition's documents (in stored order) go to val. Below EXACT_SPLIT_DOCS an exact
+  count, round(val_fraction * n) (at least 1, at most n - 1), chosen by a permutation seeded with
+  --seed, as small corpora need; above, each document by its own key (val_key), which needs no
+  count and never moves a document when others are added."""
+  n = len(doc_ids)
+  if n < 2:
+    return [False] * n
+  if n < EXACT_SPLIT_DOCS:
+    num_val = min(max(1, round(plan.val_fraction * n)), n - 1)
+    flags = np.zeros(n, bool)
+    flags[np.random.default_rng(plan.seed).permutation(n)[:num_val]] = True
+    return flags.tolist()
+  keys = [val_key(plan, d) for d in doc_ids]
+  flags = [k < plan.val_fraction for k in keys]
+  if not any(flags):
+    flags[int(np.argmin(keys))] = True
+  if all(flags):
+    flags[int(np.argmax(keys))] = False
+  return flags
 
 
 def partition(plan: Plan, doc_id: str) -> int:
@@ -122,8 +145,13 @@ class RawReader(PipelineStep):
 
 
 class TrainTokenizer(PipelineStep):
-  """Trains the byte-level BPE on the first `tokenizer_sample_bytes` of text (every variant) of
-  documents on the train side of the split, in file order; one task."""
+  """Trains the byte-level BPE (one task) on train text, every variant of each document.
+
+  A corpus within the sample budget is read whole: documents joined by id, exact duplicates
+  dropped (first kept), split as WriteShards splits one partition (val_flags), and the BPE trained
+  on the train documents in stored order -- the text the shards' train split holds (with exact
+  dedup and no MinHash). A larger corpus gives its first `tokenizer_sample_bytes` of text, in file
+  order, of documents whose split key puts them on the train side."""
   name = 'moejax train tokenizer'
   type = '🔢 - TOKENIZER'
 
@@ -132,19 +160,41 @@ class TrainTokenizer(PipelineStep):
     self.plan = plan
 
   def run(self, data, rank: int = 0, world_size: int = 1):
-    budget = self.plan.tokenizer_sample_bytes
-
-    def texts():
-      nonlocal budget
-      for doc in data:
-        if budget <= 0:
-          return
-        if val_key(self.plan, doc.id) >= self.plan.val_fraction:
-          budget -= len(doc.text.encode())
-          yield doc.text
-    tok = tokenizers.train_bpe(texts(), self.plan.vocab_size)
-    save_tokenizer(self.plan.work, tok)
+    plan = self.plan
+    if plan.manifest['raw_bytes'] <= plan.tokenizer_sample_bytes:
+      texts = self._whole_corpus_train_texts(data)
+    else:
+      texts = self._sample(data, plan.tokenizer_sample_bytes)
+    save_tokenizer(plan.work, tokenizers.train_bpe(texts, plan.vocab_size))
     return iter(())
+
+  def _whole_corpus_train_texts(self, data) -> list[str]:
+    docs: dict[str, dict] = {}
+    for doc in data:
+      variants = docs.setdefault(doc.id, {})
+      variants[doc.metadata['variant']] = doc.text
+    seen, kept = set(), []
+    for doc_id, variants in docs.items():
+      if ORIGINAL in variants:
+        key = hashlib.sha256(variants[ORIGINAL].encode()).digest()
+        if key in seen:
+          continue
+        seen.add(key)
+      kept.append(doc_id)
+    texts = []
+    for doc_id, val in zip(kept, val_flags(self.plan, kept)):
+      if not val:
+        v = docs[doc_id]
+        texts += ([v[ORIGINAL]] if ORIGINAL in v else []) + [t for n, t in v.items() if n != ORIGINAL]
+    return texts
+
+  def _sample(self, data, budget: int):
+    for doc in data:
+      if budget <= 0:
+        return
+      if val_key(self.plan, doc.id) >= self.plan.val_fraction:
+        budget -= len(doc.text.encode())
+        yield doc.text
 
 
 class _Signatures:
@@ -302,12 +352,7 @@ class WriteShards(PipelineStep):
     kept = sorted((d for d in docs.values()
                    if d.orig is None or d.orig[1] not in removed.get(d.orig[0], ())),
                   key=lambda d: d.pos)
-    keys = [val_key(plan, d.id) for d in kept]
-    is_val = [k < plan.val_fraction for k in keys]
-    if len(kept) >= 2 and not any(is_val):      # a small partition still gets a val document
-      is_val[int(np.argmin(keys))] = True
-    if len(kept) >= 2 and all(is_val):          # ... and a train one
-      is_val[int(np.argmax(keys))] = False
+    is_val = val_flags(plan, [d.id for d in kept])
     stats = {'docs_removed': len(docs) - len(kept), 'splits': {}, 'variant_names': collections.Counter(),
              'docs_with_n_variants': collections.Counter()}
     readers = _TokenReaders(work)

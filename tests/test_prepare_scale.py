@@ -279,3 +279,15 @@ def test_slurm_executor_submits_dependent_array_jobs_that_prepare_the_same_data(
   assert npy_hashes(out) == npy_hashes(ref)
   done = _cli(*common, f'--out={out}', '--executor=slurm', '--slurm_partition=cpu', env=env)
   assert done.wait(60) == 0 and 'up to date' in done.stdout.read().decode()
+
+
+@pytest.mark.slow   # a local Ray cluster takes about a minute to start and run the stages on 2 cores
+def test_ray_executor_on_a_local_cluster_prepares_the_same_data(corpus, tmp_path):
+  common = (f"--raw={corpus['raw']}", f"--tokenizer={corpus['tok']}", '--shard_tokens=20000')
+  out = tmp_path / 'ray_out'
+  p = _cli(*common, f'--out={out}', '--executor=ray', '--workers=2')
+  log = p.stdout.read().decode()
+  assert p.wait(900) == 0, log
+  ref = tmp_path / 'local_out'
+  assert run(*common, f'--out={ref}') == 0
+  assert npy_hashes(out) == npy_hashes(ref)

@@ -197,6 +197,15 @@ class TrainTokenizer(PipelineStep):
         yield doc.text
 
 
+class _SimplifiedWords:
+  """MinHash's word splitter: the text it gets is datatrove's simplify_text (lower case, no
+  punctuation, single spaces), so splitting on spaces gives the words; datatrove's English default
+  (spaCy) finds nearly the same ones about 20x slower."""
+
+  def word_tokenize(self, text: str) -> list[str]:
+    return text.split()
+
+
 class _Signatures:
   """Writes dedup signatures of one task's originals in datatrove's MinHash stage-1 format, so
   that datatrove's bucket and cluster stages find the duplicates. Exact dedup is the same machinery
@@ -207,6 +216,7 @@ class _Signatures:
     self.method, self.rank = plan.dedup, rank
     self.step = MinhashDedupSignature(f'{plan.work}/sig', config=dedup_config(plan.dedup),
                                       skip_existing_sigs=True)
+    self.step.word_tokenizer = _SimplifiedWords()
     cfg = self.step.config
     self.fmt = f'<{cfg.hashes_per_bucket}{cfg.hash_config.struct_format}I'
     self.files = [self.step.output_folder.open(f'bucket_{b:03d}/{rank:05d}.minhash.sig', 'wb')

@@ -291,3 +291,22 @@ def test_ray_executor_on_a_local_cluster_prepares_the_same_data(corpus, tmp_path
   ref = tmp_path / 'local_out'
   assert run(*common, f'--out={ref}') == 0
   assert npy_hashes(out) == npy_hashes(ref)
+
+
+def test_variants_join_across_files_and_a_repeated_variant_is_one_line_naming_it(corpus, tmp_path, capsys):
+  a, b = tmp_path / 'a.jsonl', tmp_path / 'b.jsonl'
+  texts = [json.loads(l)['text'] for l in Path(sorted(Path(corpus['raw']).parent.glob('*.jsonl'))[0]).read_text().splitlines()]
+  a.write_text(''.join(json.dumps({'id': f'd{i}', 'text': texts[i]}) + '\n' for i in range(6)))
+  b.write_text(''.join(json.dumps({'id': f'd{i}', 'variant': 'wiki', 'text': texts[10 + i][:300]}) + '\n'
+                       for i in (4, 1)))
+  out = tmp_path / 'v'
+  assert run(f'--raw={a}', f'--raw={b}', f'--out={out}', f"--tokenizer={corpus['tok']}") == 0
+  m = pipeline.load_manifest(str(out))
+  assert m['variants'] == {'names': {'original': 6, 'wiki': 2}, 'docs_with_n_variants': {'1': 4, '2': 2}}
+  tok = pipeline.load_tokenizer(str(out))
+  entries = [tok.decode(e[:-1].tolist()) for s in ('train', 'val') for e in pipeline.split_entries(str(out), s)]
+  for i in (1, 4):   # the rephrasing right after its original, in one shard
+    assert entries[entries.index(texts[i]) + 1] == texts[10 + i][:300]
+  b.write_text(json.dumps({'id': 'd2', 'variant': 'original', 'text': 'another text for d2'}) + '\n')
+  err = _err(capsys, f'--raw={a}', f'--raw={b}', f"--out={tmp_path / 'w'}", f"--tokenizer={corpus['tok']}")
+  assert "document 'd2' already has variant 'original'" in err and str(b) in err

@@ -6,8 +6,9 @@ killed at any moment and run again writes the same bytes:
 
     tokenizer/                    the tokenizer (trained by TrainTokenizer or copied from --tokenizer)
     tok/{t:05d}.tokens            task t's token ids (each record's ids + EOD), raw, in record order
-    meta/{p:05d}/{t:05d}.jsonl    [id, variant, rec, offset, length, orig] of task t's records whose
-                                  document hashes to partition p (orig: index among t's originals)
+    meta/{p:05d}/{t:05d}.jsonl    [id, variant, rec, offset, length, orig, val key] of task t's records
+                                  whose document hashes to partition p (orig: index among t's
+                                  originals, -1 for a rephrasing)
     sig/bucket_{b:03d}/{t:05d}.minhash.sig   dedup signatures of t's originals (datatrove's format)
     dups/, remove/{t:06d}.remove  datatrove's MinHash stages 2 and 3 (originals of t to drop)
     shards/{p:05d}.json           what partition p wrote
@@ -71,12 +72,12 @@ def val_key(plan: Plan, doc_id: str) -> float:
   return _h64(f'{plan.seed}\0{doc_id}', b'moejax-split') / 2.0**64
 
 
-def val_flags(plan: Plan, doc_ids: list[str]) -> list[bool]:
-  """Which of a partition's documents (in stored order) go to val. Below EXACT_SPLIT_DOCS an exact
+def val_flags(plan: Plan, keys) -> list[bool]:
+  """Which of a partition's documents (in stored order; `keys`: their val_key) go to val. Below EXACT_SPLIT_DOCS an exact
   count, round(val_fraction * n) (at least 1, at most n - 1), chosen by a permutation seeded with
   --seed, as small corpora need; above, each document by its own key (val_key), which needs no
   count and never moves a document when others are added."""
-  n = len(doc_ids)
+  n = len(keys)
   if n < 2:
     return [False] * n
   if n < EXACT_SPLIT_DOCS:
@@ -84,8 +85,8 @@ def val_flags(plan: Plan, doc_ids: list[str]) -> list[bool]:
     flags = np.zeros(n, bool)
     flags[np.random.default_rng(plan.seed).permutation(n)[:num_val]] = True
     return flags.tolist()
-  keys = [val_key(plan, d) for d in doc_ids]
-  flags = [k < plan.val_fraction for k in keys]
+  keys = np.asarray(keys)
+  flags = (keys < plan.val_fraction).tolist()
   if not any(flags):
     flags[int(np.argmin(keys))] = True
   if all(flags):
@@ -182,7 +183,7 @@ class TrainTokenizer(PipelineStep):
         seen.add(key)
       kept.append(doc_id)
     texts = []
-    for doc_id, val in zip(kept, val_flags(self.plan, kept)):
+    for doc_id, val in zip(kept, val_flags(self.plan, [val_key(self.plan, d) for d in kept])):
       if not val:
         v = docs[doc_id]
         texts += ([v[ORIGINAL]] if ORIGINAL in v else []) + [t for n, t in v.items() if n != ORIGINAL]
@@ -282,7 +283,7 @@ class TokenizeRecords(PipelineStep):
           if p not in metas:
             metas[p] = work.open(f'meta/{p:05d}/{rank:05d}.jsonl', 'wb')
           metas[p].write(orjson.dumps([doc.id, doc.metadata['variant'], doc.metadata['rec'],
-                                       offset, len(arr), orig]) + b'\n')
+                                       offset, len(arr), orig, val_key(plan, doc.id)]) + b'\n')
           offset += len(arr)
           self.stat_update('tokens', value=len(arr))
         batch.clear()
@@ -301,17 +302,37 @@ class TokenizeRecords(PipelineStep):
     return iter(())
 
 
-@dataclasses.dataclass
-class _Doc:
-  id: str
-  pos: tuple          # (task, rec) of its first record: documents keep first-seen order
-  entries: dict       # variant -> (task, offset, length), in first-seen order
-  orig: tuple | None  # (task, index among the task's originals)
-
-
 def _write_npy_header(f, dtype: np.dtype, n: int):
   np.lib.format.write_array_header_1_0(
       f, {'descr': np.lib.format.dtype_to_descr(dtype), 'fortran_order': False, 'shape': (n,)})
+
+
+class _Records:
+  """A partition's records as columns (8 bytes a field, no object per record: the shard writer's
+  memory is a few dozen bytes per record, bounded by the partition's size)."""
+  FIELDS = ('key', 't', 'rec', 'offset', 'length', 'orig', 'variant', 'split_key')
+
+  def __init__(self, work, plan: Plan, p: int):
+    import array
+    import orjson
+    cols = {f: array.array('d' if f == 'split_key' else 'q') for f in self.FIELDS}
+    self.variant_names = [ORIGINAL]   # code -> name; the original is 0
+    codes = {ORIGINAL: 0}
+    for t in range(len(plan.files)):
+      name = f'meta/{p:05d}/{t:05d}.jsonl'
+      if not work.exists(name):
+        continue
+      with work.open(name, 'rb') as f:
+        for line in f:
+          doc_id, variant, rec, offset, length, orig, split_key = orjson.loads(line)
+          if variant not in codes:
+            codes[variant] = len(self.variant_names)
+            self.variant_names.append(variant)
+          for field, v in zip(self.FIELDS, (_h64(doc_id, b'moejax-doc') - 2**63, t, rec, offset, length,
+                                            orig, codes[variant], split_key)):
+            cols[field].append(v)
+    for field, col in cols.items():
+      setattr(self, field, np.frombuffer(col, dtype=np.float64 if field == 'split_key' else np.int64))
 
 
 class WriteShards(PipelineStep):
@@ -324,51 +345,62 @@ class WriteShards(PipelineStep):
     super().__init__()
     self.plan = plan
 
-  def _removed(self, work) -> dict[int, set]:
-    out = collections.defaultdict(set)
+  def _removed(self, work) -> dict[int, np.ndarray]:
+    out = {}
     if self.plan.dedup != 'none':
       for name in work.list_files('remove', glob_pattern='*.remove'):
-        data = work.open(name, 'rb').read()
-        out[int(Path(name).stem)] = set(np.frombuffer(data, dtype='<u4').tolist())
+        out[int(Path(name).stem)] = np.frombuffer(work.open(name, 'rb').read(), dtype='<u4').astype(np.int64)
     return out
 
-  def _docs(self, work, p: int) -> dict[str, _Doc]:
+  def _doc_id(self, work, p: int, key: int) -> str:
+    """The id behind a join key (only to name it in an error)."""
     import orjson
-    docs: dict[str, _Doc] = {}
     for t in range(len(self.plan.files)):
       name = f'meta/{p:05d}/{t:05d}.jsonl'
-      if not work.exists(name):
-        continue
-      with work.open(name, 'rb') as f:
-        for line in f:
-          doc_id, variant, rec, offset, length, orig = orjson.loads(line)
-          d = docs.get(doc_id)
-          if d is None:
-            d = docs[doc_id] = _Doc(doc_id, (t, rec), {}, None)
-          if variant in d.entries:
-            raise SourceError(f'{self.plan.files[t]}: document {doc_id!r} already has variant '
-                              f'{variant!r}')
-          d.entries[variant] = (t, offset, length)
-          if variant == ORIGINAL:
-            d.orig = (t, orig)
-    return docs
+      if work.exists(name):
+        for line in work.open(name, 'rb'):
+          doc_id = orjson.loads(line)[0]
+          if _h64(doc_id, b'moejax-doc') - 2**63 == key:
+            return doc_id
+    return '?'
 
   def run(self, data=None, rank: int = 0, world_size: int = 1):
     plan, work = self.plan, get_datafolder(self.plan.work)
     tok, _ = load_tokenizer(work)
     dtype = token_dtype(tok.vocab_size)
-    removed = self._removed(work)
-    docs = self._docs(work, rank)
-    kept = sorted((d for d in docs.values()
-                   if d.orig is None or d.orig[1] not in removed.get(d.orig[0], ())),
-                  key=lambda d: d.pos)
-    is_val = val_flags(plan, [d.id for d in kept])
-    stats = {'docs_removed': len(docs) - len(kept), 'splits': {}, 'variant_names': collections.Counter(),
+    r = _Records(work, plan, rank)
+    # records of one document next to each other, each document's in first-seen order
+    order = np.lexsort((r.rec, r.t, r.key))
+    key = r.key[order]
+    starts = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+    doc_of = np.repeat(np.arange(len(starts)), np.diff(np.r_[starts, len(key)]))   # per sorted record
+    var = r.variant[order]
+    by_variant = np.lexsort((r.variant, r.key))
+    same = np.flatnonzero((r.key[by_variant][1:] == r.key[by_variant][:-1])
+                          & (r.variant[by_variant][1:] == r.variant[by_variant][:-1]))
+    if len(same):
+      i = by_variant[same[0] + 1]
+      raise SourceError(f'{plan.files[r.t[i]]}: document {self._doc_id(work, rank, int(r.key[i]))!r} '
+                        f'already has variant {r.variant_names[r.variant[i]]!r}')
+    # a document is removed when dedup removed its original
+    removed_rec = np.zeros(len(order), bool)
+    for t, idx in self._removed(work).items():
+      is_t = (r.t[order] == t) & (var == 0)
+      removed_rec[is_t] = np.isin(r.orig[order][is_t], idx)
+    removed_doc = np.bincount(doc_of, weights=removed_rec, minlength=len(starts)) > 0
+    kept = np.flatnonzero(~removed_doc)
+    first = order[starts[kept]]                                 # each kept doc's first record
+    kept = kept[np.lexsort((r.rec[first], r.t[first]))]          # documents in first-seen order
+    is_val = np.array(val_flags(plan, r.split_key[order[starts[kept]]]), bool)
+    rank_of = np.full(len(starts), -1)
+    rank_of[kept] = np.arange(len(kept))
+    stats = {'docs_removed': int(removed_doc.sum()), 'splits': {}, 'variant_names': collections.Counter(),
              'docs_with_n_variants': collections.Counter()}
     readers = _TokenReaders(work)
-    for split in ('train', 'val'):
-      split_docs = [d for d, v in zip(kept, is_val) if v == (split == 'val')]
-      stats['splits'][split] = self._write_split(work, readers, split, split_docs, dtype, stats, rank)
+    for split, flag in (('train', False), ('val', True)):
+      docs = kept[is_val == flag]
+      stats['splits'][split] = self._write_split(work, readers, r, order, doc_of, rank_of, docs,
+                                                 f'{split}/{rank:05d}', dtype, stats)
     readers.close()
     stats['variant_names'] = dict(stats['variant_names'])
     stats['docs_with_n_variants'] = {str(k): v for k, v in sorted(stats['docs_with_n_variants'].items())}
@@ -376,45 +408,48 @@ class WriteShards(PipelineStep):
       json.dump(stats, f)
     return iter(())
 
-  def _write_split(self, work, readers, split, docs, dtype, stats, rank) -> list[dict]:
-    shards, current, ntok = [], [], 0
-    for d in docs:
-      names = list(d.entries)
-      if ORIGINAL in names:   # the original first, rephrasings in first-seen order
-        names.remove(ORIGINAL)
-        names.insert(0, ORIGINAL)
-        stats['variant_names'].update(names)
-      else:                   # seen only as rephrasings: the first stands as the original
-        stats['variant_names'].update([f'{names[0]} (as original)'] + names[1:])
+  def _write_split(self, work, readers, r, order, doc_of, rank_of, docs, prefix, dtype, stats):
+    """Writes the documents `docs` (in that order), each as its entries: the original first, then
+    its rephrasings in first-seen order."""
+    in_split = np.isin(doc_of, docs)
+    recs = order[in_split]
+    doc_rank = rank_of[doc_of[in_split]]
+    entries = recs[np.lexsort((r.rec[recs], r.t[recs], r.variant[recs] != 0, doc_rank))]
+    sizes = np.unique(doc_rank, return_counts=True)[1]   # entries per document, in document order
+    bounds = np.r_[0, np.cumsum(sizes)]
+    doc_tokens = np.add.reduceat(r.length[entries], bounds[:-1]) if len(sizes) else sizes
+    for d in range(len(sizes)):
+      names = [r.variant_names[v] for v in r.variant[entries[bounds[d]:bounds[d + 1]]]]
+      if names[0] != ORIGINAL:   # seen only as rephrasings: the first stands as the original
+        names[0] = f'{names[0]} (as original)'
+      stats['variant_names'].update(names)
       stats['docs_with_n_variants'][len(names)] += 1
-      current.append([d.entries[n] for n in names])
-      ntok += sum(e[2] for e in current[-1])
-      if ntok >= self.plan.shard_tokens:
-        shards.append(current)
-        current, ntok = [], 0
-    if current:
-      shards.append(current)
-    return [self._write_shard(work, readers, f'{split}/{rank:05d}-{k:05d}', shard, dtype)
-            for k, shard in enumerate(shards)]
+    shards, start, ntok = [], 0, 0
+    for d in range(len(sizes)):   # cut after the document that reaches shard_tokens
+      ntok += int(doc_tokens[d])
+      if ntok >= self.plan.shard_tokens or d == len(sizes) - 1:
+        shards.append((start, d + 1))
+        start, ntok = d + 1, 0
+    return [self._write_shard(work, readers, f'{prefix}-{k:05d}', r, entries[bounds[a]:bounds[b]],
+                              sizes[a:b], dtype) for k, (a, b) in enumerate(shards)]
 
-  def _write_shard(self, work, readers, name, shard, dtype) -> dict:
-    lengths = [e[2] for doc in shard for e in doc]
+  def _write_shard(self, work, readers, name, r, entries, sizes, dtype) -> dict:
+    lengths = r.length[entries]
     offsets_i64 = np.zeros(len(lengths) + 1, np.int64)
     np.cumsum(lengths, out=offsets_i64[1:])
-    variants_i64 = np.zeros(len(shard) + 1, np.int64)
-    np.cumsum([len(doc) for doc in shard], out=variants_i64[1:])
+    variants_i64 = np.zeros(len(sizes) + 1, np.int64)
+    np.cumsum(sizes, out=variants_i64[1:])
     with work.open(f'final/{name}.tokens.npy', 'wb') as f:
       _write_npy_header(f, dtype, int(offsets_i64[-1]))
-      for doc in shard:
-        for t, offset, length in doc:
-          f.write(readers.read(t, offset * dtype.itemsize, length * dtype.itemsize))
+      for i in entries:
+        f.write(readers.read(int(r.t[i]), int(r.offset[i]) * dtype.itemsize, int(r.length[i]) * dtype.itemsize))
     for suffix, arr in (('docs', offsets_i64), ('variants', variants_i64)):
       buf = io.BytesIO()
       np.save(buf, arr)
       with work.open(f'final/{name}.{suffix}.npy', 'wb') as f:
         f.write(buf.getvalue())
     first = offsets_i64[variants_i64[:-1]]
-    return {'name': name, 'num_docs': len(shard), 'num_entries': len(lengths),
+    return {'name': name, 'num_docs': len(sizes), 'num_entries': len(lengths),
             'num_tokens': int(offsets_i64[-1]),
             'num_original_tokens': int((offsets_i64[variants_i64[:-1] + 1] - first).sum())}
 

@@ -358,10 +358,11 @@ class WriteShards(PipelineStep):
     for t in range(len(self.plan.files)):
       name = f'meta/{p:05d}/{t:05d}.jsonl'
       if work.exists(name):
-        for line in work.open(name, 'rb'):
-          doc_id = orjson.loads(line)[0]
-          if _h64(doc_id, b'moejax-doc') - 2**63 == key:
-            return doc_id
+        with work.open(name, 'rb') as f:
+          for line in f:
+            doc_id = orjson.loads(line)[0]
+            if _h64(doc_id, b'moejax-doc') - 2**63 == key:
+              return doc_id
     return '?'
 
   def run(self, data=None, rank: int = 0, world_size: int = 1):

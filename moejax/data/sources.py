@@ -180,8 +180,17 @@ def _parquet(url: str, opts: ReadOptions, bad: list):
 
 def records(url: str, opts: ReadOptions, bad: list | None = None):
   """Streams the records of one file; malformed ones raise SourceError naming the file and line,
-  or with opts.skip_bad_records are appended to `bad` ('file:line') and skipped."""
-  bad = [] if bad is None else bad
+  or with opts.skip_bad_records are appended to `bad` ('file:line') and skipped. A file that cannot
+  be read (I/O error, broken compression, not Parquet) raises SourceError naming it."""
+  try:
+    yield from _records(url, opts, [] if bad is None else bad)
+  except SourceError:
+    raise
+  except (OSError, EOFError, ValueError) as e:   # incl. gzip/zstd/pyarrow errors
+    raise SourceError(f'{url}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
+
+
+def _records(url: str, opts: ReadOptions, bad: list):
   if fmt(url) == '.txt':
     with fsspec.open(url, 'rb') as f:
       text = _decode(f.read(), url).replace('\r\n', '\n')

@@ -227,7 +227,8 @@ def report(ns, cmd, commit, info, tok_run, anchors, runs, quals) -> str:
     out.append(_row(name, f"{c['text_bytes'] / MB:.1f}", f"{c['bytes'] / MB:.1f}", c['files'],
                     c['documents'], c['distinct'], c['exact'], c['near']))
   out += ['', f"Tokenizer: byte-level BPE, vocab {ns.vocab_size}, trained once by prepare on "
-          f"{ns.tokenizer_mb:g} MB of the small corpus in {tok_run['stages'].get('tokenizer', 0):.1f} s "
+          f"{min(ns.tokenizer_mb, small['text_bytes'] / MB):.1f} MB of the small corpus' text (the first, "
+          f"in file order) in {tok_run['stages'].get('tokenizer', 0):.1f} s "
           f"(its `tokenizer` stage; {tok_run['wall']:.1f} s for the whole CLI run); not part of any "
           'timed run below.', '',
           '## Anchor: tokenizers encode_batch', '',
@@ -344,8 +345,7 @@ def main(argv=None) -> int:
       shutil.rmtree(f'{tmp}/{name}', ignore_errors=True)
       info[name] = {**corpus.make(f'{tmp}/{name}', mb, ns.files), 'dir': f'{tmp}/{name}'}
       log(f'corpus {name}: {info[name]}')
-    first = sorted(Path(info['small']['dir']).glob('*.jsonl'))[0]
-    tok_run = run_prepare(str(first), f'{tmp}/tok', tmp, vocab_size=ns.vocab_size,
+    tok_run = run_prepare(info['small']['dir'], f'{tmp}/tok', tmp, vocab_size=ns.vocab_size,
                           tokenizer_sample_mb=ns.tokenizer_mb, dedup='none', workers=1)
     tok = f'{tmp}/tok'
     log(f'tokenizer: {tok_run["message"]}')

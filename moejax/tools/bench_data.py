@@ -262,7 +262,10 @@ def report(ns, cmd, commit, info, tok_run, anchors, runs, quals) -> str:
   out += ['', 'Stage seconds are wall time of each datatrove stage as the driver sees it (pool '
           'start-up included); end-to-end is the whole CLI run (interpreter start, input checks, '
           'fingerprinting, every stage, moving the result into place). "vs anchor" divides by the '
-          'faster anchor.', '',
+          'faster anchor.'
+          + ('' if f'large minhash w={w}' in runs else
+             f' --dedup=minhash ran on the small corpus only (--minhash_mb={ns.minhash_mb:g} < --mb).'),
+          '',
           '## Scaling (large corpus, --dedup=exact)', '',
           _row('workers', 'end-to-end s', 'MB/s', 'speedup'), _row(*['---'] * 4)]
   r1, rw = runs[f'large exact w=1'], runs[f'large exact w={w}']
@@ -270,7 +273,10 @@ def report(ns, cmd, commit, info, tok_run, anchors, runs, quals) -> str:
   out.append(_row(1, _fmt_s(r1['wall']), f"{mb / r1['wall']:.2f}", '1.00x'))
   if w != 1:
     out.append(_row(w, _fmt_s(rw['wall']), f"{mb / rw['wall']:.2f}", f"{r1['wall'] / rw['wall']:.2f}x"))
-  out += ['', '## Peak memory', '',
+  out += ['', 'With --workers=1 the one task runs in the prepare process, where prepare leaves '
+          "tokenizers' own thread pool on (it turns it off only for more workers), so the 1-worker "
+          'run already uses every core while encoding; the speedup is what the task processes add '
+          'beyond that.', '', '## Peak memory', '',
           _row('run', 'driver peak RSS MiB', 'peak RSS of the other processes MiB (max)', 'processes seen'),
           _row(*['---'] * 4)]
   for key, r in runs.items():

@@ -27,8 +27,12 @@ def fetch_ranks(path: Path) -> Path:
   if path.is_file() and hashlib.sha256(path.read_bytes()).hexdigest() == RANKS_SHA256:
     print(f'{path}: up to date')
     return path
-  with urllib.request.urlopen(RANKS_URL, timeout=60) as r:
-    data = r.read()
+  try:
+    with urllib.request.urlopen(RANKS_URL, timeout=60) as r:
+      data = r.read()
+  except OSError as e:   # URLError, timeouts: no network here
+    sys.exit(f'{RANKS_URL}: cannot fetch ({getattr(e, "reason", e)}); copy r50k_base.tiktoken to {path} '
+             'from a machine with a network')
   digest = hashlib.sha256(data).hexdigest()
   if digest != RANKS_SHA256:
     sys.exit(f'{RANKS_URL}: sha256 {digest}, expected {RANKS_SHA256}; not written')
@@ -45,8 +49,12 @@ def fetch_data(raw: Path, allow_patterns: str) -> Path:
     from huggingface_hub import snapshot_download
   except ImportError:
     sys.exit('fetch.py needs huggingface_hub: pip install huggingface_hub')
-  snapshot_download(repo_id=REPO_ID, repo_type='dataset', allow_patterns=allow_patterns,
-                    local_dir=str(raw))
+  try:
+    snapshot_download(repo_id=REPO_ID, repo_type='dataset', allow_patterns=allow_patterns,
+                      local_dir=str(raw))
+  except Exception as e:   # huggingface_hub's HTTP/offline errors and OSError
+    sys.exit(f'{REPO_ID} ({allow_patterns}): cannot fetch ({type(e).__name__}: '
+             f'{str(e).splitlines()[0] if str(e) else ""}); rerun to resume')
   files = sorted(raw.glob(allow_patterns))
   print(f'{raw}: {len(files)} files, {sum(f.stat().st_size for f in files) / 1e9:.1f} GB matching {allow_patterns}')
   return raw

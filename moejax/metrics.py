@@ -64,7 +64,8 @@ class MetricsLog:
       if k != 'step' and isinstance(v, (int, float)):
         self.tb.add_scalar(k, v, step)
     if 'eval/loss' in record:
-      print(f'step {step:>6} | eval/loss {record["eval/loss"]:.4f}', flush=True)
+      bpb = ''.join(f' | {k} {v:.4f}' for k, v in record.items() if k.endswith('/bpb'))
+      print(f'step {step:>6} | eval/loss {record["eval/loss"]:.4f}{bpb}', flush=True)
 
   def write_train(self, step: int, out: dict, window: Window, total_steps: int, extra: dict | None = None):
     out = jax.device_get(out)

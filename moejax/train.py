@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import optax
 
-from moejax import (checkpoint, cli, diagnostics as diagnostics_lib, distributed, flops,
+from moejax import (bpb, checkpoint, cli, diagnostics as diagnostics_lib, distributed, flops,
                     metrics as metrics_lib, model, optim, qk_clip, router, sharding, transfer)
 from moejax.data import fingerprint, pipeline
 from moejax.data.ensure import ensure_data
@@ -176,8 +176,10 @@ def train(config, workdir: str, allow_data_change: bool = False):
                                num_real_experts=s.model.num_experts, alert_maxvio=t.alert_maxvio,
                                alert_dead_experts=t.alert_dead_experts)
 
-  eval_data = [to_global(process_rows(b), s.batch_sharding) for b in pipeline.eval_batches(
-      c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size, max_batches=t.eval_batches)]
+  eval_batches = pipeline.eval_batches(c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size,
+                                       max_batches=t.eval_batches)
+  eval_targets, eval_bytes = bpb.target_bytes(pipeline.load_tokenizer(c.data.dir), eval_batches)
+  eval_data = [to_global(process_rows(b), s.batch_sharding) for b in eval_batches]
   eval_step = make_eval_step(s)
   steps = {False: make_train_step(s, diagnostics=False), True: make_train_step(s, diagnostics=True)}
   similarity = jax.jit(lambda moe_blocks: diagnostics_lib.expert_similarity(
@@ -186,7 +188,9 @@ def train(config, workdir: str, allow_data_change: bool = False):
   def evaluate(step):
     start_time = time.perf_counter()
     losses = [eval_step(state['params'], state['router_bias'], b) for b in eval_data]
-    log.write(step, {'eval/loss': float(np.mean(jax.device_get(losses)))})
+    loss = float(np.mean(jax.device_get(losses)))
+    log.write(step, {'eval/loss': loss, 'eval/main/loss': loss,
+                     'eval/main/bpb': bpb.bits_per_byte(loss, eval_targets, eval_bytes)})
     return time.perf_counter() - start_time
 
   if start == 0:

@@ -16,8 +16,8 @@ from moejax.state import setup
 
 
 
-def load(workdir: str):
-  """Config, params and router bias of the latest checkpoint, placed on one device."""
+def load(workdir: str, step: int | None = None):
+  """Config, mesh and state of the latest checkpoint (or `step`), placed on one device."""
   with open(os.path.join(workdir, 'config.json')) as f:
     config = ml_collections.ConfigDict(json.load(f))
   config.mesh = ml_collections.ConfigDict({'data': 1, 'expert': 1})
@@ -25,7 +25,10 @@ def load(workdir: str):
   mngr = checkpoint.manager(workdir, max_to_keep=config.checkpoint.max_to_keep, async_save=False)
   if mngr.latest_step() is None:
     raise FileNotFoundError(f'workdir: no checkpoint in {workdir}/checkpoints')
-  state, _ = checkpoint.restore(mngr, s.abstract_state)
+  if step is not None and step not in mngr.all_steps():
+    raise FileNotFoundError(f'--step {step}: no such checkpoint in {workdir}/checkpoints '
+                            f'(has {sorted(mngr.all_steps())})')
+  state, _ = checkpoint.restore(mngr, s.abstract_state, step)
   return config, s.mesh, state
 
 

@@ -1,0 +1,103 @@
+"""moejax.eval: batched, padded log-likelihood scoring equals scoring each continuation alone;
+multiple-choice and LM metrics; few-shot prompts; bad task files are one line naming the record."""
+import json
+import subprocess
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import eval as moe_eval, model
+import runs
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+  d = tmp_path_factory.mktemp('eval_run')
+  runs.train(d, '--config.train.steps=4', '--config.train.log_every=2', '--config.checkpoint.every=2',
+             '--config.mesh.data=8', '--config.mesh.expert=1')
+  return d
+
+
+@pytest.fixture(scope='module')
+def scorer(workdir):
+  return moe_eval.Scorer(str(workdir))
+
+
+PAIRS = [('To be, or not to be, that is', ' the question'), ('ROMEO:', ' O, she doth teach the torches'),
+         ('x', ' y'), ('A much longer context ' * 12, ' and its end.'), ('', ' the start')]
+
+
+def _alone(scorer, ctx, cont) -> float:
+  """The continuation's log-probability from one unpadded forward of exactly its sequence."""
+  tok = scorer.tokenizer
+  c, t = tok.encode(ctx), tok.encode(cont)
+  ids = jnp.array([[tok.eod_id] + c + t], jnp.int32)
+  logits, _ = model.forward(scorer.params, scorer.router_bias, ids[:, :-1], scorer.model, scorer.mesh)
+  logp = jax.nn.log_softmax(logits, -1)[0, -len(t):]
+  return float(jnp.sum(jnp.take_along_axis(logp, ids[0, -len(t):, None], -1)))
+
+
+def test_batched_padded_scores_equal_each_continuation_scored_alone(scorer):
+  logp, greedy, count = scorer.score(PAIRS * 4)   # more rows than one batch, mixed lengths
+  want = [_alone(scorer, c, t) for c, t in PAIRS]
+  np.testing.assert_allclose(logp, want * 4, rtol=2e-5, atol=2e-4)
+  assert list(count) == [len(scorer.tokenizer.encode(t)) for _, t in PAIRS] * 4
+  np.testing.assert_array_equal(scorer.score(PAIRS)[0], scorer.score(PAIRS)[0])   # deterministic
+
+
+def test_choice_and_lm_metrics_follow_the_scores(scorer, tmp_path):
+  logp = scorer.score(PAIRS[:2])[0]
+  path = tmp_path / 'mc.jsonl'
+  recs = [{'context': PAIRS[0][0], 'choices': [PAIRS[0][1], PAIRS[1][1]], 'label': 0},
+          {'context': PAIRS[0][0], 'choices': [PAIRS[0][1], PAIRS[1][1]], 'label': 1}]
+  path.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  r = moe_eval.evaluate(scorer, moe_eval.read_task(path))
+  first = np.array([scorer.score([(PAIRS[0][0], c)])[0][0] for c in recs[0]['choices']])
+  best = int(np.argmax(first))
+  nbytes = np.array([len(c.encode()) for c in recs[0]['choices']])
+  assert r['acc'] == 0.5 and r['n'] == 2   # the same choice wins both; one label is right
+  assert r['acc_norm'] == 0.5 and best in (0, 1) and len(logp) == 2 and (first / nbytes).size == 2
+  lm = tmp_path / 'lm.jsonl'
+  lm.write_text(json.dumps({'context': 'To be, or not', 'target': ' to be'}) + '\n')
+  _, greedy, count = scorer.score([('To be, or not', ' to be')])
+  assert moe_eval.evaluate(scorer, moe_eval.read_task(lm))['acc'] == float(greedy[0] == count[0])
+
+
+def test_fewshot_prompts_prefix_other_records_answers():
+  task = moe_eval.Task('t', 'choice', tuple(moe_eval.Example(f'q{i}?', (f' a{i}', ' no'), 0) for i in range(4)))
+  prompts = moe_eval.with_fewshot(task, 2)
+  for i, p in enumerate(prompts):
+    shots = p.split('\n\n')
+    assert shots[-1] == f'q{i}?' and len(shots) == 3
+    assert all(s.startswith('q') and s.endswith(f' a{s[1]}') and s != f'q{i}? a{i}' for s in shots[:-1])
+  assert prompts == moe_eval.with_fewshot(task, 2)
+
+
+@pytest.mark.parametrize('record,problem', [
+    ({'context': 'c', 'choices': ['a', 'b'], 'label': 2}, "'label' 2 out of range for 2 choices"),
+    ({'context': 'c', 'choices': [], 'label': 0}, "'choices' must be a non-empty list"),
+    ({'choices': ['a'], 'label': 0}, "missing field 'context'"),
+    ({'context': 'c'}, "missing field 'choices' (multiple choice) or 'target'"),
+])
+def test_bad_task_records_are_one_line_naming_file_line_and_problem(tmp_path, record, problem):
+  path = tmp_path / 'bad.jsonl'
+  path.write_text(json.dumps({'context': 'ok', 'choices': ['a'], 'label': 0}) + '\n' + json.dumps(record) + '\n')
+  with pytest.raises(moe_eval.TaskError) as e:
+    moe_eval.read_task(path)
+  assert str(e.value).startswith(f'{path}:2: {problem}') and '\n' not in str(e.value)
+
+
+def test_cli_prints_a_line_per_task_and_writes_json(workdir, tmp_path):
+  path = tmp_path / 'cont.jsonl'
+  path.write_text(json.dumps({'context': 'ROMEO:', 'choices': [' a', ' b', ' c'], 'label': 1}) + '\n')
+  out = tmp_path / 'r.json'
+  proc = subprocess.run(runs.cmd('moejax.eval', workdir, f'--tasks={path}', f'--out={out}', '--step=2'),
+                        cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.startswith('cont: acc ') and 'acc_norm' in proc.stdout
+  assert json.loads(out.read_text())['tasks']['cont']['n'] == 1
+  bad = subprocess.run(runs.cmd('moejax.eval', workdir, f'--tasks={tmp_path / "nope.jsonl"}'),
+                       cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=120)
+  assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and 'nope.jsonl' in bad.stderr

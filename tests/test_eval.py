@@ -101,3 +101,44 @@ def test_cli_prints_a_line_per_task_and_writes_json(workdir, tmp_path):
   bad = subprocess.run(runs.cmd('moejax.eval', workdir, f'--tasks={tmp_path / "nope.jsonl"}'),
                        cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=120)
   assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and 'nope.jsonl' in bad.stderr
+
+
+def test_lm_eval_harness_backend_agrees_with_moejax_eval_on_a_local_yaml_task(workdir, tmp_path):
+  rng = np.random.default_rng(0)
+  words = 'thou art the king of all my love and night doth fall upon the sea'.split()
+  recs = []
+  for _ in range(12):
+    choices = [' ' + ' '.join(rng.choice(words, 3)) for _ in range(3)]
+    recs.append({'context': ' '.join(rng.choice(words, 6)), 'choices': choices, 'label': int(rng.integers(3))})
+  data = tmp_path / 'loc.jsonl'
+  data.write_text(''.join(json.dumps(r) + '\n' for r in recs))
+  (tmp_path / 'tasks').mkdir()
+  (tmp_path / 'tasks' / 'loc.yaml').write_text(
+      f'task: loc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\ntest_split: test\n'
+      'output_type: multiple_choice\ndoc_to_text: "{{context}}"\ndoc_to_choice: "{{choices}}"\n'
+      'doc_to_target: label\ntarget_delimiter: ""\nmetric_list:\n  - metric: acc\n  - metric: acc_norm\n')
+  env = {**runs.env(), 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
+  proc = subprocess.run([*runs.cmd('moejax.lm_eval', workdir)[:3], '--model', 'moejax', '--model_args',
+                         f'workdir={workdir}', '--tasks', 'loc', '--include_path', str(tmp_path / 'tasks'),
+                         '--output_path', str(tmp_path / 'out')],
+                        cwd=runs.REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+  [result] = list((tmp_path / 'out').rglob('results_*.json'))
+  harness = json.loads(result.read_text())['results']['loc']
+  ours = moe_eval.evaluate(moe_eval.Scorer(str(workdir)), moe_eval.read_task(data))
+  assert harness['acc,none'] == pytest.approx(ours['acc'])
+
+
+def test_lm_eval_model_requests_are_scored_by_the_scorer(workdir, scorer):
+  from lm_eval.api.instance import Instance
+  from moejax.lm_eval import MoejaxLM
+  lm = MoejaxLM(str(workdir))
+  reqs = [Instance('loglikelihood', {}, pair, i) for i, pair in enumerate(PAIRS)]
+  got = lm.loglikelihood(reqs)
+  logp, greedy, count = scorer.score(PAIRS)
+  assert [g[0] for g in got] == pytest.approx(list(logp), rel=1e-6)
+  assert [g[1] for g in got] == [bool(a == b) for a, b in zip(greedy, count)]
+  rolling = lm.loglikelihood_rolling([Instance('loglikelihood_rolling', {}, (PAIRS[1][1],), 0)])
+  assert rolling[0] == pytest.approx(float(scorer.score([('', PAIRS[1][1])])[0][0]), rel=1e-6)
+  [text] = lm.generate_until([Instance('generate_until', {}, ('ROMEO:', {'until': ['\n\n'], 'max_gen_toks': 5}), 0)])
+  assert isinstance(text, str) and '\n\n' not in text

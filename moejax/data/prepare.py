@@ -193,7 +193,7 @@ def prepare(raw: list[str] | str | Path, out: str | Path, vocab_size: int = 4096
   raw_sha256 = raw_fingerprint(files)
   fingerprint = hashlib.sha256(json.dumps([raw_sha256, args], sort_keys=True).encode()).hexdigest()
   work = _work_dir(out, fingerprint)
-  total_bytes = sum(fsspec.core.url_to_fs(u)[0].size(fsspec.core.url_to_fs(u)[1]) for u in files)
+  total_bytes = sum(fs.size(path) for fs, path in map(fsspec.core.url_to_fs, files))
   plan = Plan(files=tuple(files), read=opts, work=work, out=out,
               num_partitions=max(1, math.ceil(total_bytes / PARTITION_BYTES)), dedup=dedup, seed=seed,
               val_fraction=val_fraction, shard_tokens=shard_tokens, vocab_size=vocab_size,

@@ -384,10 +384,9 @@ class WriteShards(PipelineStep):
       raise SourceError(f'{plan.files[r.t[i]]}: document {self._doc_id(work, rank, int(r.key[i]))!r} '
                         f'already has variant {r.variant_names[r.variant[i]]!r}')
     # a document is removed when dedup removed its original
-    removed_rec = np.zeros(len(order), bool)
-    for t, idx in self._removed(work).items():
-      is_t = (r.t[order] == t) & (var == 0)
-      removed_rec[is_t] = np.isin(r.orig[order][is_t], idx)
+    removed = self._removed(work)   # one lookup of (task, original index) pairs, not one pass per task
+    removed_keys = np.concatenate([(t << 32) | idx for t, idx in removed.items()] or [np.zeros(0, np.int64)])
+    removed_rec = (var == 0) & np.isin((r.t[order] << 32) | r.orig[order], removed_keys)
     removed_doc = np.bincount(doc_of, weights=removed_rec, minlength=len(starts)) > 0
     kept = np.flatnonzero(~removed_doc)
     first = order[starts[kept]]                                 # each kept doc's first record

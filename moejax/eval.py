@@ -111,10 +111,10 @@ class Scorer:
   def __init__(self, workdir: str, step: int | None = None):
     import jax
     from moejax import sample
-    from moejax.data import pipeline
+    from moejax.data import shards
     self.config, self.mesh, state = sample.load(workdir, step)
     self.params, self.router_bias = state['params'], state['router_bias']
-    self.tokenizer = pipeline.load_tokenizer(self.config.data.dir)
+    self.tokenizer = shards.load_tokenizer(self.config.data.dir)
     from moejax.model_config import ModelConfig
     self.model = ModelConfig.from_config(self.config.model)
     self.max_len = int(self.config.train.seq_len)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from moejax import checkpoint, decode
-from moejax.data import pipeline
+from moejax.data import shards
 from moejax.model_config import ModelConfig
 from moejax.state import setup
 
@@ -75,7 +75,7 @@ def main(argv):
     config, mesh, state = load(F.workdir)
   except FileNotFoundError as e:
     sys.exit(f'error: {e}')
-  tok = pipeline.load_tokenizer(config.data.dir)
+  tok = shards.load_tokenizer(config.data.dir)
   prompt_ids = tok.encode(F.prompt)
   ids = generate(config, mesh, state['params'], state['router_bias'], prompt_ids, F.max_new_tokens,
                  F.temperature, F.top_k, F.seed)

@@ -19,7 +19,7 @@ import optax
 
 from moejax import (bpb, checkpoint, cli, diagnostics as diagnostics_lib, distributed, flops,
                     metrics as metrics_lib, model, optim, qk_clip, router, sharding, transfer)
-from moejax.data import fingerprint, pipeline
+from moejax.data import fingerprint, pipeline, shards
 from moejax.data.ensure import ensure_data
 from moejax.data.prepare import PrepareError
 from moejax.errors import ConfigError
@@ -178,7 +178,7 @@ def train(config, workdir: str, allow_data_change: bool = False):
 
   eval_batches = pipeline.eval_batches(c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size,
                                        max_batches=t.eval_batches)
-  eval_targets, eval_bytes = bpb.target_bytes(pipeline.load_tokenizer(c.data.dir), eval_batches)
+  eval_targets, eval_bytes = bpb.target_bytes(shards.load_tokenizer(c.data.dir), eval_batches)
   eval_data = [to_global(process_rows(b), s.batch_sharding) for b in eval_batches]
   eval_step = make_eval_step(s)
   steps = {False: make_train_step(s, diagnostics=False), True: make_train_step(s, diagnostics=True)}

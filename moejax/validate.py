@@ -107,7 +107,7 @@ def validate(config, num_devices: int, check_data: bool = True):
 
 
 def validate_data(config):
-  from moejax.data import pipeline
+  from moejax.data import pipeline, shards
   w = config.data.get('workers', 0)
   _check(isinstance(w, int) and w >= 0, 'data.workers', f'must be an integer >= 0, got {w!r}')
   d = config.data.dir
@@ -115,8 +115,8 @@ def validate_data(config):
          f'{d} does not exist and data.raw ({config.data.raw}) has no text to prepare it from; '
          'run `make data` or point --config.data.dir at prepared data')
   try:
-    manifest = pipeline.load_manifest(d)
-  except pipeline.DataError as e:
+    manifest = shards.load_manifest(d)
+  except shards.DataError as e:
     raise ConfigError(f'data.dir: {e}') from None
   try:
     for source in pipeline.sources_from_config(config.data):

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from moejax.data import pipeline, prepare
+from moejax.data import pipeline, prepare, shards
 
 WORDS = ('thou art the king of all my love and night doth fall upon the sea where '
          'gentle lords speak false words to fair ladies in a garden by the tower').split()
@@ -52,7 +52,7 @@ def data_dir(tmp_path_factory):
 
 
 def split_docs(data_dir, split) -> list[np.ndarray]:
-  return pipeline.split_entries(data_dir, split)
+  return shards.split_entries(data_dir, split)
 
 
 def take(iterator, n) -> list[dict]:
@@ -81,7 +81,7 @@ def test_prepare_second_run_is_up_to_date_and_rerun_on_arg_change(tmp_path, caps
 
 
 def test_prepare_manifest_describes_outputs(data_dir):
-  manifest = pipeline.load_manifest(data_dir)
+  manifest = shards.load_manifest(data_dir)
   assert manifest['eod_id'] == 0 and manifest['vocab_size'] == 300
   assert manifest['duplicate_docs_removed'] == 1
   for split in ('train', 'val'):
@@ -95,7 +95,7 @@ def test_prepare_manifest_describes_outputs(data_dir):
 
 
 def test_train_and_val_hold_disjoint_whole_documents(data_dir):
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = shards.load_tokenizer(data_dir)
   train = {tok.decode(d[:-1].tolist()) for d in split_docs(data_dir, 'train')}
   val = {tok.decode(d[:-1].tolist()) for d in split_docs(data_dir, 'val')}
   assert train and val and not train & val
@@ -109,7 +109,7 @@ def test_every_document_ends_with_eod_and_eod_occurs_nowhere_else(data_dir):
 
 
 def test_tokenizer_round_trips_text(data_dir):
-  tok = pipeline.load_tokenizer(data_dir)
+  tok = shards.load_tokenizer(data_dir)
   for text in ("  Thou art, my lord!\n\n\tNay —  'tis ünïcode ✓", 'x', '\n'):
     assert tok.decode(tok.encode(text)) == text
 
@@ -129,8 +129,8 @@ def test_prepare_with_given_tokenizer_reuses_it(data_dir, tmp_path, capsys):
   code, _, _ = run_prepare(raw, tmp_path / 'out', capsys,
                            f'--tokenizer={data_dir}/tokenizer.json', '--seed=3')
   assert code == 0
-  manifest = pipeline.load_manifest(str(tmp_path / 'out'))
-  assert manifest['tokenizer_sha256'] == pipeline.load_manifest(data_dir)['tokenizer_sha256']
+  manifest = shards.load_manifest(str(tmp_path / 'out'))
+  assert manifest['tokenizer_sha256'] == shards.load_manifest(data_dir)['tokenizer_sha256']
 
 
 def test_train_batches_have_expected_shapes_and_targets_are_inputs_shifted_by_one(data_dir):
@@ -155,7 +155,7 @@ def test_train_batches_are_deterministic_for_a_fixed_seed(data_dir):
 
 
 def test_each_epoch_is_a_new_order_of_the_same_token_multiset(data_dir):
-  num_tokens = pipeline.load_manifest(data_dir)['splits']['train']['num_tokens']
+  num_tokens = shards.load_manifest(data_dir)['splits']['train']['num_tokens']
   ds = pipeline.train_dataset(data_dir, seq_len=SEQ_LEN, batch_size=BATCH, seed=0)
   num_batches = 2 * num_tokens // (SEQ_LEN * BATCH) + 1
   stream = np.concatenate([ds[i]['inputs'].reshape(-1) for i in range(num_batches)])
@@ -192,7 +192,7 @@ def test_iterator_state_round_trip_resumes_identically(data_dir):
 
 
 def test_eval_batches_are_deterministic_and_wrap_when_val_is_short(data_dir):
-  val_tokens = pipeline.load_manifest(data_dir)['splits']['val']['num_tokens']
+  val_tokens = shards.load_manifest(data_dir)['splits']['val']['num_tokens']
   a = pipeline.eval_batches(data_dir, seq_len=SEQ_LEN, batch_size=BATCH, max_batches=2)
   assert_batches_equal(a, pipeline.eval_batches(data_dir, seq_len=SEQ_LEN, batch_size=BATCH,
                                                 max_batches=2))
@@ -206,7 +206,7 @@ def test_eval_batches_are_deterministic_and_wrap_when_val_is_short(data_dir):
 
 def test_missing_data_dir_raises_data_error_naming_it(tmp_path):
   missing = str(tmp_path / 'no_such_dir')
-  for call in (lambda: pipeline.load_manifest(missing),
+  for call in (lambda: shards.load_manifest(missing),
                lambda: pipeline.train_dataset(missing, seq_len=8, batch_size=2, seed=0),
                lambda: pipeline.eval_batches(missing, seq_len=8, batch_size=2, max_batches=1)):
     with pytest.raises(pipeline.DataError, match='no_such_dir') as err:

@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from moejax.data import pipeline
+from moejax.data import pipeline, shards
 
 EOD, VOCAB = 0, 50
 L, B = 16, 4
@@ -104,7 +104,7 @@ def dirs(tmp_path_factory):
 
 
 def num_shards(d, split='train') -> int:
-  return len(pipeline.load_manifest(d)['splits'][split]['shards'])
+  return len(shards.load_manifest(d)['splits'][split]['shards'])
 
 
 def all_batches(d, seed, **kw):
@@ -125,7 +125,7 @@ def test_helper_cuts_whole_documents_into_several_shards(dirs):
   assert num_shards(dirs['many'], 'val') >= 2
   entries = [np.array(v + [EOD]) for d in dirs['docs']['train'] for v in d]
   for d in ('one', 'many', 'six', 'legacy'):
-    got = pipeline.split_entries(dirs[d], 'train')
+    got = shards.split_entries(dirs[d], 'train')
     assert len(got) == len(entries) and all(np.array_equal(a, b) for a, b in zip(got, entries))
 
 
@@ -135,11 +135,11 @@ def test_many_shards_give_the_batches_of_one_shard(dirs, policy):
     for epochs in (1, 3):
       assert_same(all_batches(dirs['many'], seed, epochs=epochs, variant_policy=policy),
                   all_batches(dirs['one'], seed, epochs=epochs, variant_policy=policy))
-  many, one = (pipeline.load_split(dirs[k], 'train') for k in ('many', 'one'))
+  many, one = (shards.load_split(dirs[k], 'train') for k in ('many', 'one'))
   np.testing.assert_array_equal(many.offsets_i64, one.offsets_i64)
   np.testing.assert_array_equal(many.variants_i64, one.variants_i64)
   assert len(many.tokens) == len(one.tokens) and many.tokens.dtype == np.uint16
-  w = [pipeline.SourceWindows(pipeline.load_split(dirs[k], 'train'), seq_len=L, seed=2, policy=policy,
+  w = [pipeline.SourceWindows(shards.load_split(dirs[k], 'train'), seq_len=L, seed=2, policy=policy,
                               epochs=2, doc_fraction=0.5) for k in ('many', 'one')]
   assert len(w[0]) == len(w[1])
   for i in range(len(w[0])):
@@ -178,7 +178,7 @@ def test_legacy_layouts_still_load_and_match_format_3(dirs):
               pipeline.eval_batches(dirs['many'], seq_len=L, batch_size=B, max_batches=3))
   # format 1: no variants.npy, every entry its own document
   assert_same(all_batches(dirs['v1'], 0, epochs=2), all_batches(dirs['v1_as_v3'], 0, epochs=2))
-  s = pipeline.load_split(dirs['v1'], 'train')
+  s = shards.load_split(dirs['v1'], 'train')
   np.testing.assert_array_equal(s.variants_i64, np.arange(len(s.offsets_i64)))
 
 
@@ -191,8 +191,8 @@ def test_shards_are_opened_lazily_and_at_most_the_cap_stay_open(dirs, monkeypatc
     opened.append(str(path))
     return np_load(path, *a, **kw)
 
-  monkeypatch.setattr(pipeline.np, 'load', spy)
-  monkeypatch.setattr(pipeline, 'MAX_OPEN_SHARDS', 2)
+  monkeypatch.setattr(shards.np, 'load', spy)
+  monkeypatch.setattr(shards, 'MAX_OPEN_SHARDS', 2)
   ds, data = pipeline.train_data([pipeline.Source('s', dirs['six'], epochs=2, variant_policy='random')],
                                  seq_len=L, batch_size=B, seed=7)
   tokens = data.windows[0]._split.tokens
@@ -208,8 +208,8 @@ def test_shards_are_opened_lazily_and_at_most_the_cap_stay_open(dirs, monkeypatc
 
 
 def test_a_pickled_split_carries_paths_and_reads_the_same_tokens(dirs):
-  split = pipeline.load_split(dirs['six'], 'train')
-  entries = pipeline.split_entries(dirs['six'], 'train')
+  split = shards.load_split(dirs['six'], 'train')
+  entries = shards.split_entries(dirs['six'], 'train')
   assert np.array_equal(split.tokens[0:len(split.tokens)], np.concatenate(entries))   # spans shards
   assert split.tokens.num_open == 6
   blob = pickle.dumps(split)
@@ -244,8 +244,8 @@ def _copy(dirs, tmp_path):
 
 
 def _error(d, split='train') -> str:
-  with pytest.raises(pipeline.DataError) as e:
-    pipeline.load_split(str(d), split)
+  with pytest.raises(shards.DataError) as e:
+    shards.load_split(str(d), split)
   msg = str(e.value)
   assert '\n' not in msg
   return msg
@@ -255,7 +255,7 @@ def test_bad_shards_are_one_line_errors_naming_the_file(dirs, tmp_path):
   d = _copy(dirs, tmp_path)
   (d / 'train/00000-00001.docs.npy').unlink()
   assert _error(d) == f'{d}/train/00000-00001.docs.npy: missing; prepare the data again'
-  assert pipeline.load_split(str(d), 'val')   # the other split is fine
+  assert shards.load_split(str(d), 'val')   # the other split is fine
   shutil.rmtree(d)
 
   d = _copy(dirs, tmp_path)
@@ -292,7 +292,7 @@ def test_bad_shards_are_one_line_errors_naming_the_file(dirs, tmp_path):
   shutil.rmtree(d)
 
   d = _copy(dirs, tmp_path)   # a shard replaced by one of another length after opening
-  split = pipeline.load_split(str(d), 'train')
+  split = shards.load_split(str(d), 'train')
   np.save(d / 'train/00000-00000.tokens.npy', np.zeros(3, np.uint16))
-  with pytest.raises(pipeline.DataError, match=r'train/00000-00000.tokens.npy: 3 tokens, expected'):
+  with pytest.raises(shards.DataError, match=r'train/00000-00000.tokens.npy: 3 tokens, expected'):
     split.tokens[0:2]

@@ -9,7 +9,7 @@ import random
 import numpy as np
 import pytest
 
-from moejax.data import pipeline, prepare, tokenizer
+from moejax.data import pipeline, prepare, shards, tokenizer
 
 WORDS = 'thou the king of all my love and night doth fall upon sea where lords speak'.split()
 MERGES = [b'th', b'ou', b'thou', b' th', b' the', b'in', b'ing', b' k', b' king']
@@ -51,7 +51,7 @@ def tik(tmp_path_factory):
 
 
 def test_tiktoken_manifest_records_kind_name_and_ranks_hash(tik):
-  m = pipeline.load_manifest(tik['dir'])
+  m = shards.load_manifest(tik['dir'])
   ranks_bytes = (tik['root'] / 'tiny.tiktoken').read_bytes()
   assert m['tokenizer']['kind'] == 'tiktoken' and m['tokenizer']['name'] == 'cl100k_base'
   assert m['tokenizer']['ranks_sha256'] == hashlib.sha256(ranks_bytes).hexdigest()
@@ -61,7 +61,7 @@ def test_tiktoken_manifest_records_kind_name_and_ranks_hash(tik):
 
 
 def test_tiktoken_applies_the_merges_and_round_trips_text(tik):
-  tok = pipeline.load_tokenizer(tik['dir'])
+  tok = shards.load_tokenizer(tik['dir'])
   r = tik['ranks']
   # cl100k pieces "thou", " the", " king": each merged down to one rank
   assert tok.encode('thou the king') == [r[b'thou'], r[b' the'], r[b' king']]
@@ -72,10 +72,10 @@ def test_tiktoken_applies_the_merges_and_round_trips_text(tik):
 
 
 def test_tiktoken_shards_hold_each_document_encoded_then_eod(tik):
-  tok = pipeline.load_tokenizer(tik['dir'])
+  tok = shards.load_tokenizer(tik['dir'])
   decoded = set()
   for split in ('train', 'val'):
-    s = pipeline.load_split(tik['dir'], split)
+    s = shards.load_split(tik['dir'], split)
     for a, b in zip(s.offsets_i64[:-1], s.offsets_i64[1:]):
       doc = s.tokens[a:b].tolist()
       assert doc[-1] == tok.eod_id and tok.eod_id not in doc[:-1]
@@ -86,7 +86,7 @@ def test_tiktoken_shards_hold_each_document_encoded_then_eod(tik):
 
 def test_tiktoken_batches_feed_the_pipeline_with_its_eod_as_document_boundary(tik):
   ds = pipeline.train_dataset(tik['dir'], seq_len=128, batch_size=2, seed=0)
-  eod = pipeline.load_manifest(tik['dir'])['eod_id']
+  eod = shards.load_manifest(tik['dir'])['eod_id']
   b = ds[0]
   assert b['inputs'].max() <= eod and (b['inputs'] == eod).any()
   for row_in, row_seg in zip(b['inputs'], b['segment_ids']):  # a new segment after each EOD
@@ -97,8 +97,8 @@ def test_prepare_reuses_a_prepared_dirs_tiktoken_and_sources_with_it_mix(tik, tm
   write_corpus(tmp_path / 'other.jsonl', seed=1)
   assert run_prepare(f"--raw={tmp_path / 'other.jsonl'}", f"--out={tmp_path / 'o'}",
                      f"--tokenizer={tik['dir']}") == 0
-  m = pipeline.load_manifest(str(tmp_path / 'o'))
-  assert m['tokenizer_sha256'] == pipeline.load_manifest(tik['dir'])['tokenizer_sha256']
+  m = shards.load_manifest(str(tmp_path / 'o'))
+  assert m['tokenizer_sha256'] == shards.load_manifest(tik['dir'])['tokenizer_sha256']
   data = pipeline.TrainData([pipeline.Source('a', tik['dir']), pipeline.Source('o', str(tmp_path / 'o'))],
                             seq_len=16, batch_size=2, seed=0, tokenizer_dir=tik['dir'])
   assert data.eod_id == len(tik['ranks'])

@@ -8,7 +8,7 @@ import grain
 import numpy as np
 import pytest
 
-from moejax.data import pipeline, prepare
+from moejax.data import pipeline, prepare, shards
 
 WORDS = 'thou art the king of all my love and night doth fall upon the sea where lords speak'.split()
 L, B = 16, 4
@@ -47,18 +47,18 @@ def srcs(tmp_path_factory):
 
 
 def windows_of(d, policy, epochs=4, **kw):
-  return pipeline.SourceWindows(pipeline.load_split(d, 'train'), seq_len=L, seed=0, policy=policy,
+  return pipeline.SourceWindows(shards.load_split(d, 'train'), seq_len=L, seed=0, policy=policy,
                                 epochs=epochs, **kw)
 
 
 def test_jsonl_records_with_one_id_become_variants_and_duplicates_are_counted(srcs):
-  m = pipeline.load_manifest(srcs['a'])
+  m = shards.load_manifest(srcs['a'])
   assert m['duplicate_docs_removed'] == 1
   assert m['variants']['names'] == {'original': 20, 'style0': 20, 'style1': 20}
   assert m['splits']['train']['num_docs'] + m['splits']['val']['num_docs'] == 20
-  split = pipeline.load_split(srcs['a'], 'train')
+  split = shards.load_split(srcs['a'], 'train')
   assert (np.diff(split.variants_i64) == 3).all()
-  tok = pipeline.load_tokenizer(srcs['a'])
+  tok = shards.load_tokenizer(srcs['a'])
   first = split.variants_i64[0]
   texts = [tok.decode(split.tokens[split.offsets_i64[k]:split.offsets_i64[k + 1] - 1].tolist())
            for k in range(first, first + 3)]
@@ -68,7 +68,7 @@ def test_jsonl_records_with_one_id_become_variants_and_duplicates_are_counted(sr
 @pytest.mark.parametrize('policy', pipeline.POLICIES)
 def test_variant_policy_picks_original_cycle_or_seeded_random_per_document_and_epoch(srcs, policy):
   w = windows_of(srcs['a'], policy)
-  split = pipeline.load_split(srcs['a'], 'train')
+  split = shards.load_split(srcs['a'], 'train')
   picks = []
   for e in range(4):
     entries, variant, _ = w.epoch_entries(e)
@@ -88,7 +88,7 @@ def test_variant_policy_picks_original_cycle_or_seeded_random_per_document_and_e
 
 def test_windows_tile_the_concatenated_epochs_and_stop_at_the_epoch_budget(srcs):
   w = windows_of(srcs['a'], 'cycle', epochs=3)
-  split = pipeline.load_split(srcs['a'], 'train')
+  split = shards.load_split(srcs['a'], 'train')
   stream = np.concatenate([split.tokens[split.offsets_i64[k]:split.offsets_i64[k + 1]]
                            for e in range(3) for k in w.epoch_entries(e)[0]])
   assert len(w) == (len(stream) - 1) // L
@@ -155,7 +155,7 @@ def test_metrics_count_tokens_epochs_and_variant_docs_per_source(srcs):
   m = data.metrics(n)
   assert m['data/a/source_tokens'] + m['data/b/source_tokens'] == n * B * L
   assert 2.9 < m['data/a/epoch'] <= 3 and 2.9 < m['data/b/epoch'] <= 3
-  num_a = pipeline.load_manifest(srcs['a'])['splits']['train']['num_docs']
+  num_a = shards.load_manifest(srcs['a'])['splits']['train']['num_docs']
   assert [m[f'data/a/variant{v}_docs'] for v in range(3)] == [num_a] * 3
   assert m['data/b/variant1_docs'] == 0
   assert data.metrics(0)['data/a/source_tokens'] == 0
@@ -220,16 +220,16 @@ def test_truncated_shard_and_manifest_mismatch_are_one_line_errors_naming_the_fi
   shutil.copytree(srcs['a'], d)
   tokens = d / 'train/00000-00000.tokens.npy'
   tokens.write_bytes(tokens.read_bytes()[:-100])
-  with pytest.raises(pipeline.DataError, match='train/00000-00000.tokens.npy: .*truncated') as e:
-    pipeline.load_split(str(d), 'train')
+  with pytest.raises(shards.DataError, match='train/00000-00000.tokens.npy: .*truncated') as e:
+    shards.load_split(str(d), 'train')
   assert '\n' not in str(e.value)
   shutil.rmtree(d)
   shutil.copytree(srcs['a'], d)
   m = json.loads((d / 'manifest.json').read_text())
   m['splits']['train']['shards'][0]['num_tokens'] += 1
   (d / 'manifest.json').write_text(json.dumps(m))
-  with pytest.raises(pipeline.DataError, match='train/00000-00000.tokens.npy: .* manifest.json says'):
-    pipeline.load_split(str(d), 'train')
+  with pytest.raises(shards.DataError, match='train/00000-00000.tokens.npy: .* manifest.json says'):
+    shards.load_split(str(d), 'train')
 
 
 def test_txt_files_named_by_variant_regex_become_one_document_with_variants(tmp_path):
@@ -241,7 +241,7 @@ def test_txt_files_named_by_variant_regex_become_one_document_with_variants(tmp_
   (raw / 'x_gut_f.txt').write_text('Actus Primus.\n' + _text(rng, 90))
   assert prepare.main(['--workers=1', f'--raw={raw}/*.txt', f"--out={tmp_path / 'p'}", '--vocab_size=300',
                        '--variant_regex=(?P<doc>.+?)_gut(?:_(?P<variant>f))?']) == 0
-  m = pipeline.load_manifest(str(tmp_path / 'p'))
+  m = shards.load_manifest(str(tmp_path / 'p'))
   assert m['variants'] == {'names': {'original': 3, 'f': 1},
                            'docs_with_n_variants': {'1': 2, '2': 1}}
 
@@ -314,7 +314,7 @@ def test_resume_state_refuses_another_data_config_in_one_line_unless_allowed(src
   assert fingerprint.resume_state(saved, fp(_mixture(srcs)), False, logs.append) == {'next_index': 7}
   assert logs == []
   changed = fp(_mixture(srcs, epochs=4))
-  with pytest.raises(pipeline.DataError) as e:
+  with pytest.raises(shards.DataError) as e:
     fingerprint.resume_state(saved, changed, False, logs.append)
   msg = str(e.value)
   assert '\n' not in msg and msg.startswith("data: config differs from the checkpoint's: "
@@ -328,20 +328,20 @@ def test_resume_state_refuses_another_data_config_in_one_line_unless_allowed(src
 
 def test_a_prepare_failing_while_writing_leaves_the_prepared_dir_and_resumes(srcs, tmp_path, capsys,
                                                                            monkeypatch):
-  from moejax.data import steps
+  from moejax.data import shard_writer
   raw = tmp_path / 'good.jsonl'
   write_jsonl(raw, [{'id': i, 'text': _text(random.Random(i))} for i in range(5)])
   out = tmp_path / 'out'
   assert prepare.main(['--workers=1', f'--raw={raw}', f'--out={out}', '--vocab_size=300', '--workers=1']) == 0
   before = _files(out)
-  write_shard = steps.WriteShards._write_shard
+  write_shard = shard_writer.WriteShards._write_shard
 
   def full_disk(self, work, readers, name, *args):
     if name.startswith('val/'):   # train is already written into the work folder
       raise OSError(28, 'No space left on device', f'{name}.tokens.npy')
     return write_shard(self, work, readers, name, *args)
 
-  monkeypatch.setattr(steps.WriteShards, '_write_shard', full_disk)
+  monkeypatch.setattr(shard_writer.WriteShards, '_write_shard', full_disk)
   capsys.readouterr()
   args = (f'--raw={raw}', f'--out={out}', '--vocab_size=300', '--seed=5', '--workers=1')
   err = _prepare_err(capsys, *args)
@@ -350,7 +350,7 @@ def test_a_prepare_failing_while_writing_leaves_the_prepared_dir_and_resumes(src
   [work] = [p for p in tmp_path.iterdir() if p.name.startswith('.out.prepare-')]   # kept to resume
   monkeypatch.undo()
   assert prepare.main(list(args)) == 0   # the same command finishes the remaining tasks
-  assert not work.exists() and pipeline.load_manifest(str(out))['args']['seed'] == 5
+  assert not work.exists() and shards.load_manifest(str(out))['args']['seed'] == 5
 
 
 def test_missing_shard_file_is_one_line_naming_it(srcs, tmp_path):
@@ -358,8 +358,8 @@ def test_missing_shard_file_is_one_line_naming_it(srcs, tmp_path):
   d = tmp_path / 'copy'
   shutil.copytree(srcs['a'], d)
   (d / 'train/00000-00000.variants.npy').unlink()
-  with pytest.raises(pipeline.DataError, match=r'train/00000-00000.variants.npy: missing; prepare the data again$') as e:
-    pipeline.load_split(str(d), 'train')
+  with pytest.raises(shards.DataError, match=r'train/00000-00000.variants.npy: missing; prepare the data again$') as e:
+    shards.load_split(str(d), 'train')
   assert '\n' not in str(e.value)
 
 
@@ -396,7 +396,7 @@ def test_training_setup_leaves_a_data_dir_prepared_from_other_inputs_alone(srcs,
   c = base_config()
   c.data.raw, c.data.dir, c.data.vocab_size, c.data.variant_regex = str(raw), str(tmp_path / 'p'), 300, ''
   ensure_data(c)   # missing: prepared from data.raw
-  assert pipeline.load_manifest(c.data.dir)['inputs'] == [str(raw)]
+  assert shards.load_manifest(c.data.dir)['inputs'] == [str(raw)]
   for made_otherwise in ([f'--raw={raw}', f"--raw={srcs['root'] / 'a.jsonl'}"],
                          [f'--raw={raw}', f"--tokenizer={srcs['a']}"]):
     assert prepare.main(['--workers=1', *made_otherwise, f'--out={c.data.dir}', '--vocab_size=300']) == 0

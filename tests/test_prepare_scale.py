@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moejax.data import pipeline, prepare
+from moejax.data import pipeline, prepare, shards
 
 ROOT = Path(__file__).resolve().parent.parent
 SYLLABLES = ['ka', 'lo', 'mi', 'ne', 'ru', 'ta', 'vo', 'shi', 'en', 'de', 'ar', 'po', 'li', 'um']
@@ -60,7 +60,7 @@ def npy_hashes(d: Path) -> dict:
 
 
 def num_docs(d) -> int:
-  m = pipeline.load_manifest(str(d))
+  m = shards.load_manifest(str(d))
   return sum(s['num_docs'] for s in m['splits'].values())
 
 
@@ -74,7 +74,7 @@ def corpus(tmp_path_factory):
 
 
 def test_exact_dedup_removes_exact_copies_and_shards_hold_whole_documents(corpus):
-  m = pipeline.load_manifest(str(corpus['tok']))
+  m = shards.load_manifest(str(corpus['tok']))
   assert m['dedup'] == {'method': 'exact', 'docs_removed': corpus['exact']}
   assert num_docs(corpus['tok']) == corpus['distinct'] + corpus['near']
   train = m['splits']['train']
@@ -82,7 +82,7 @@ def test_exact_dedup_removes_exact_copies_and_shards_hold_whole_documents(corpus
   for s in train['shards'][:-1]:   # cut after the document that reaches shard_tokens
     first_doc_len = np.diff(np.load(corpus['tok'] / f"{s['name']}.docs.npy"))[-1]
     assert 20000 <= s['num_tokens'] < 20000 + first_doc_len + 1
-  entries = pipeline.split_entries(str(corpus['tok']), 'train')
+  entries = shards.split_entries(str(corpus['tok']), 'train')
   assert len(entries) == train['num_docs'] and all(e[-1] == m['eod_id'] for e in entries)
   assert sum(len(e) for e in entries) == train['num_tokens']
 
@@ -92,8 +92,8 @@ def test_minhash_removes_planted_near_duplicates_before_the_split(corpus, tmp_pa
   assert run(f"--raw={corpus['raw']}", f'--out={out}', f"--tokenizer={corpus['tok']}",
              '--dedup=minhash', '--shard_tokens=20000') == 0
   assert num_docs(out) == corpus['distinct']   # every copy gone, every distinct doc kept
-  tok = pipeline.load_tokenizer(str(out))
-  texts = {split: {tok.decode(e[:-1].tolist()) for e in pipeline.split_entries(str(out), split)}
+  tok = shards.load_tokenizer(str(out))
+  texts = {split: {tok.decode(e[:-1].tolist()) for e in shards.split_entries(str(out), split)}
            for split in ('train', 'val')}
   assert texts['val'] and not texts['train'] & texts['val']
 
@@ -111,7 +111,7 @@ def test_a_given_tokenizer_and_the_same_inputs_are_up_to_date_then_a_change_repr
   capsys.readouterr()
   assert run(*args) == 0 and capsys.readouterr().out == f'prepared data up to date: {out}\n'
   assert run(*args, '--shard_tokens=5000') == 0 and 'up to date' not in capsys.readouterr().out
-  assert len(pipeline.load_manifest(str(out))['splits']['train']['shards']) > 8
+  assert len(shards.load_manifest(str(out))['splits']['train']['shards']) > 8
 
 
 def test_compressed_parquet_and_url_inputs_give_the_same_documents(corpus, tmp_path):
@@ -138,8 +138,8 @@ def test_compressed_parquet_and_url_inputs_give_the_same_documents(corpus, tmp_p
   # the same records (other files, same ids): the same documents, split the same way
   for out in outs.values():
     for split in ('train', 'val'):
-      assert (sorted(map(bytes, pipeline.split_entries(str(out), split)))
-              == sorted(map(bytes, pipeline.split_entries(str(one), split))))
+      assert (sorted(map(bytes, shards.split_entries(str(out), split)))
+              == sorted(map(bytes, shards.split_entries(str(one), split))))
 
 
 def test_memory_filesystem_input_and_output(corpus):
@@ -161,10 +161,10 @@ def test_filters_drop_and_count_by_name(corpus, tmp_path):
   raw.write_text(''.join(json.dumps(r) + '\n' for r in good + junk))
   out = tmp_path / 'fo'
   assert run(f'--raw={raw}', f'--out={out}', f"--tokenizer={corpus['tok']}", '--filters=gopher_repetition') == 0
-  m = pipeline.load_manifest(str(out))
+  m = shards.load_manifest(str(out))
   assert m['filters']['gopher_repetition']['dropped'] >= 5
-  tok = pipeline.load_tokenizer(str(out))
-  kept = [tok.decode(e[:-1].tolist()) for s in ('train', 'val') for e in pipeline.split_entries(str(out), s)]
+  tok = shards.load_tokenizer(str(out))
+  kept = [tok.decode(e[:-1].tolist()) for s in ('train', 'val') for e in shards.split_entries(str(out), s)]
   assert not [t for t in kept if t.startswith('buy now')]
 
 
@@ -198,7 +198,7 @@ def test_bad_input_is_one_line_naming_the_file_and_keeps_the_prepared_dir(corpus
   # skipping malformed records instead: counted in the manifest
   assert run(f'--raw={bad}', f'--raw={corpus["raw"]}', f"--out={tmp_path / 'skip'}", tok,
              '--bad_records=skip') == 0
-  assert pipeline.load_manifest(str(tmp_path / 'skip'))['bad_records_skipped'] == 1
+  assert shards.load_manifest(str(tmp_path / 'skip'))['bad_records_skipped'] == 1
 
 
 def test_a_prepared_dir_whose_tokenizer_was_replaced_is_refused_as_tokenizer(corpus, tmp_path, capsys):
@@ -301,10 +301,10 @@ def test_variants_join_across_files_and_a_repeated_variant_is_one_line_naming_it
                        for i in (4, 1)))
   out = tmp_path / 'v'
   assert run(f'--raw={a}', f'--raw={b}', f'--out={out}', f"--tokenizer={corpus['tok']}") == 0
-  m = pipeline.load_manifest(str(out))
+  m = shards.load_manifest(str(out))
   assert m['variants'] == {'names': {'original': 6, 'wiki': 2}, 'docs_with_n_variants': {'1': 4, '2': 2}}
-  tok = pipeline.load_tokenizer(str(out))
-  entries = [tok.decode(e[:-1].tolist()) for s in ('train', 'val') for e in pipeline.split_entries(str(out), s)]
+  tok = shards.load_tokenizer(str(out))
+  entries = [tok.decode(e[:-1].tolist()) for s in ('train', 'val') for e in shards.split_entries(str(out), s)]
   for i in (1, 4):   # the rephrasing right after its original, in one shard
     assert entries[entries.index(texts[i]) + 1] == texts[10 + i][:300]
   b.write_text(json.dumps({'id': 'd2', 'variant': 'original', 'text': 'another text for d2'}) + '\n')

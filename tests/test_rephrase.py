@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from moejax.data import pipeline, prepare, rephrase
+from moejax.data import prepare, rephrase, shards
 
 KEY = 'sk-test-secret-123'
 
@@ -86,7 +86,7 @@ def test_rephrase_writes_variants_retries_skips_bad_replies_and_resumes(server, 
   # The rephrasings become variants of the originals when prepared together.
   assert prepare.main(['--workers=1', f'--raw={raw}', f'--raw={out}', f'--out={tmp_path / "p"}', '--vocab_size=300',
                        '--val_fraction=0.2']) == 0
-  assert pipeline.load_manifest(str(tmp_path / 'p'))['variants']['names'] == {'original': 5, 'simple': 3}
+  assert shards.load_manifest(str(tmp_path / 'p'))['variants']['names'] == {'original': 5, 'simple': 3}
 
 
 def test_chunks_fit_the_limit_and_keep_all_text():

@@ -53,7 +53,7 @@ def describe(saved: dict, current: dict, limit: int = 4) -> str:
 def resume_state(saved: dict, current_fp: dict, allow_change: bool, log=print) -> dict:
   """The iterator state in a checkpoint's data item ({'iterator', 'fingerprint'}), after checking
   that the data config is the one it was saved under; raises DataError naming what changed."""
-  from moejax.data.pipeline import DataError
+  from moejax.data.shards import DataError
   if 'fingerprint' not in saved:   # written before fingerprints: the item is the iterator state
     log('checkpoint has no data fingerprint; the data config cannot be checked')
     return saved

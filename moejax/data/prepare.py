@@ -12,14 +12,15 @@ python -m moejax.data.prepare --raw='corpus/*.jsonl.zst' --out=data/web/prepared
     [--executor=local --workers=N | --executor=slurm --slurm_partition=P ... | --executor=ray]
 
 --raw: files, directories, globs or fsspec URLs of .txt, .jsonl[.gz|.zst] and .parquet files
-(moejax.data.sources says how records and their variants are read). Stages (moejax.data.steps):
-[train the tokenizer on a bounded sample] -> per raw file: read, filter, tokenize, sign for dedup
--> datatrove's dedup buckets and clusters -> per partition of documents: join variants, drop
-duplicates, split, write shards -> manifest. Deduplication looks at originals, before the split,
-so no document has a copy on the other side; a removed original takes its rephrasings with it.
+(moejax.data.sources says how records and their variants are read). Stages (moejax.data.steps,
+shard_writer, finish): [train the tokenizer on a bounded sample] -> per raw file: read, filter,
+tokenize, sign for dedup -> datatrove's dedup buckets and clusters -> per partition of documents:
+join variants, drop duplicates, split, write shards -> manifest. Deduplication looks at
+originals, before the split, so no document has a copy on the other side; a removed original
+takes its rephrasings with it.
 
 --out gets train/ and val/ shards ({p:05d}-{k:05d}.{tokens,docs,variants}.npy: token ids, entry
-offsets, document -> entries; see moejax.data.pipeline), tokenizer.json (or tokenizer.tiktoken) and
+offsets, document -> entries; see moejax.data.shards), tokenizer.json (or tokenizer.tiktoken) and
 manifest.json (shards, counts, filter drops, dedup removals). The work happens in a folder next
 to --out named after the inputs and arguments; a killed run (even kill -9) is resumed by the same
 command, byte for byte, and --out is replaced only by a finished run.
@@ -126,7 +127,7 @@ def _rm(url: str):
 
 def stages(plan: Plan, filters: tuple[str, ...], train_tokenizer: bool) -> list:
   from datatrove.pipeline.dedup.minhash import MinhashDedupBuckets, MinhashDedupCluster
-  from moejax.data import steps
+  from moejax.data import finish, shard_writer, steps
   from moejax.data.executors import Stage
   out, T, work = [], len(plan.files), plan.work
   if train_tokenizer:
@@ -140,8 +141,8 @@ def stages(plan: Plan, filters: tuple[str, ...], train_tokenizer: bool) -> list:
                      tasks=cfg.num_buckets))
     out.append(Stage('dedup_clusters', [MinhashDedupCluster(f'{work}/dups', f'{work}/remove', config=cfg)],
                      tasks=1))
-  out.append(Stage('write_shards', [steps.WriteShards(plan)], tasks=plan.num_partitions))
-  out.append(Stage('manifest', [steps.Finish(plan, filters)], tasks=1))
+  out.append(Stage('write_shards', [shard_writer.WriteShards(plan)], tasks=plan.num_partitions))
+  out.append(Stage('manifest', [finish.Finish(plan, filters)], tasks=1))
   return out
 
 
@@ -200,8 +201,8 @@ def prepare(raw: list[str] | str | Path, out: str | Path, vocab_size: int = 4096
               tokenizer_sample_bytes=int(tokenizer_sample_mb * 2**20),
               manifest={'fingerprint': fingerprint, 'raw_sha256': raw_sha256, 'args': args,
                         'inputs': raw, 'num_raw_files': len(files), 'raw_bytes': total_bytes})
-  from moejax.data import steps
-  if steps.finished(plan):
+  from moejax.data import finish, steps
+  if finish.finished(plan):
     return f'prepared data up to date: {out}'
 
   _remove_stale_work_dirs(out, work)
@@ -217,7 +218,7 @@ def prepare(raw: list[str] | str | Path, out: str | Path, vocab_size: int = 4096
   if engine.kind == 'slurm':
     return (f'submitted the prepare stages of {out} to Slurm (logs in {work}/logs); run the same '
             'command again after they finish: it prints "prepared data up to date"')
-  if not steps.finished(plan):
+  if not finish.finished(plan):
     raise PrepareError(f'{work}: some tasks did not finish (see {work}/logs/*/logs); run the same '
                        'command again to resume them')
   _rm(work)

@@ -140,6 +140,20 @@ def base_config() -> ml_collections.ConfigDict:
   i = c.init = ml_collections.ConfigDict()
   i.grow_from = ''             # workdir of a shallower run: stack its layers (moejax.grow)
 
+  # What the loop evaluates besides data.dir's held-out loss (moejax.evals); every train.eval_every
+  # steps: eval/<source>/{loss,bpb} for each source of a mixture and each extra text set.
+  e = c.eval = ml_collections.ConfigDict()
+  e.text = ''                  # extra held-out text sets: 'name=path[,name=path]' (.txt or .jsonl "text")
+  e.tasks = ''                 # downstream task files / dirs (moejax.tasks), comma-separated
+  e.every = 0                  # steps between downstream evals; 0 = every train.eval_every
+  e.num_fewshot = 0
+  e.max_examples = 0           # per task (its first N records); 0 = all
+
+  # Metrics sinks besides metrics.jsonl and TensorBoard.
+  g = c.log = ml_collections.ConfigDict()
+  g.wandb_project = ''         # Weights & Biases project ('' = off); WANDB_MODE=offline works
+  g.wandb_entity = ''
+
   k = c.checkpoint = ml_collections.ConfigDict()
   k.every = 100
   k.max_to_keep = 2

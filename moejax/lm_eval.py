@@ -19,38 +19,57 @@ from moejax.eval import Scorer
 class MoejaxLM(LM):
   def __init__(self, workdir: str, step: int | None = None, batch_size=None, **kwargs):
     super().__init__()
-    self.scorer = Scorer(workdir, None if step is None else int(step))
+    self.scorer = Scorer.from_workdir(workdir, None if step is None else int(step))
 
   def loglikelihood(self, requests) -> list[tuple[float, bool]]:
     logp, greedy, count = self.scorer.score([r.args for r in requests])
     return [(float(lp), bool(g == c)) for lp, g, c in zip(logp, greedy, count)]
 
   def loglikelihood_rolling(self, requests) -> list[float]:
-    """A whole text's log-likelihood (each request scored after an EOD, in windows of the model's
-    context: the scorer keeps the last seq_len tokens, so longer texts are cut into pieces)."""
-    tok, L = self.scorer.tokenizer, self.scorer.max_len
-    out = []
-    for r in requests:
-      ids = tok.encode(r.args[0])
-      pieces = [tok.decode(ids[i:i + L]) for i in range(0, len(ids), L)] or ['']
-      out.append(float(sum(self.scorer.score([('', p)])[0][0] for p in pieces)))
+    """A whole text's log-likelihood after an EOD: the harness's rolling windows of the model's
+    context (each window predicts new tokens with as much of the preceding text as fits), all the
+    requests' windows scored in one batched pass."""
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+    tok, rows, owner = self.scorer.tokenizer, [], []
+    for i, r in enumerate(requests):
+      for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+          tok.encode(r.args[0]), prefix_token=tok.eod_id, max_seq_len=self.scorer.max_len, context_len=1)):
+        rows.append((ctx + cont, len(cont)))
+        owner.append(i)
+    logp = self.scorer.score_ids(rows)[0] if rows else []
+    out = [0.0] * len(requests)
+    for i, lp in zip(owner, logp):
+      out[i] += float(lp)
     return out
 
   def generate_until(self, requests) -> list[str]:
+    """Greedy continuations with moejax's cached decode; requests whose prompts have the same token
+    length decode together as one batch (the decode step shares one position across rows)."""
     from moejax import sample
-    s, out = self.scorer, []
+    s, tok = self.scorer, self.scorer.tokenizer
+    jobs = []
     for r in requests:
       context, opts = r.args[0], (r.args[1] if len(r.args) > 1 else {})
-      until = opts.get('until', []) if isinstance(opts, dict) else []
+      opts = opts if isinstance(opts, dict) else {}
+      until = opts.get('until', [])
       until = [until] if isinstance(until, str) else list(until)
-      max_new = int(opts.get('max_gen_toks', 64)) if isinstance(opts, dict) else 64
-      ids = ([s.tokenizer.eod_id] + s.tokenizer.encode(context))[-(s.max_len - max_new):]
-      new = sample.generate(s.config, s.mesh, s.params, s.router_bias, ids, max_new,
-                            temperature=0.0, top_k=1, seed=0)
-      text = s.tokenizer.decode([t for t in new if t != s.tokenizer.eod_id])
-      for stop in until:
-        text = text.split(stop)[0] if stop else text
-      out.append(text)
+      max_new = int(opts.get('max_gen_toks', 64))
+      ids = ([tok.eod_id] + tok.encode(context))[-max(1, s.max_len - max_new):]
+      jobs.append((ids, max_new, until))
+    out = [''] * len(jobs)
+    groups = {}
+    for i, (ids, max_new, _) in enumerate(jobs):
+      groups.setdefault((len(ids), max_new), []).append(i)
+    for (_, max_new), members in groups.items():
+      for b in range(0, len(members), s.rows):
+        idx = members[b:b + s.rows]
+        new = sample.generate_batch(s.config, s.mesh, s.params, s.router_bias,
+                                    [jobs[i][0] for i in idx], max_new, temperature=0.0, top_k=1, seed=0)
+        for i, ids in zip(idx, new):
+          text = tok.decode([t for t in ids[len(jobs[i][0]):] if t != tok.eod_id])
+          for stop in jobs[i][2]:
+            text = text.split(stop)[0] if stop else text
+          out[i] = text
     return out
 
 

@@ -4,6 +4,7 @@ Per-layer expert loads go to loads.jsonl (fractions of the window's assignments,
 """
 import json
 import os
+import secrets
 import sys
 import time
 
@@ -30,10 +31,31 @@ class Window:
       self.load_sum_LE = out['load_LE'] if self.load_sum_LE is None else self.load_sum_LE + out['load_LE']
 
 
+def open_wandb(log_cfg, config_dict: dict, workdir: str):
+  """A Weights & Biases run for this workdir (or None when log.wandb_project is empty): named after
+  the workdir, with the config; its id is kept in the workdir so a resumed run continues it."""
+  if not log_cfg.wandb_project:
+    return None
+  import wandb
+  id_path = os.path.join(workdir, 'wandb_run_id')
+  if os.path.exists(id_path):
+    with open(id_path) as f:
+      run_id = f.read().strip()
+  else:
+    run_id = secrets.token_hex(6)
+    with open(id_path, 'w') as f:
+      f.write(run_id + '\n')
+  return wandb.init(project=log_cfg.wandb_project, entity=log_cfg.wandb_entity or None, id=run_id,
+                    resume='allow', name=os.path.basename(os.path.abspath(workdir)), config=config_dict,
+                    dir=workdir)
+
+
 class MetricsLog:
   def __init__(self, workdir: str, resume_step: int, is_writer: bool = True, num_real_experts: int = 0,
-               alert_maxvio: float = 0.0, alert_dead_experts: int = 0):
+               alert_maxvio: float = 0.0, alert_dead_experts: int = 0, wandb_run=None):
+    """wandb_run: an open W&B run (open_wandb) that also gets every record, or None."""
     self.is_writer = is_writer
+    self.wandb = wandb_run
     self.num_real_experts = num_real_experts
     self.alert_maxvio, self.alert_dead_experts = alert_maxvio, alert_dead_experts
     self.path = os.path.join(workdir, 'metrics.jsonl')
@@ -60,11 +82,13 @@ class MetricsLog:
     if layers:
       with open(self.loads_path, 'a') as f:
         f.write(json.dumps({'step': step, **layers}) + '\n')
-    for k, v in record.items():
-      if k != 'step' and isinstance(v, (int, float)):
-        self.tb.add_scalar(k, v, step)
+    scalars = {k: v for k, v in record.items() if k != 'step' and isinstance(v, (int, float))}
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=step)
     if 'eval/loss' in record:
-      bpb = ''.join(f' | {k} {v:.4f}' for k, v in record.items() if k.endswith('/bpb'))
+      bpb = ''.join(f' | {k} {v:.4f}' for k, v in record.items() if k.endswith('/bpb') or k == 'eval/core')
       print(f'step {step:>6} | eval/loss {record["eval/loss"]:.4f}{bpb}', flush=True)
 
   def write_train(self, step: int, out: dict, window: Window, total_steps: int, extra: dict | None = None):
@@ -111,3 +135,5 @@ class MetricsLog:
   def close(self):
     if self.tb is not None:
       self.tb.close()
+    if self.wandb is not None:
+      self.wandb.finish()

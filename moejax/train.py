@@ -17,8 +17,9 @@ import jax
 import numpy as np
 import optax
 
-from moejax import (bpb, checkpoint, cli, diagnostics as diagnostics_lib, distributed, flops,
-                    metrics as metrics_lib, model, optim, qk_clip, router, sharding, transfer)
+from moejax import (checkpoint, cli, diagnostics as diagnostics_lib, distributed, flops,
+                    evals, metrics as metrics_lib, model, optim, qk_clip, router, sample, sharding,
+                    transfer)
 from moejax.data import fingerprint, pipeline, shards
 from moejax.data.ensure import ensure_data
 from moejax.data.prepare import PrepareError
@@ -174,12 +175,15 @@ def train(config, workdir: str, allow_data_change: bool = False):
     state, start = init_state(s), 0
   log = metrics_lib.MetricsLog(workdir, resume_step=start, is_writer=jax.process_index() == 0,
                                num_real_experts=s.model.num_experts, alert_maxvio=t.alert_maxvio,
-                               alert_dead_experts=t.alert_dead_experts)
+                               alert_dead_experts=t.alert_dead_experts,
+                               wandb_run=metrics_lib.open_wandb(c.log, c.to_dict(), workdir)
+                               if jax.process_index() == 0 else None)
 
-  eval_batches = pipeline.eval_batches(c.data.dir, seq_len=t.seq_len, batch_size=t.batch_size,
-                                       max_batches=t.eval_batches)
-  eval_targets, eval_bytes = bpb.target_bytes(shards.load_tokenizer(c.data.dir), eval_batches)
-  eval_data = [to_global(process_rows(b), s.batch_sharding) for b in eval_batches]
+  tokenizer = shards.load_tokenizer(c.data.dir)
+  sample.record_tokenizer(workdir, tokenizer)
+  eval_sources = evals.eval_sources(c, tokenizer)
+  eval_data = [[to_global(process_rows(b), s.batch_sharding) for b in src.batches] for src in eval_sources]
+  downstream = evals.Downstream(c, s, tokenizer)
   eval_step = make_eval_step(s)
   steps = {False: make_train_step(s, diagnostics=False), True: make_train_step(s, diagnostics=True)}
   similarity = jax.jit(lambda moe_blocks: diagnostics_lib.expert_similarity(
@@ -187,10 +191,14 @@ def train(config, workdir: str, allow_data_change: bool = False):
 
   def evaluate(step):
     start_time = time.perf_counter()
-    losses = [eval_step(state['params'], state['router_bias'], b) for b in eval_data]
-    loss = float(np.mean(jax.device_get(losses)))
-    log.write(step, {'eval/loss': loss, 'eval/main/loss': loss,
-                     'eval/main/bpb': bpb.bits_per_byte(loss, eval_targets, eval_bytes)})
+    record = {}
+    for src, data in zip(eval_sources, eval_data):
+      losses = [eval_step(state['params'], state['router_bias'], b) for b in data]
+      record.update(evals.source_metrics(src, float(np.mean(jax.device_get(losses)))))
+    record['eval/loss'] = record['eval/main/loss']
+    if downstream.due(step, t.steps):
+      record.update(downstream(state))
+    log.write(step, record)
     return time.perf_counter() - start_time
 
   if start == 0:
@@ -219,7 +227,7 @@ def train(config, workdir: str, allow_data_change: bool = False):
       if 'moe_blocks' in state['params']:
         out = {**out, **similarity(state['params']['moe_blocks'])}
       pending = (step, out)
-    if step % t.eval_every == 0 or step == t.steps:
+    if step % t.eval_every == 0 or step == t.steps or downstream.due(step, t.steps):
       flush()
       window.start += evaluate(step)   # throughput counts training time only
     if step % c.checkpoint.every == 0 or step == t.steps or stop:

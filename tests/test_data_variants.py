@@ -120,7 +120,7 @@ def test_mixture_follows_weights_then_continues_with_the_unfinished_source(srcs)
 def test_segment_ids_and_positions_match_a_per_token_loop():
   rng = np.random.default_rng(0)
   windows = rng.integers(0, 4, size=(3, 21)).astype(np.int32)  # EOD = 0, frequent
-  batch = pipeline._to_batch(windows, eod_id=0)
+  batch = pipeline.windows_to_batch(windows, eod_id=0)
   for r in range(3):
     seg, pos = 1, 0
     for t in range(20):

@@ -177,7 +177,7 @@ def _segments(inputs_BL: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarra
   return segment_ids.astype(np.int32), positions.astype(np.int32)
 
 
-def _to_batch(windows_i32: np.ndarray, eod_id: int = 0) -> dict:
+def windows_to_batch(windows_i32: np.ndarray, eod_id: int = 0) -> dict:
   """int32[B, L+1] windows -> dict(inputs, targets, loss_mask, segment_ids, positions) [B, L]."""
   inputs = windows_i32[:, :-1]
   segment_ids, positions = _segments(inputs, eod_id)
@@ -249,7 +249,7 @@ def train_data(sources: list[Source] | str, *, seq_len: int, batch_size: int, se
   # Consecutive chunks of local_batch rows; process p owns chunks p, p+P, p+2P, ...
   ds = ds.batch(local_batch, drop_remainder=True)[process_index::process_count]
   eod_id = data.eod_id
-  return ds.map(lambda w: _to_batch(w, eod_id)), data
+  return ds.map(lambda w: windows_to_batch(w, eod_id)), data
 
 
 def train_dataset(data_dir: str, *, seq_len: int, batch_size: int, seed: int,
@@ -325,5 +325,5 @@ def eval_batches(data_dir: str, *, seq_len: int, batch_size: int, max_batches: i
   num_batches = max(1, min(max_batches, (epoch_tokens - 1) // seq_len // batch_size))
   eod_id = split.manifest['eod_id']
   ds = grain.MapDataset.source(windows).batch(batch_size, drop_remainder=True)
-  ds = ds.map(lambda w: _to_batch(w, eod_id))
+  ds = ds.map(lambda w: windows_to_batch(w, eod_id))
   return [ds[i] for i in range(num_batches)]

@@ -176,7 +176,7 @@ class HubTask:
   config: str | None             # the config's folder in a snapshot (None: the repo has one)
   splits: dict                   # hub split -> record split ('train' few-shot pool, or 'test')
   convert: Callable[[dict], dict]
-  # Prepended to test contexts only: lm-eval writes its description once, before the shots, and
+  # A record's "description": lm-eval writes it once, before the shots, and
   # renders a shot as doc_to_text + answer alone.
   description: Callable[[dict], str] | None = None
   extra_patterns: tuple[str, ...] = ()   # older layouts of the same files
@@ -286,8 +286,8 @@ def records(name: str, root: Path):
         for n, row in read_rows(path):
           try:
             rec = task.convert(row)
-            if role == 'test' and task.description:
-              rec['context'] = task.description(row) + rec['context']
+            if task.description:   # before the shots; shots come from the same description
+              rec['description'] = task.description(row)
           except RowError as e:
             raise HubTaskError(f'{path}:{n}: {e}') from None
           yield {**rec, 'split': role}

@@ -7,7 +7,10 @@ A task is a local JSONL file (a directory: its *.jsonl), one record a line:
 - language modelling: {"context": str, "target": str} (LAMBADA-style: is the target the greedy
   continuation?).
 A record may carry "split": "train" | "test" (default test): few-shot examples come from a file's
-train records when it has any, else from its other records. The file's stem names the task.
+train records when it has any, else from its other records; and "description": text that goes
+before the shots and the context (MMLU's "The following are ... about {subject}."); shots come from
+records with the same description where there are any (MMLU: the same subject). The file's stem
+names the task.
 """
 import dataclasses
 import json
@@ -25,6 +28,7 @@ class Example:
   continuations: tuple[str, ...]   # the choices, or the one LM target
   label: int                       # index of the right continuation (0 for an LM task)
   where: str = ''                  # file:line, for error messages
+  description: str = ''            # before the shots and the context
 
   def context(self, i: int) -> str:
     return self.contexts[i if len(self.contexts) > 1 else 0]
@@ -49,6 +53,13 @@ class Task:
     return sum(1 / len(e.continuations) for e in self.examples) / len(self.examples)
 
 
+def _description(rec: dict, where: str) -> str:
+  d = rec.get('description', '')
+  if not isinstance(d, str):
+    raise TaskError(f"{where}: 'description' must be a string")
+  return d
+
+
 def _example(rec, where: str) -> tuple[Example, str]:
   if not isinstance(rec, dict):
     raise TaskError(f'{where}: a record must be a JSON object')
@@ -67,13 +78,13 @@ def _example(rec, where: str) -> tuple[Example, str]:
       contexts = (ctx,)
     else:
       raise TaskError(f"{where}: missing field 'context' (a string, or one per choice)")
-    return Example(contexts, tuple(choices), label, where), 'choice'
+    return Example(contexts, tuple(choices), label, where, _description(rec, where)), 'choice'
   if not isinstance(ctx, str):
     raise TaskError(f"{where}: missing field 'context' (a string)")
   if isinstance(rec.get('target'), str):
     if not rec['target']:
       raise TaskError(f"{where}: 'target' is empty")
-    return Example((ctx,), (rec['target'],), 0, where), 'lm'
+    return Example((ctx,), (rec['target'],), 0, where, _description(rec, where)), 'lm'
   raise TaskError(f"{where}: missing field 'choices' (multiple choice) or 'target' (LM task)")
 
 
@@ -124,17 +135,23 @@ def read_tasks(spec: str) -> list[Task]:
 
 
 def with_fewshot(task: Task, k: int, seed: int = 1234) -> list[str]:
-  """Each example's few-shot prefix: k examples with their answers, blank-line separated, drawn
-  (seeded, so every run and device count sees the same prompts) from the train records, or from
-  the other records when the file has none."""
+  """Each example's prompt prefix: its description, then k examples with their answers, blank-line
+  separated, drawn (seeded, so every run and device count sees the same prompts) from the train
+  records (those with the example's description when there are any), or from the other records
+  when the file has no train records."""
   if k == 0:
-    return [''] * len(task.examples)
+    return [e.description for e in task.examples]
   rng = random.Random(seed)
   pool = task.shots or task.examples
+  by_description = {}
+  for s in pool:
+    by_description.setdefault(s.description, []).append(s)
   prefixes = []
   for e in task.examples:
-    others = [s for s in pool if s is not e]
-    prefixes.append(''.join(s.answer() + '\n\n' for s in rng.sample(others, min(k, len(others)))))
+    group = by_description.get(e.description, pool)
+    picks = [group[i] for i in rng.sample(range(len(group)), min(k + 1, len(group)))]
+    shots = [s for s in picks if s is not e][:k]
+    prefixes.append(e.description + ''.join(s.answer() + '\n\n' for s in shots))
   return prefixes
 
 

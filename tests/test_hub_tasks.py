@@ -5,6 +5,7 @@ loads lm-eval's own task YAML (its process_docs / doc_to_* functions included) a
 ConfigurableTask over the same local files, and compares what the harness would score (its
 fewshot_context and construct_requests) with the records moejax reads back (moejax.tasks).
 """
+import dataclasses
 import inspect
 import json
 import os
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
 from moejax import hub_tasks  # noqa: E402
+from moejax import tasks as moe_tasks  # noqa: E402
 from moejax.tasks import read_task  # noqa: E402
 
 SHARD = '-00000-of-00001.parquet'
@@ -233,8 +235,8 @@ def harness_view(task, doc) -> dict:
 
 def our_view(e, kind: str) -> dict:
   if kind == 'lm':
-    return {'context': e.contexts[0], 'target': e.continuations[0]}
-  return {'contexts': [e.context(i) for i in range(len(e.continuations))],
+    return {'context': e.description + e.contexts[0], 'target': e.continuations[0]}
+  return {'contexts': [e.description + e.context(i) for i in range(len(e.continuations))],
           'choices': list(e.continuations), 'label': e.label}
 
 
@@ -279,14 +281,14 @@ def test_mmlu_matches_lm_eval_per_subject(hub, tmp_path):
     rows = [i for i, r in enumerate(MMLU['test']) if r['subject'] == subject]
     ours = [our_view(task.examples[i], 'choice') for i in rows]
     assert ours == [harness_view(lm, d) for d in lm.eval_docs]
-    # A shot is lm-eval's shot: question and answer without the description, which lm-eval writes
-    # once before the shots (moejax puts its shots before the whole context, description included).
+    # lm-eval writes the subject's description once, then the subject's dev shots, then the question.
     shots = [task.shots[i] for i, r in enumerate(MMLU['dev']) if r['subject'] == subject]
-    description = lm.config.description
-    context = task.examples[rows[0]].contexts[0]
-    assert context.startswith(description)
+    e = task.examples[rows[0]]
+    assert e.description == lm.config.description and all(s.description == e.description for s in shots)
+    [prefix] = moe_tasks.with_fewshot(dataclasses.replace(task, examples=(e,)), len(shots))
+    assert set(prefix[len(e.description):].split('\n\n')[:-1]) == {s.answer() for s in shots}
     assert harness_kshot(lm, lm.eval_docs[0], len(shots)) == [
-        description + ''.join(s.answer() + '\n\n' for s in shots) + context[len(description):]]
+        e.description + ''.join(s.answer() + '\n\n' for s in shots) + e.contexts[0]]
 
 
 def test_hand_written_expectations(hub, tmp_path):
@@ -306,9 +308,9 @@ def test_hand_written_expectations(hub, tmp_path):
                                     'The trophy does not fit in the suitcase because the suitcase')
   assert w.examples[1].continuations == (' is too small.',) * 2 and w.examples[1].label == 1
   _, m = converted('mmlu', hub['cais/mmlu'], tmp_path)
-  assert m.examples[0].contexts == (
-      'The following are multiple choice questions (with answers) about abstract algebra.\n\n'
-      'Find the degree of Q(sqrt 2) over Q.\nA. 0\nB. 2\nC. 4\nD. 6\nAnswer:',)
+  assert m.examples[0].description == (
+      'The following are multiple choice questions (with answers) about abstract algebra.\n\n')
+  assert m.examples[0].contexts == ('Find the degree of Q(sqrt 2) over Q.\nA. 0\nB. 2\nC. 4\nD. 6\nAnswer:',)
   assert m.examples[0].continuations == (' A', ' B', ' C', ' D') and m.examples[0].label == 1
   assert m.shots[0].contexts == ('What is the order of S_3?\nA. 3\nB. 6\nC. 9\nD. 12\nAnswer:',)
   _, lam = converted('lambada', hub['EleutherAI/lambada_openai'], tmp_path)

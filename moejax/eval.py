@@ -8,8 +8,8 @@ normalisation), `centered` is CORE's (acc - random baseline) / (1 - random basel
 `acc` = the target is the greedy continuation (every target token is the argmax). The CORE line
 is the mean centred accuracy over the tasks.
 
-Scoring is batched on the mesh: (context, continuation) rows padded on the right to a power-of-two
-length (causal attention: padding never changes an earlier position), rows split over the batch
+Scoring is batched on the mesh: (context, continuation) rows padded on the right to a multiple of
+16 tokens (causal attention: padding never changes an earlier position), rows split over the batch
 axes, one jitted forward per batch; the same numbers on 1 and 8 devices.
 """
 import json
@@ -59,9 +59,10 @@ class Scorer:
     from moejax import model
     logits_BTV, _ = model.forward(params, router_bias, tokens_BT[:, :-1], self.model, self.mesh,
                                   self.batch_axes)
-    logp_BTV = jax.nn.log_softmax(logits_BTV.astype(jnp.float32), axis=-1)
+    logits_BTV = logits_BTV.astype(jnp.float32)
     targets_BT = tokens_BT[:, 1:]
-    logp_BT = jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    target_BT = jnp.take_along_axis(logits_BTV, targets_BT[..., None], axis=-1)[..., 0]
+    logp_BT = target_BT - jax.nn.logsumexp(logits_BTV, axis=-1)   # no second [B, T, V] array
     greedy_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
     m = mask_BT[:, 1:]
     return (jnp.sum(logp_BT * m, axis=1), jnp.sum(greedy_BT * m, axis=1), jnp.sum(m, axis=1))
@@ -79,7 +80,7 @@ class Scorer:
     order = np.argsort([len(r[0]) for r in rows], kind='stable')   # similar lengths share a batch
     for b in range(0, len(rows), self.rows):
       idx = order[b:b + self.rows]
-      length = max(16, 1 << math.ceil(math.log2(max(len(rows[i][0]) for i in idx))))
+      length = bucket_length(max(len(rows[i][0]) for i in idx))
       tokens = np.full((self.rows, length), eod, np.int32)
       mask = np.zeros((self.rows, length), np.float32)
       for r, i in enumerate(idx):
@@ -93,13 +94,17 @@ class Scorer:
 
   def score(self, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """score_ids of each continuation after an end-of-document token and its context (the context's
-    start is cut when the row is longer than the model's context)."""
-    enc = self.tokenizer.encode
-    rows = []
-    for ctx, cont in pairs:
-      t_ids = enc(cont)
-      rows.append(([self.tokenizer.eod_id] + enc(ctx) + t_ids, len(t_ids)))
-    return self.score_ids(rows)
+    start is cut when the row is longer than the model's context). Each distinct string is encoded
+    once (a task's choices share their context)."""
+    texts = sorted({t for pair in pairs for t in pair})
+    ids = dict(zip(texts, self.tokenizer.encode_batch(texts)))
+    eod = [self.tokenizer.eod_id]
+    return self.score_ids([(eod + ids[ctx] + ids[cont], len(ids[cont])) for ctx, cont in pairs])
+
+
+def bucket_length(n: int) -> int:
+  """Rows of a batch are padded to a multiple of 16 tokens (few compiled shapes, little padding)."""
+  return max(16, -(-n // 16) * 16)
 
 
 def evaluate(scorer: Scorer, task: Task, num_fewshot: int = 0) -> dict:

@@ -106,6 +106,15 @@ def test_loop_scores_tasks_and_text_sets_and_mirrors_metrics_to_wandb_across_a_r
     if tasks_due:
       assert {'eval/mini/acc_norm', 'eval/mini/centered', 'eval/lmt/acc'} <= set(r)
       assert r['eval/core'] == pytest.approx((r['eval/mini/centered'] + r['eval/lmt/centered']) / 2)
+  import subprocess
+  proc = subprocess.run(runs.cmd('moejax.report', w), cwd=runs.REPO, env=runs.env(), capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  table = (w / 'report' / 'summary.md').read_text().split('## Evaluations')[1]
+  header = [c.strip() for c in table.strip().splitlines()[0].split('|')[1:-1]]
+  assert header[:3] == ['step', 'main/bpb', 'main/loss'] and {'core', 'mini/acc', 'extra/bpb'} <= set(header)
+  row4 = [c.strip() for c in table.strip().splitlines()[4].split('|')[1:-1]]   # step 0, 2, 4, ...
+  assert row4[0] == '4' and float(row4[header.index('mini/acc')]) == pytest.approx(evals_at[4]['eval/mini/acc'])
   run_id = (w / 'wandb_run_id').read_text().strip()
   files_ = sorted(glob.glob(str(w / 'wandb' / 'offline-run-*' / f'run-{run_id}.wandb')))
   assert len(files_) == 2   # the resumed process continued the same run id

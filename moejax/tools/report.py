@@ -3,7 +3,8 @@
 Writes into <workdir>/report/: expert_load.png (expert load fractions over steps, one heatmap per
 MoE layer), balance.png (MaxVio per batch and over each log window, dead experts), stability.png
 (max attention logit and max residual activation, the early signs of logit and activation blow-up),
-loss.png (train and held-out loss), and summary.md.
+loss.png (train and held-out loss), and summary.md (with a table of every evaluation: loss and bits
+per byte of each eval source, downstream task metrics and CORE; `python -m moejax.report` is the same).
 """
 import json
 import os
@@ -102,10 +103,25 @@ def summary(workdir: str, train: list[dict], evals: list[dict], alerts: list[str
               'moe/expert_cos_max', 'attn/logit_max', 'resid/max_abs'):
     if key in last:
       lines.append(f'| {key} (step {last["step"]}) | {last[key]:.4g} |')
+  lines += eval_table(evals)
   lines += ['', f'Alerts: {len(alerts)}'] + [f'- {a}' for a in alerts[:20]]
   lines += ['', '![expert load](expert_load.png)', '![balance](balance.png)',
             '![stability](stability.png)', '![loss](loss.png)']
   return '\n'.join(lines) + '\n'
+
+
+def eval_table(evals: list[dict]) -> list[str]:
+  """One row per evaluation, one column per eval/... metric any evaluation wrote (blank where absent)."""
+  keys = sorted({k for r in evals for k in r if k.startswith('eval/') and k != 'eval/loss'},
+                key=lambda k: (k == 'eval/core', not k.startswith('eval/main/'), k))
+  if not keys:
+    return []
+  lines = ['', '## Evaluations', '', '| step | ' + ' | '.join(k[len('eval/'):] for k in keys) + ' |',
+           '|---|' + '---|' * len(keys)]
+  for r in evals:
+    cells = [f'{r[k]:.4f}' if isinstance(r.get(k), (int, float)) else '' for k in keys]
+    lines.append(f'| {r["step"]} | ' + ' | '.join(cells) + ' |')
+  return lines
 
 
 def report(workdir: str) -> str:

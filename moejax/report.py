@@ -1,9 +1,158 @@
-"""`python -m moejax.report --workdir=<dir>`: the run report of moejax.tools.report (plots and
-summary.md with the evaluation table), under the short name the evaluation docs use."""
-from absl import app, flags
+"""Plots and a summary of a run: `python -m moejax.report --workdir=<dir>` (or moejax.tools.report).
 
-from moejax.tools.report import main
+Writes into <workdir>/report/: expert_load.png (expert load fractions over steps, one heatmap per
+MoE layer), balance.png (MaxVio per batch and over each log window, dead experts), stability.png
+(max attention logit and max residual activation, the early signs of logit and activation blow-up),
+loss.png (train and held-out loss), and summary.md (with a table of every evaluation: loss and bits
+per byte of each eval source, downstream task metrics and CORE).
+"""
+import json
+import os
+
+from absl import app, flags
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+def read_jsonl(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_expert_load(layers: list[dict], path: str):
+  rows = [r for r in layers if 'load_fraction' in r]
+  if not rows:
+    return False
+  load_SLE = np.asarray([r['load_fraction'] for r in rows])
+  steps = [r['step'] for r in rows]
+  L = load_SLE.shape[1]
+  fig, axes = plt.subplots(L, 1, figsize=(8, 2.2 * L), squeeze=False)
+  for l in range(L):
+    ax = axes[l, 0]
+    im = ax.imshow(load_SLE[:, l].T * load_SLE.shape[-1], aspect='auto', cmap='viridis', origin='lower',
+                   extent=(steps[0], steps[-1], -0.5, load_SLE.shape[-1] - 0.5), vmin=0, vmax=3)
+    ax.set_ylabel(f'MoE layer {l}\nexpert')
+    fig.colorbar(im, ax=ax, label='load / mean')
+  axes[-1, 0].set_xlabel('step')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def plot_balance(train: list[dict], path: str):
+  rows = [r for r in train if 'moe/maxvio' in r]
+  if not rows:
+    return False
+  steps = [r['step'] for r in rows]
+  fig, (a, b) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+  a.plot(steps, [r['moe/maxvio'] for r in rows], label='MaxVio (batch)')
+  a.plot(steps, [r['moe/maxvio_global'] for r in rows], label='MaxVio (log window)')
+  a.set_ylabel('MaxVio')
+  a.legend()
+  b.plot(steps, [r['moe/dead_experts'] for r in rows], color='tab:red')
+  b.set_ylabel('dead experts')
+  b.set_xlabel('step')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def plot_stability(train: list[dict], path: str):
+  series = [(k, label) for k, label in (('attn/logit_max', 'max attention logit'),
+                                        ('resid/max_abs', 'max |residual|')) if any(k in r for r in train)]
+  if not series:
+    return False
+  fig, axes = plt.subplots(len(series), 1, figsize=(8, 2.5 * len(series)), sharex=True, squeeze=False)
+  for ax, (key, label) in zip(axes[:, 0], series):
+    rows = [r for r in train if key in r]
+    ax.plot([r['step'] for r in rows], [r[key] for r in rows])
+    ax.set_ylabel(label)
+  axes[-1, 0].set_xlabel('step')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
+def plot_loss(train: list[dict], evals: list[dict], path: str):
+  fig, ax = plt.subplots(figsize=(8, 4))
+  ax.plot([r['step'] for r in train], [r['lm_loss'] for r in train], label='train lm_loss')
+  ax.plot([r['step'] for r in evals], [r['eval/loss'] for r in evals], 'o-', label='held-out loss')
+  ax.set_xlabel('step')
+  ax.set_ylabel('loss')
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def summary(workdir: str, train: list[dict], evals: list[dict], alerts: list[str]) -> str:
+  last = train[-1] if train else {}
+  lines = [f'# Run report: {workdir}', '', '| metric | value |', '|---|---|']
+  if evals:
+    lines.append(f'| held-out loss (step {evals[0]["step"]} -> {evals[-1]["step"]}) | '
+                 f'{evals[0]["eval/loss"]:.3f} -> {evals[-1]["eval/loss"]:.3f} |')
+  for key in ('loss', 'tokens_per_sec', 'mfu', 'moe/maxvio', 'moe/maxvio_global', 'moe/dead_experts',
+              'moe/entropy', 'moe/active_experts_per_token', 'moe/grad_norm_ratio',
+              'moe/expert_cos_max', 'attn/logit_max', 'resid/max_abs'):
+    if key in last:
+      lines.append(f'| {key} (step {last["step"]}) | {last[key]:.4g} |')
+  lines += eval_table(evals)
+  lines += ['', f'Alerts: {len(alerts)}'] + [f'- {a}' for a in alerts[:20]]
+  lines += ['', '![expert load](expert_load.png)', '![balance](balance.png)',
+            '![stability](stability.png)', '![loss](loss.png)']
+  return '\n'.join(lines) + '\n'
+
+
+def eval_table(evals: list[dict]) -> list[str]:
+  """One row per evaluation, one column per eval/... metric any evaluation wrote (blank where absent)."""
+  keys = sorted({k for r in evals for k in r if k.startswith('eval/') and k != 'eval/loss'},
+                key=lambda k: (k == 'eval/core', not k.startswith('eval/main/'), k))
+  if not keys:
+    return []
+  lines = ['', '## Evaluations', '', '| step | ' + ' | '.join(k[len('eval/'):] for k in keys) + ' |',
+           '|---|' + '---|' * len(keys)]
+  for r in evals:
+    cells = [f'{r[k]:.4f}' if isinstance(r.get(k), (int, float)) else '' for k in keys]
+    lines.append(f'| {r["step"]} | ' + ' | '.join(cells) + ' |')
+  return lines
+
+
+def report(workdir: str) -> str:
+  records = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
+  if not records:
+    raise FileNotFoundError(f'workdir: no metrics.jsonl records in {workdir}')
+  train = [r for r in records if 'lm_loss' in r]
+  evals = [r for r in records if 'eval/loss' in r]
+  alerts = [f'step {r["step"]}: {a}' for r in train for a in r.get('alerts', [])]
+  out = os.path.join(workdir, 'report')
+  os.makedirs(out, exist_ok=True)
+  plot_expert_load(read_jsonl(os.path.join(workdir, 'loads.jsonl')), os.path.join(out, 'expert_load.png'))
+  plot_balance(train, os.path.join(out, 'balance.png'))
+  plot_stability(train, os.path.join(out, 'stability.png'))
+  plot_loss(train, evals, os.path.join(out, 'loss.png'))
+  with open(os.path.join(out, 'summary.md'), 'w') as f:
+    f.write(summary(workdir, train, evals, alerts))
+  return out
+
+
+def main(argv):
+  del argv
+  workdir = flags.FLAGS.workdir
+  if not workdir:
+    raise SystemExit('error: --workdir is required')
+  try:
+    print(f'wrote {report(workdir)}')
+  except FileNotFoundError as e:
+    raise SystemExit(f'error: {e}')
+
 
 if __name__ == '__main__':
-  flags.DEFINE_string('workdir', None, 'Run directory with metrics.jsonl.')
+  flags.DEFINE_string('workdir', None, 'Run directory with metrics.jsonl.')   # here: importable beside train
   app.run(main)

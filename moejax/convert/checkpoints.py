@@ -1,0 +1,236 @@
+"""Import an HF model into a moejax workdir, export a workdir as an HF model, and a checkpoint's logits.
+
+Import checks everything before it writes: config.json maps to a moejax config, every tensor the
+model needs is there with the right shape, no tensor is left over. Then it writes the workdir
+into a temporary sibling and renames it into place, so bad input leaves nothing in W. Each
+parameter leaf (one array stacked over the blocks of its kind) is assembled from its HF tensors,
+read one at a time from memory-mapped files, and placed on its sharding before the next leaf is
+read: peak host memory is about one leaf, not the model.
+"""
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from moejax import checkpoint
+from moejax.configs import base_config
+from moejax.convert import hf_config, weights
+from moejax.convert.hf_config import ConvertError
+from moejax.convert.safetensors_io import Tensors, write
+
+HF_CONFIG = 'hf_config.json'   # the imported config.json, kept in the workdir for export
+
+
+def _layers(cfg, kind: str) -> range:
+  return range(cfg.num_dense_layers) if kind == 'dense_blocks' else range(cfg.num_dense_layers, cfg.num_layers)
+
+
+def _leaf_paths(abstract_params) -> list[tuple[tuple, object]]:
+  flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
+  return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
+
+
+def _assemble(hf_type: str, cfg, tensors: Tensors, path: tuple, shape: tuple, used: set) -> np.ndarray:
+  """The moejax array of one leaf from its HF tensors (recording which were read)."""
+  def read(name, layout, shape):
+    used.add(name)
+    try:
+      return weights.to_moejax(tensors.get(name), layout, shape).astype(np.float32)
+    except ValueError as e:
+      raise ConvertError(f'tensor {name}: {e}') from None
+
+  if len(path) == 1:
+    name, layout = weights.top_level(cfg)[path]
+    return read(name, layout, shape)
+  kind, rest = path[0], path[1:]
+  layer_map, expert_map = weights.block_leaves(hf_type, cfg, 'dense' if kind == 'dense_blocks' else 'moe')
+  out = np.empty(shape, np.float32)
+  for j, i in enumerate(_layers(cfg, kind)):
+    if rest in layer_map:
+      name, layout = layer_map[rest]
+      out[j] = read(name.format(i=i), layout, shape[1:])
+    elif rest in expert_map:
+      template, layout = expert_map[rest]
+      if template.format(i=i, e=0) in tensors:
+        for e in range(shape[1]):
+          out[j, e] = read(template.format(i=i, e=e), layout, shape[2:])
+      else:   # transformers' fused layout: gate_up_proj [E, 2F, D], down_proj [E, D, F]
+        name, which = weights.fused_experts(rest, template.format(i=i, e=0))
+        used.add(name)
+        fused = tensors.get(name)
+        E, D, F = (shape[1], shape[2], shape[3]) if which else (shape[1], shape[3], shape[2])
+        want = (E, 2 * F, D) if which else (E, D, F)
+        if fused.shape != want:
+          raise ConvertError(f'tensor {name}: shape {fused.shape}, expected {list(want)}')
+        part = fused[:, :F] if which == 'w_gate' else fused[:, F:] if which == 'w_up' else fused
+        out[j] = np.swapaxes(part, 1, 2)
+    else:
+      raise ConvertError(f'moejax parameter {"/".join(path)}: no Hugging Face tensor maps to it')
+  return out
+
+
+def import_hf(hf_dir: str, workdir: str, devices=None) -> dict:
+  from moejax.state import setup
+  from moejax.model_config import ModelConfig
+  d = Path(hf_dir)
+  if not (d / 'config.json').is_file():
+    raise ConvertError(f'{d}: no config.json (not a Hugging Face model directory)')
+  if (Path(workdir) / 'checkpoints').exists() and any((Path(workdir) / 'checkpoints').iterdir()):
+    raise ConvertError(f'{workdir}: already holds checkpoints; import into a new workdir')
+  hf = json.loads((d / 'config.json').read_text())
+  settings = hf_config.to_moejax(hf)
+  config = base_config()
+  hf_config.apply(config, settings)
+  config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'expert': 1, 'tensor': 1})
+  cfg = ModelConfig.from_config(config.model)
+  tensors = Tensors(str(d))
+  s = setup(config, devices=devices or jax.devices()[:1])
+  used, params = set(), {}
+  leaves = []
+  for path, leaf in _leaf_paths(s.abstract_state['params']):
+    host = _assemble(hf['model_type'], cfg, tensors, path, leaf.shape, used)
+    leaves.append(jax.device_put(host, leaf.sharding))
+    del host
+  params = jax.tree.unflatten(jax.tree.structure(s.abstract_state['params']), leaves)
+  L, E = cfg.num_moe_layers, cfg.router.num_routed
+  bias = np.zeros((L, E), np.float32)
+  bias_name = weights.router_bias_name(hf['model_type'])
+  if bias_name and L:
+    for j, i in enumerate(_layers(cfg, 'moe_blocks')):
+      used.add(bias_name.format(i=i))
+      bias[j] = tensors.get(bias_name.format(i=i)).astype(np.float32)
+  extra = sorted(set(tensors.names()) - used)
+  if extra:
+    raise ConvertError(f'tensor {extra[0]} ({len(extra)} unused in all): no moejax parameter takes it'
+                       + (' (multi-token prediction layers are not imported yet)'
+                          if extra[0].startswith(f'model.layers.{cfg.num_layers}.') else ''))
+  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': None,
+           'router_bias': jax.device_put(bias, s.state_shardings['router_bias']),
+           'balance_coef': jax.device_put(np.full((L,), cfg.loss.balance_weight, np.float32),
+                                          s.state_shardings['balance_coef'])}
+  state['opt_state'] = jax.jit(s.tx.init, out_shardings=s.state_shardings['opt_state'])(params)
+  _write_workdir(workdir, config, settings, hf, str(d), state)
+  return {'model_type': hf['model_type'], 'params': sum(int(np.prod(x.shape)) for x in leaves),
+          'tensors': len(used)}
+
+
+def _experiment_py(settings: dict, hf: dict, hf_dir: str) -> str:
+  lines = [f'"""{hf["model_type"]} imported from {hf_dir} by `python -m moejax.convert import`.',
+           '', 'Train it on data tokenized with the model\'s own tokenizer: set data.dir (and data.raw) to a',
+           'directory prepared with `python -m moejax.data.prepare --tokenizer=<its tokenizer.json>`.',
+           '"""', 'from moejax.configs import base_config', '', '', 'def get_config():',
+           '  c = base_config()']
+  lines += [f'  c.{key} = {value!r}' for key, value in settings.items()]
+  lines += ['  return c', '']
+  return '\n'.join(lines)
+
+
+def _write_workdir(workdir: str, config, settings: dict, hf: dict, hf_dir: str, state):
+  final = Path(workdir).absolute()
+  tmp = final.parent / f'.{final.name}.importing'
+  shutil.rmtree(tmp, ignore_errors=True)
+  tmp.mkdir(parents=True)
+  mngr = checkpoint.manager(str(tmp), max_to_keep=config.checkpoint.max_to_keep, async_save=False)
+  checkpoint.save(mngr, 0, state, {'imported_from': hf_dir}, force=True)
+  mngr.wait_until_finished()
+  mngr.close()
+  (tmp / 'experiment.py').write_text(_experiment_py(settings, hf, hf_dir))
+  (tmp / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + '\n')
+  if final.exists():   # an empty or checkpoint-less workdir: keep what else it holds
+    for child in tmp.iterdir():
+      target = final / child.name
+      if target.exists():
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+      child.rename(target)
+    tmp.rmdir()
+  else:
+    tmp.rename(final)
+
+
+def _hf_dtype(hf: dict):
+  name = hf.get('dtype') or hf.get('torch_dtype') or 'float32'
+  if name == 'bfloat16':
+    import ml_dtypes
+    return ml_dtypes.bfloat16
+  return {'float32': np.float32, 'float16': np.float16}[name]
+
+
+def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
+  from moejax import sample
+  from moejax.model_config import ModelConfig
+  base_path = Path(workdir) / HF_CONFIG
+  if not base_path.is_file():
+    raise ConvertError(f'{workdir}: no {HF_CONFIG}; export writes runs imported from a Hugging Face model')
+  base = json.loads(base_path.read_text())
+  config, _, state = sample.load(workdir, step)
+  hf = hf_config.to_hf(config, base)
+  cfg = ModelConfig.from_config(config.model)
+  hf_type, dtype = base['model_type'], _hf_dtype(base)
+  params = jax.device_get(state['params'])
+  bias = np.asarray(jax.device_get(state['router_bias']))
+
+  def tensors():
+    for path, _ in _leaf_paths(params):
+      leaf = params
+      for k in path:
+        leaf = leaf[k]
+      leaf = np.asarray(leaf)
+      if len(path) == 1:
+        name, layout = weights.top_level(cfg)[path]
+        yield name, weights.to_hf(leaf, layout).astype(dtype)
+        continue
+      kind, rest = path[0], path[1:]
+      layer_map, expert_map = weights.block_leaves(hf_type, cfg, 'dense' if kind == 'dense_blocks' else 'moe')
+      for j, i in enumerate(_layers(cfg, kind)):
+        if rest in layer_map:
+          name, layout = layer_map[rest]
+          yield name.format(i=i), weights.to_hf(leaf[j], layout).astype(dtype)
+        else:
+          template, layout = expert_map[rest]
+          for e in range(leaf.shape[1]):
+            yield template.format(i=i, e=e), weights.to_hf(leaf[j, e], layout).astype(dtype)
+    name = weights.router_bias_name(hf_type)
+    if name:
+      for j, i in enumerate(_layers(cfg, 'moe_blocks')):
+        yield name.format(i=i), bias[j].astype(dtype)
+
+  out = Path(hf_dir)
+  tmp = out.parent / f'.{out.name}.exporting'
+  shutil.rmtree(tmp, ignore_errors=True)
+  count = 0
+
+  def counted():
+    nonlocal count
+    for item in tensors():
+      count += 1
+      yield item
+  write(str(tmp), counted())
+  (tmp / 'config.json').write_text(json.dumps(hf, indent=2) + '\n')
+  if out.exists():
+    shutil.rmtree(out)
+  tmp.rename(out)
+  return {'model_type': hf_type, 'tensors': count, 'step': int(state['step'])}
+
+
+def logits(workdir: str, input_ids: str, out: str, step: int | None = None) -> tuple:
+  from moejax import model, sample
+  from moejax.model_config import ModelConfig
+  config, mesh, state = sample.load(workdir, step)
+  ids = np.load(input_ids)
+  if ids.ndim == 1:
+    ids = ids[None]
+  if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+    raise ConvertError(f'{input_ids}: need integer token ids [batch, positions], got {ids.dtype} {ids.shape}')
+  if ids.min() < 0 or ids.max() >= config.model.vocab_size:
+    raise ConvertError(f'{input_ids}: token ids must be in [0, {config.model.vocab_size})')
+  cfg = ModelConfig.from_config(config.model)
+  fwd = jax.jit(lambda p, b, x: model.forward(p, b, x, cfg, mesh)[0].astype(jnp.float32))
+  result = np.asarray(fwd(state['params'], state['router_bias'], jnp.asarray(ids, jnp.int32)))
+  np.save(out, result)
+  return result.shape

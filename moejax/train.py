@@ -167,8 +167,11 @@ def train(config, workdir: str, allow_data_change: bool = False):
   mngr = checkpoint.manager(workdir, c.checkpoint.max_to_keep, c.checkpoint.async_save)
   if mngr.latest_step() is not None:
     state, data_state = checkpoint.restore(mngr, s.abstract_state)
-    data_iter.set_state(fingerprint.resume_state(data_state, data_fp, allow_data_change,
-                                                 log=lambda m: print(m, flush=True)))
+    if 'imported_from' in data_state:   # moejax.convert import: weights only, the data starts afresh
+      print(f'starting from the checkpoint imported from {data_state["imported_from"]}', flush=True)
+    else:
+      data_iter.set_state(fingerprint.resume_state(data_state, data_fp, allow_data_change,
+                                                   log=lambda m: print(m, flush=True)))
     start = int(state['step'])
     print(f'resumed from step {start} in {workdir}', flush=True)
   else:

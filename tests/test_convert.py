@@ -1,0 +1,147 @@
+"""moejax.convert on tiny random Hugging Face models (tests/fixtures/hf, made by transformers with
+tests/fixtures/hf/make.py): import -> logits within 1e-4 of transformers', export -> every tensor
+bit for bit, round trip, a training step from the imported checkpoint, the fused expert layout, and
+one-line errors for bad input with nothing written."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from moejax.convert import checkpoints
+from moejax.convert.hf_config import ConvertError
+import runs
+
+FIXTURES = Path(__file__).parent / 'fixtures' / 'hf'
+MODELS = sorted(p.name for p in FIXTURES.iterdir() if (p / 'config.json').is_file())
+
+
+def tensors(d) -> dict:
+  out = {}
+  for f in sorted(Path(d).glob('*.safetensors')):
+    out.update(load_file(str(f)))
+  return out
+
+
+def test_every_family_has_a_fixture():
+  assert set(MODELS) >= {'deepseek_v2', 'deepseek_v3', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'}
+
+
+@pytest.mark.parametrize('name', MODELS)
+def test_import_matches_transformers_and_export_returns_every_tensor(name, tmp_path):
+  src = FIXTURES / name
+  w = tmp_path / 'w'
+  checkpoints.import_hf(str(src), str(w))
+  checkpoints.logits(str(w), str(src / 'input_ids.npy'), str(tmp_path / 'logits.npy'))
+  want = np.load(src / 'logits.npy')
+  got = np.load(tmp_path / 'logits.npy')
+  assert got.shape == want.shape and np.abs(got - want).max() < 1e-4
+  checkpoints.export_hf(str(w), str(tmp_path / 'hf'))
+  a, b = tensors(src), tensors(tmp_path / 'hf')
+  assert sorted(a) == sorted(b)
+  for k in a:
+    assert a[k].dtype == b[k].dtype and np.array_equal(a[k], b[k]), k
+  ca, cb = (json.loads((d / 'config.json').read_text()) for d in (src, tmp_path / 'hf'))
+  assert cb['model_type'] == ca['model_type'] and cb['architectures'] == ca['architectures']
+  checkpoints.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'again'))   # the export imports again
+  checkpoints.logits(str(tmp_path / 'again'), str(src / 'input_ids.npy'), str(tmp_path / 'again.npy'))
+  np.testing.assert_array_equal(np.load(tmp_path / 'again.npy'), got)
+
+
+def test_a_training_step_runs_from_the_imported_checkpoint_and_its_experiment_describes_it(tmp_path):
+  from moejax import checkpoint, sample
+  from moejax.state import setup
+  from moejax.train import make_train_step
+  w = tmp_path / 'w'
+  checkpoints.import_hf(str(FIXTURES / 'deepseek_v3'), str(w))
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('experiment', w / 'experiment.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  exp = module.get_config()
+  saved = json.loads((w / 'config.json').read_text())
+  assert json.loads(exp.model.to_json()) == saved['model']
+  config, _, state = sample.load(str(w))
+  s = setup(config, devices=jax.devices()[:1])
+  ids = np.random.default_rng(0).integers(0, config.model.vocab_size, (2, 17))
+  batch = {'inputs': jnp.asarray(ids[:, :-1], jnp.int32), 'targets': jnp.asarray(ids[:, 1:], jnp.int32),
+           'loss_mask': jnp.ones((2, 16), jnp.float32)}
+  new, out = make_train_step(s, diagnostics=False)(state, batch)
+  assert np.isfinite(float(out['loss'])) and int(new['step']) == 1
+  before, after = (np.asarray(x['params']['embed']) for x in (state, new))
+  assert not np.array_equal(before, after)
+  mngr = checkpoint.manager(str(w), 2, False)
+  assert mngr.latest_step() == 0 and checkpoint.restore(mngr, s.abstract_state)[1]['imported_from']
+
+
+def test_transformers_fused_expert_layout_imports_like_the_hub_layout(tmp_path):
+  src, fused = FIXTURES / 'qwen3_moe', tmp_path / 'fused'
+  fused.mkdir()
+  shutil.copy(src / 'config.json', fused / 'config.json')
+  t = tensors(src)
+  out = {k: v for k, v in t.items() if '.experts.' not in k}
+  cfg = json.loads((src / 'config.json').read_text())
+  E = cfg.get('num_experts') or cfg['num_local_experts']
+  for i in range(cfg['num_hidden_layers']):
+    p = f'model.layers.{i}.mlp.experts.'
+    gate = np.stack([t[f'{p}{e}.gate_proj.weight'] for e in range(E)])
+    up = np.stack([t[f'{p}{e}.up_proj.weight'] for e in range(E)])
+    out[p + 'gate_up_proj'] = np.concatenate([gate, up], axis=1)        # [E, 2F, D]
+    out[p + 'down_proj'] = np.stack([t[f'{p}{e}.down_proj.weight'] for e in range(E)])   # [E, D, F]
+  save_file(out, str(fused / 'model.safetensors'))
+  checkpoints.import_hf(str(fused), str(tmp_path / 'a'))
+  checkpoints.import_hf(str(src), str(tmp_path / 'b'))
+  for w in 'ab':
+    checkpoints.logits(str(tmp_path / w), str(src / 'input_ids.npy'), str(tmp_path / f'{w}.npy'))
+  np.testing.assert_array_equal(np.load(tmp_path / 'a.npy'), np.load(tmp_path / 'b.npy'))
+
+
+def _bad_copy(tmp_path, damage) -> Path:
+  d = tmp_path / 'bad'
+  shutil.copytree(FIXTURES / 'mixtral', d)
+  damage(d)
+  return d
+
+
+def _truncate(d):
+  data = (d / 'model.safetensors').read_bytes()
+  (d / 'model.safetensors').write_bytes(data[:len(data) // 2])
+
+
+def _reshape(d):
+  t = tensors(d)
+  t['model.layers.1.self_attn.q_proj.weight'] = t['model.layers.1.self_attn.q_proj.weight'][:-1]
+  save_file(t, str(d / 'model.safetensors'))
+
+
+def _model_type(d):
+  c = json.loads((d / 'config.json').read_text())
+  (d / 'config.json').write_text(json.dumps({**c, 'model_type': 'gpt_oss'}))
+
+
+def _act(d):
+  c = json.loads((d / 'config.json').read_text())
+  (d / 'config.json').write_text(json.dumps({**c, 'hidden_act': 'gelu'}))
+
+
+@pytest.mark.parametrize('damage,problem', [
+    (lambda d: (d / 'config.json').unlink(), 'no config.json'),
+    (_truncate, 'model.safetensors: not a readable safetensors file'),
+    (_reshape, 'tensor model.layers.1.self_attn.q_proj.weight: shape'),
+    (_model_type, "model_type 'gpt_oss' is not one moejax converts"),
+    (_act, "hidden_act 'gelu'"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path, damage, problem):
+  d = _bad_copy(tmp_path, damage)
+  w = tmp_path / 'w'
+  proc = subprocess.run([sys.executable, '-m', 'moejax.convert', 'import', f'--hf={d}', f'--workdir={w}'],
+                        cwd=runs.REPO, env=runs.env(), capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.count('\n') == 1 and problem in proc.stderr, proc.stderr
+  assert not w.exists() and not list(tmp_path.glob('.w.*'))

@@ -38,6 +38,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.top_k = 2
   m.expert_ffn_dim = 128
   m.num_shared_experts = 1
+  m.shared_expert_ffn_dim = 0  # the shared experts' fused SwiGLU width; 0 = num_shared_experts x expert_ffn_dim
+  m.shared_expert_gate = False  # Qwen2-MoE: the shared experts' output times sigmoid(x . w_gate)
   m.block = 'standard'         # block layout in moejax.blocks.BLOCKS: 'standard' or 'scmoe' (LongCat-Flash)
   m.dispatch = 'auto'          # 'auto' (per backend) or a name in moejax.moe.DISPATCHES: 'dropless',
                                # 'capacity', 'capacity_a2a', 'ragged_dot', 'gmm', 'ragged_a2a'
@@ -59,7 +61,17 @@ def base_config() -> ml_collections.ConfigDict:
   a.head_dim = 32
   a.rope_theta = 10000.0
   a.document_mask = False      # attend only within a document (segment ids of packed sequences)
+  a.rope_layout = 'halves'     # 'halves' (rotate-half: Llama, Qwen) or 'pairs' (interleaved: DeepSeek)
+  a.yarn_factor = 0.0          # > 1: YaRN RoPE context extension by this factor (DeepSeek-V3, Kimi)
+  a.yarn_original_max_len = 0  # the context the model was pretrained at
+  a.yarn_beta_fast = 32.0
+  a.yarn_beta_slow = 1.0
+  a.yarn_mscale = 1.0
+  a.yarn_mscale_all_dim = 0.0  # > 0: MLA's softmax scale times (0.1 * this * ln(factor) + 1) ** 2
+  a.yarn_truncate = True
   a.qk_norm = False            # GQA/MHA/SWA: RMSNorm each head's query and key before RoPE
+  a.qk_norm_scope = 'head'     # ... per head (Qwen3) or 'projection': over all heads at once (OLMoE)
+  a.qkv_bias = False           # GQA/MHA/SWA: biases on the query, key and value projections (Qwen2)
   a.softcap = 0.0              # softmax types: logits -> cap * tanh(logits / cap); 0 = off
   a.sinks = False              # GQA/MHA/SWA: a learned sink logit per head in the softmax
   a.window = 32                # SWA window; NSA sliding branch
@@ -83,6 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   r.bias_update_schedule = 'constant'  # or 'linear': decays to rate * bias_update_final over training
   r.bias_update_final = 0.1
   r.bias_center = False        # subtract the mean of each update (keeps biases centred at 0)
+  r.n_group = 1                # > 1: group-limited routing (DeepSeek-V2/V3): experts in n_group groups,
+  r.topk_group = 1             # a token uses only the topk_group best groups,
+  r.group_score = 'top2_sum'   # scored by the sum of their top-2 selection scores (V3) or 'max' (V2)
 
   l = m.loss = ml_collections.ConfigDict()     # auxiliary losses (moejax.model.LossConfig)
   l.balance_weight = 0.0       # balance loss coefficient (DeepSeek-V3 eq. 17-20 form)

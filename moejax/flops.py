@@ -34,7 +34,7 @@ def forward_flops_per_token(cfg, seq_len: int, active_experts_per_token: float |
   D = cfg.d_model
   dense_ffn = 2 * 3 * D * cfg.dense_ffn_dim
   routed = cfg.top_k if active_experts_per_token is None else active_experts_per_token
-  moe_ffn = 2 * (D * cfg.router.num_routed + 3 * D * cfg.expert_ffn_dim * (routed + cfg.num_shared_experts))
+  moe_ffn = 2 * (D * cfg.router.num_routed + 3 * D * (cfg.expert_ffn_dim * routed + cfg.shared_ffn_dim))
   total = 2 * D * cfg.vocab_size   # the head
   for i, name in enumerate(cfg.layer_attentions):
     kind = 'dense' if i < cfg.num_dense_layers else 'moe'

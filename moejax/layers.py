@@ -21,14 +21,69 @@ def rms_norm(x, scale, eps: float):
   return (y * scale).astype(x.dtype)
 
 
-def rope(x_BTHN, theta: float, offset=0):
-  """Rotary embedding (rotate-half form) at positions offset..offset+T-1 (offset may be traced:
-  decoding passes the position of its one token)."""
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's attention-temperature correction for a context `factor` times the original."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(N: int, cfg) -> tuple[jax.Array, float]:
+  """(inverse frequencies [N / 2], factor on cos and sin) of RoPE over N dims: theta ** (-2i / N), or
+  YaRN's blend of interpolated and extrapolated frequencies when cfg.yarn_factor > 1 (as
+  transformers' _compute_yarn_parameters: a linear ramp between the dims that rotate beta_fast and
+  beta_slow times over the original context)."""
+  theta = cfg.rope_theta
+  pos_freqs = theta ** (jnp.arange(0, N, 2, dtype=jnp.float32) / N)
+  factor = getattr(cfg, 'yarn_factor', 0.0)
+  if not factor:
+    return 1.0 / pos_freqs, 1.0
+  orig = cfg.yarn_original_max_len
+
+  def correction_dim(rotations):
+    return N * math.log(orig / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low, high = correction_dim(cfg.yarn_beta_fast), correction_dim(cfg.yarn_beta_slow)
+  if cfg.yarn_truncate:
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, N - 1)
+  if low == high:
+    high += 0.001
+  ramp = jnp.clip((jnp.arange(N // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
+  extrapolation = 1 - ramp
+  inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
+  if cfg.yarn_mscale and cfg.yarn_mscale_all_dim:
+    attention = yarn_mscale(factor, cfg.yarn_mscale) / yarn_mscale(factor, cfg.yarn_mscale_all_dim)
+  else:
+    attention = yarn_mscale(factor)
+  return inv_freq, attention
+
+
+class _Theta:
+  """A bare RoPE base (callers that pass a number): halves layout, no YaRN."""
+  rope_layout = 'halves'
+  yarn_factor = 0.0
+
+  def __init__(self, theta):
+    self.rope_theta = theta
+
+
+def rope(x_BTHN, cfg, offset=0):
+  """Rotary embedding at positions offset..offset+T-1 (offset may be traced: decoding passes the
+  position of its one token). `cfg`: the attention config (rope_theta, rope_layout, yarn_*) or a
+  bare base theta. Layouts: 'halves' rotates dim i with dim i + N/2 (Llama, Qwen); 'pairs' rotates
+  the interleaved pairs (2i, 2i+1) (DeepSeek), returned de-interleaved as transformers does; the
+  attention scores are what a layout changes, and they match."""
+  cfg = _Theta(cfg) if isinstance(cfg, (int, float)) else cfg
   T, N = x_BTHN.shape[1], x_BTHN.shape[-1]
-  inv_freq = theta ** (-jnp.arange(0, N, 2, dtype=jnp.float32) / N)
+  inv_freq, scale = rope_frequencies(N, cfg)
   angle_TN = (offset + jnp.arange(T)).astype(jnp.float32)[:, None] * inv_freq[None, :]
   cos, sin = jnp.cos(angle_TN)[None, :, None, :], jnp.sin(angle_TN)[None, :, None, :]
-  x1, x2 = jnp.split(x_BTHN.astype(jnp.float32), 2, axis=-1)
+  if scale != 1.0:
+    cos, sin = cos * scale, sin * scale
+  x = x_BTHN.astype(jnp.float32)
+  if cfg.rope_layout == 'pairs':
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+  else:
+    x1, x2 = jnp.split(x, 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_BTHN.dtype)
 

@@ -82,7 +82,9 @@ def moe_specs(cfg: ModelConfig):
       'w_down': ParamSpec((E, F, D), ('expert', 'expert_mlp', 'embed'), scale=out),
   }
   if cfg.num_shared_experts:
-    specs['shared'] = swiglu_specs(D, cfg.num_shared_experts * F, cfg)
+    specs['shared'] = swiglu_specs(D, cfg.shared_ffn_dim, cfg)
+  if cfg.shared_expert_gate:
+    specs['shared_gate'] = ParamSpec((D,), ('embed',), scale=s)
   return specs
 
 
@@ -234,7 +236,10 @@ def moe_ffn(p, bias_E, x_BTD, cfg: ModelConfig, mesh, batch_axes, diagnostics: b
     y_TD = y_TD + x_TD * zero_weight_T[:, None].astype(x_TD.dtype)
   y_BTD = y_TD.reshape(B, T, D)
   if 'shared' in p:
-    y_BTD = y_BTD + swiglu(p['shared'], x_BTD, precision.einsum_for(precision.fp8_mlp(cfg)))
+    shared_BTD = swiglu(p['shared'], x_BTD, precision.einsum_for(precision.fp8_mlp(cfg)))
+    if 'shared_gate' in p:   # Qwen2-MoE: a per-token sigmoid gate on the shared experts
+      shared_BTD = shared_BTD * jax.nn.sigmoid(x_BTD @ p['shared_gate'].astype(x_BTD.dtype))[..., None]
+    y_BTD = y_BTD + shared_BTD
   aux = MoEAux(routing.load_E, routing.balance_loss, routing.z_loss, dropped)
   if diagnostics:
     aux.router_stats = router.routing_stats(routing, cfg.router)   # the scores this layer routed by

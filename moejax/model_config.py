@@ -61,6 +61,8 @@ class ModelConfig:
   router: RouterConfig
   dispatch: DispatchConfig
   loss: LossConfig
+  shared_expert_ffn_dim: int = 0   # the shared experts' fused SwiGLU width; 0 = num_shared * expert_ffn_dim
+  shared_expert_gate: bool = False  # Qwen2-MoE: shared output times sigmoid(x . w_gate)
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'dense_ffn_dim', 'expert_ffn_dim'):
@@ -68,6 +70,10 @@ class ModelConfig:
     check(0 <= self.num_dense_layers <= self.num_layers, 'model.num_dense_layers',
           f'{self.num_dense_layers} must be between 0 and model.num_layers ({self.num_layers})')
     check(self.num_shared_experts >= 0, 'model.num_shared_experts', 'must be >= 0')
+    check(isinstance(self.shared_expert_ffn_dim, int) and self.shared_expert_ffn_dim >= 0,
+          'model.shared_expert_ffn_dim', f'must be an integer >= 0 (0 = num_shared_experts x expert_ffn_dim)')
+    check(not self.shared_expert_gate or self.num_shared_experts, 'model.shared_expert_gate',
+          'needs model.num_shared_experts > 0')
     check_pattern(self.attention, self.attn)
     one_of(self.block, BLOCKS, 'model.block')
     one_of(self.remat, REMAT_POLICIES, 'model.remat')
@@ -79,6 +85,10 @@ class ModelConfig:
   def layer_attentions(self) -> tuple[str, ...]:
     """The attention type of every layer (dense blocks first)."""
     return pattern_names(self.attention, self.num_layers)
+
+  @property
+  def shared_ffn_dim(self) -> int:
+    return self.shared_expert_ffn_dim or self.num_shared_experts * self.expert_ffn_dim
 
   @property
   def num_moe_layers(self) -> int:
@@ -99,4 +109,5 @@ class ModelConfig:
         norm_eps=m.norm_eps, scan_unroll=m.scan_unroll, remat=m.remat, precision=m.precision,
         document_mask=m.attn.document_mask, attn=AttentionConfig.from_config(m),
         router=RouterConfig.from_config(m), dispatch=DispatchConfig.from_config(m),
-        loss=LossConfig(**m.loss))
+        loss=LossConfig(**m.loss), shared_expert_ffn_dim=m.get('shared_expert_ffn_dim', 0),
+        shared_expert_gate=m.get('shared_expert_gate', False))

@@ -41,6 +41,9 @@ class RouterConfig:
   bias_update_final: float = 0.1
   bias_center: bool = False
   balance_scope: str = 'sequence'
+  n_group: int = 1             # > 1: group-limited routing (DeepSeek-V2/V3), experts in n_group groups
+  topk_group: int = 1          # ... of which a token may use the topk_group best
+  group_score: str = 'top2_sum'  # a group's score: sum of its top-2 selection scores (V3) or 'max' (V2)
 
   def __post_init__(self):
     check(isinstance(self.num_experts, int) and self.num_experts >= 1, 'model.num_experts',
@@ -55,6 +58,15 @@ class RouterConfig:
     one_of(self.bias_update_mode, ('sign', 'proportional'), 'model.router.bias_update_mode')
     one_of(self.bias_update_schedule, ('constant', 'linear'), 'model.router.bias_update_schedule')
     one_of(self.balance_scope, ('sequence', 'global'), 'model.loss.balance_scope')
+    one_of(self.group_score, ('top2_sum', 'max'), 'model.router.group_score')
+    check(isinstance(self.n_group, int) and self.n_group >= 1 and self.num_routed % self.n_group == 0,
+          'model.router.n_group', f'{self.n_group} must be >= 1 and divide the {self.num_routed} routed experts')
+    if self.n_group > 1:
+      check(not self.num_zero_experts, 'model.router.n_group', 'group-limited routing with zero-computation experts')
+      check(isinstance(self.topk_group, int) and 1 <= self.topk_group <= self.n_group, 'model.router.topk_group',
+            f'{self.topk_group} must be between 1 and model.router.n_group ({self.n_group})')
+      check(self.top_k <= self.topk_group * self.num_routed // self.n_group, 'model.top_k',
+            f'{self.top_k} experts do not fit in {self.topk_group} groups of {self.num_routed // self.n_group}')
     if self.num_zero_experts:
       check(0 < self.target_active_experts <= self.top_k, 'model.router.target_active_experts',
             f'{self.target_active_experts} must be in (0, model.top_k={self.top_k}] with '
@@ -122,11 +134,25 @@ def router_scores(x_TD, router_DE, bias_E, cfg: RouterConfig):
   return logits_TE, scores_TE, scores_TE + jax.lax.stop_gradient(bias_E)
 
 
+def limit_groups(selection_TE, cfg: RouterConfig):
+  """Group-limited routing (DeepSeek-V2 `group_limited_greedy`, V3 `noaux_tc`): the experts form
+  n_group contiguous groups; a token picks only among the topk_group groups with the best score
+  (the sum of a group's top-2 selection scores, or its best one), the rest masked to -inf."""
+  if cfg.n_group <= 1:
+    return selection_TE
+  T, E = selection_TE.shape
+  s_TGE = selection_TE.reshape(T, cfg.n_group, E // cfg.n_group)
+  group_TG = jax.lax.top_k(s_TGE, 2)[0].sum(-1) if cfg.group_score == 'top2_sum' else s_TGE.max(-1)
+  _, best_TK = jax.lax.top_k(group_TG, cfg.topk_group)
+  keep_TG = jax.nn.one_hot(best_TK, cfg.n_group, dtype=jnp.bool_).any(1)
+  return jnp.where(keep_TG[:, :, None], s_TGE, -jnp.inf).reshape(T, E)
+
+
 def route(x_TD, router_DE, bias_E, cfg: RouterConfig, seq_len: int) -> Routing:
   """Top-k routing in float32. `seq_len` groups tokens into sequences for the sequence-wise loss."""
   K = cfg.top_k
   logits_TE, scores_TE, selection_TE = router_scores(x_TD, router_DE, bias_E, cfg)
-  _, expert_TK = jax.lax.top_k(selection_TE, K)
+  _, expert_TK = jax.lax.top_k(limit_groups(selection_TE, cfg), K)
   weight_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
   if cfg.norm_topk:
     weight_TK = weight_TK / (weight_TK.sum(-1, keepdims=True) + 1e-20)

@@ -18,7 +18,8 @@ from moejax.errors import check, one_of
 from moejax.layers import rope  # noqa: F401
 
 ATTENTIONS = {'gqa': GQA, 'mha': MHA, 'mla': MLA, 'swa': SWA, 'nsa': NSA, 'kda': KDA}
-OPTIONS = {'qk_norm': 'model.attn.qk_norm', 'sinks': 'model.attn.sinks', 'softcap': 'model.attn.softcap'}
+OPTIONS = {'qk_norm': 'model.attn.qk_norm', 'sinks': 'model.attn.sinks', 'softcap': 'model.attn.softcap',
+           'qkv_bias': 'model.attn.qkv_bias'}
 
 
 def parse_pattern(attention: str) -> list[str]:

@@ -2,7 +2,7 @@
 checking its own fields (one-line ConfigError naming the config key)."""
 from dataclasses import dataclass
 
-from moejax.errors import check, non_negative, positive_int
+from moejax.errors import check, non_negative, one_of, positive_int
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,10 @@ class KDAConfig:
     positive_int(self.conv, 'model.kda.conv')
 
 
+YARN_AND_LAYOUT = ('rope_layout', 'yarn_factor', 'yarn_original_max_len', 'yarn_beta_fast', 'yarn_beta_slow',
+                   'yarn_mscale', 'yarn_mscale_all_dim', 'yarn_truncate', 'qk_norm_scope', 'qkv_bias')
+
+
 @dataclass(frozen=True)
 class AttentionConfig:
   """`model.attn` plus the model facts every attention layer needs (width, depth for the output
@@ -59,7 +63,17 @@ class AttentionConfig:
   num_kv_heads: int = 2
   head_dim: int = 32
   rope_theta: float = 10000.0
+  rope_layout: str = 'halves'  # 'halves' (rotate-half: Llama, Qwen) or 'pairs' (interleaved: DeepSeek)
+  yarn_factor: float = 0.0     # > 1: YaRN context extension by this factor (moejax.layers.rope_frequencies)
+  yarn_original_max_len: int = 0
+  yarn_beta_fast: float = 32.0
+  yarn_beta_slow: float = 1.0
+  yarn_mscale: float = 1.0
+  yarn_mscale_all_dim: float = 0.0   # > 0: MLA's softmax scale times yarn_mscale(factor, this) ** 2
+  yarn_truncate: bool = True
   qk_norm: bool = False
+  qk_norm_scope: str = 'head'  # 'head' (RMSNorm per head, Qwen3) or 'projection' (over all heads, OLMoE)
+  qkv_bias: bool = False       # biases on the query, key and value projections (Qwen2)
   softcap: float = 0.0
   sinks: bool = False
   window: int = 32
@@ -79,6 +93,12 @@ class AttentionConfig:
           f'model.attn.num_heads ({self.num_heads}) is not divisible by {self.num_kv_heads}')
     check(self.head_dim % 2 == 0, 'model.attn.head_dim', 'rotary dims must be even')
     non_negative(self.softcap, 'model.attn.softcap')
+    one_of(self.rope_layout, ('halves', 'pairs'), 'model.attn.rope_layout')
+    one_of(self.qk_norm_scope, ('head', 'projection'), 'model.attn.qk_norm_scope')
+    non_negative(self.yarn_factor, 'model.attn.yarn_factor')
+    if self.yarn_factor:
+      check(self.yarn_factor > 1, 'model.attn.yarn_factor', f'{self.yarn_factor} must be > 1 (0 = off)')
+      positive_int(self.yarn_original_max_len, 'model.attn.yarn_original_max_len')
 
   @property
   def out_std(self) -> float:
@@ -90,6 +110,7 @@ class AttentionConfig:
     a = m.attn
     return cls(d_model=m.d_model, num_layers=m.num_layers, num_heads=a.num_heads,
                num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, rope_theta=a.rope_theta,
+               **{k: a[k] for k in YARN_AND_LAYOUT if k in a},   # absent from older runs' configs
                qk_norm=a.qk_norm, softcap=a.softcap, sinks=a.sinks, window=a.window,
                init_std=m.init_std, norm_eps=m.norm_eps, variance_alignment=m.variance_alignment,
                mla=MLAConfig(**m.mla), nsa=NSAConfig(**m.nsa), kda=KDAConfig(**m.kda))

@@ -6,7 +6,7 @@ R rope dim, C latent rank.
 from moejax.attention.core import (Attention, cache_write, causal_softmax_attention,
                                    decode_softmax_attention, ring_attention, ring_cache,
                                    scale_heads, sliding_window_attention, softmax_probs)
-from moejax.layers import dense, rms_norm, rope
+from moejax.layers import dense, rms_norm, rope, yarn_mscale
 from moejax.params import ParamSpec
 import jax.numpy as jnp
 
@@ -23,9 +23,16 @@ def gqa_specs(cfg, num_kv_heads: int | None = None):
       'wv': ParamSpec((D, G, N), ('embed', 'kv_heads', 'head_dim'), scale=s),
       'wo': ParamSpec((H, N, D), ('heads', 'head_dim', 'embed'), scale=out),
   }
-  if cfg.qk_norm:   # RMSNorm of each head's query and key before RoPE (OLMo 2, Qwen 3)
+  if cfg.qk_norm and cfg.qk_norm_scope == 'projection':   # over all heads at once (OLMoE)
+    specs['q_norm'] = ParamSpec((H, N), ('heads', 'head_dim'), init='ones')
+    specs['k_norm'] = ParamSpec((G, N), ('kv_heads', 'head_dim'), init='ones')
+  elif cfg.qk_norm:   # RMSNorm of each head's query and key before RoPE (OLMo 2, Qwen 3)
     specs['q_norm'] = ParamSpec((N,), ('head_dim',), init='ones')
     specs['k_norm'] = ParamSpec((N,), ('head_dim',), init='ones')
+  if cfg.qkv_bias:   # Qwen2
+    specs['bq'] = ParamSpec((H, N), ('heads', 'head_dim'), init='zeros')
+    specs['bk'] = ParamSpec((G, N), ('kv_heads', 'head_dim'), init='zeros')
+    specs['bv'] = ParamSpec((G, N), ('kv_heads', 'head_dim'), init='zeros')
   if cfg.sinks:   # one learned sink logit per query head
     specs['sinks'] = ParamSpec((H,), ('heads',), init='zeros')
   return specs
@@ -40,12 +47,17 @@ def gqa_qkv(p, x_BTD, cfg, offset=0):
   MHA shares this)."""
   B, T, _ = x_BTD.shape
   G, N = p['wk'].shape[1], p['wk'].shape[2]
-  q_BTHN, k_BTGN = dense(x_BTD, p['wq']), dense(x_BTD, p['wk'])
-  if 'q_norm' in p:
+  q_BTHN, k_BTGN, v_BTGN = dense(x_BTD, p['wq']), dense(x_BTD, p['wk']), dense(x_BTD, p['wv'])
+  if 'bq' in p:
+    q_BTHN, k_BTGN, v_BTGN = q_BTHN + p['bq'], k_BTGN + p['bk'], v_BTGN + p['bv']
+  if 'q_norm' in p and p['q_norm'].ndim == 2:   # one RMSNorm over every head's dims
+    q_BTHN = rms_norm(q_BTHN.reshape(B, T, -1), p['q_norm'].reshape(-1), cfg.norm_eps).reshape(q_BTHN.shape)
+    k_BTGN = rms_norm(k_BTGN.reshape(B, T, -1), p['k_norm'].reshape(-1), cfg.norm_eps).reshape(k_BTGN.shape)
+  elif 'q_norm' in p:
     q_BTHN = rms_norm(q_BTHN, p['q_norm'], cfg.norm_eps)
     k_BTGN = rms_norm(k_BTGN, p['k_norm'], cfg.norm_eps)
-  q_BTHN, k_BTGN = rope(q_BTHN, cfg.rope_theta, offset), rope(k_BTGN, cfg.rope_theta, offset)
-  return q_BTHN.reshape(B, T, G, -1, N), k_BTGN, dense(x_BTD, p['wv'])
+  q_BTHN, k_BTGN = rope(q_BTHN, cfg, offset), rope(k_BTGN, cfg, offset)
+  return q_BTHN.reshape(B, T, G, -1, N), k_BTGN, v_BTGN
 
 
 def _softmax_options(p, cfg, G: int) -> dict:
@@ -118,6 +130,13 @@ def latent_scale(cfg, rank: int) -> float:
   return (cfg.d_model / rank) ** 0.5 if cfg.variance_alignment else 1.0
 
 
+def mla_mscale(cfg) -> float:
+  """DeepSeek's YaRN softmax-scale correction, mscale(factor, mscale_all_dim) ** 2, applied to q."""
+  if not (cfg.yarn_factor and cfg.yarn_mscale_all_dim):
+    return 1.0
+  return yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
+
+
 def mla_apply(p, x_BTD, cfg, segment_ids_BT=None):
   Nn, C = cfg.mla.qk_nope_head_dim, cfg.mla.kv_lora_rank
   if cfg.mla.q_lora_rank:
@@ -125,10 +144,10 @@ def mla_apply(p, x_BTD, cfg, segment_ids_BT=None):
     q_BTHK = dense(q_lat * latent_scale(cfg, cfg.mla.q_lora_rank), p['wq_b'])
   else:
     q_BTHK = dense(x_BTD, p['wq'])
-  q_BTHK = jnp.concatenate([q_BTHK[..., :Nn], rope(q_BTHK[..., Nn:], cfg.rope_theta)], axis=-1)
+  q_BTHK = jnp.concatenate([q_BTHK[..., :Nn], rope(q_BTHK[..., Nn:], cfg)], axis=-1) * mla_mscale(cfg)
   kv_a = dense(x_BTD, p['wkv_a'])
   latent_BTC = rms_norm(kv_a[..., :C], p['kv_norm'], cfg.norm_eps) * latent_scale(cfg, C)
-  k_rope_BT1R = rope(kv_a[..., None, C:], cfg.rope_theta)          # one rope key for all heads
+  k_rope_BT1R = rope(kv_a[..., None, C:], cfg)          # one rope key for all heads
   kv_BTHK = dense(latent_BTC, p['wkv_b'])
   H = q_BTHK.shape[2]
   k_BTHK = jnp.concatenate(
@@ -199,10 +218,11 @@ def mla_decode(p, x_BD, cache, pos, cfg):
     q_B1HK = dense(q_lat * latent_scale(cfg, cfg.mla.q_lora_rank), p['wq_b'])
   else:
     q_B1HK = dense(x_B1D, p['wq'])
-  q_nope_BHN, q_rope_BHR = q_B1HK[:, 0, :, :Nn], rope(q_B1HK[..., Nn:], cfg.rope_theta, pos)[:, 0]
+  q_nope_BHN = q_B1HK[:, 0, :, :Nn] * mla_mscale(cfg)
+  q_rope_BHR = rope(q_B1HK[..., Nn:], cfg, pos)[:, 0] * mla_mscale(cfg)
   kv_a = dense(x_BD, p['wkv_a'])
   latent_BC = rms_norm(kv_a[..., :C], p['kv_norm'], cfg.norm_eps) * latent_scale(cfg, C)
-  k_rope_BR = rope(kv_a[:, None, None, C:], cfg.rope_theta, pos)[:, 0, 0]
+  k_rope_BR = rope(kv_a[:, None, None, C:], cfg, pos)[:, 0, 0]
   cache = {'latent': cache_write(cache['latent'], latent_BC, pos),
            'k_rope': cache_write(cache['k_rope'], k_rope_BR, pos)}
   w_uk_CHN, w_uv_CHM = p['wkv_b'][..., :Nn], p['wkv_b'][..., Nn:]
@@ -272,7 +292,7 @@ def mla_activations(cfg, seq_len: int, tp: int):
   return 2 * D + proj + C + q + H * (Nn + R) + H * M + H * seq_len, proj + D
 
 
-GQA_OPTIONS = frozenset({'qk_norm', 'sinks', 'softcap'})
+GQA_OPTIONS = frozenset({'qk_norm', 'sinks', 'softcap', 'qkv_bias'})
 GQA = Attention(gqa_specs, gqa_apply, gqa_flops, gqa_init_cache, gqa_decode, gqa_qk_clip, GQA_OPTIONS,
                 gqa_activations)
 MHA = Attention(mha_specs, gqa_apply, mha_flops, mha_init_cache, gqa_decode, gqa_qk_clip, GQA_OPTIONS,

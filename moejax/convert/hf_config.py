@@ -104,7 +104,8 @@ def to_moejax(hf: dict) -> dict:
       method = hf.get('topk_method', 'greedy')
       if method not in ('greedy', 'group_limited_greedy'):
         raise ConvertError(f'config.json: topk_method {method!r}')
-      out.update({'model.router.score': 'softmax', 'model.router.group_score': 'max'})
+      out.update({'model.router.score': 'softmax', 'model.router.group_score': 'max',
+                  'model.router.norm_topk': False})   # transformers' V2 router never renormalises
       if method == 'greedy':
         out.update({'model.router.n_group': 1, 'model.router.topk_group': 1})
     else:
@@ -126,7 +127,8 @@ def to_moejax(hf: dict) -> dict:
                 'model.num_dense_layers': 0, 'model.router.norm_topk': True})
     return out
   out.update({'model.num_experts': hf.get('num_experts') or hf['num_local_experts'], 'model.top_k': hf['num_experts_per_tok'],
-              'model.expert_ffn_dim': hf['moe_intermediate_size'], 'model.dense_ffn_dim': hf['intermediate_size'],
+              'model.expert_ffn_dim': hf.get('moe_intermediate_size') or hf['intermediate_size'],
+              'model.dense_ffn_dim': hf['intermediate_size'],
               'model.num_dense_layers': _dense_first(hf, L)})
   if t == 'olmoe':
     out.update({'model.attn.qk_norm': True, 'model.attn.qk_norm_scope': 'projection'})

@@ -64,7 +64,7 @@ def _attention(hf_type: str, cfg) -> dict:
   out[('attn', 'wo')] = (a + 'o_proj.weight', 'out')
   if cfg.attn.qk_norm:
     out.update({('attn', 'q_norm'): (a + 'q_norm.weight', 'flat'), ('attn', 'k_norm'): (a + 'k_norm.weight', 'flat')})
-  if getattr(cfg.attn, 'qkv_bias', False):
+  if cfg.attn.qkv_bias:
     out.update({('attn', f'b{x}'): (a + f'{x}_proj.bias', 'flat') for x in 'qkv'})
   return out
 
@@ -83,8 +83,8 @@ def _ffn(hf_type: str, cfg, kind: str) -> tuple[dict, dict]:
   if cfg.num_shared_experts:
     shared = 'shared_expert.' if hf_type == 'qwen2_moe' else 'shared_experts.'
     layer.update({('ffn', 'shared', f'w_{x}'): (m + shared + f'{x}_proj.weight', 'in') for x in ('gate', 'up', 'down')})
-  if getattr(cfg, 'shared_expert_gate', False):
-    layer[('ffn', 'shared_gate')] = (m + 'shared_expert_gate.weight', 'flat')
+  if cfg.shared_expert_gate:
+    layer[('ffn', 'shared_gate')] = (m + 'shared_expert_gate.weight', 'in')   # Linear(D, 1)
   experts = {('ffn', f'w_{x}'): (m + 'experts.{e}.' + f'{x}_proj.weight', 'in') for x in ('gate', 'up', 'down')}
   return layer, experts
 

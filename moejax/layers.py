@@ -32,10 +32,10 @@ def rope_frequencies(N: int, cfg) -> tuple[jax.Array, float]:
   transformers' _compute_yarn_parameters: a linear ramp between the dims that rotate beta_fast and
   beta_slow times over the original context)."""
   theta = cfg.rope_theta
-  pos_freqs = theta ** (jnp.arange(0, N, 2, dtype=jnp.float32) / N)
   factor = getattr(cfg, 'yarn_factor', 0.0)
   if not factor:
-    return 1.0 / pos_freqs, 1.0
+    return theta ** (-jnp.arange(0, N, 2, dtype=jnp.float32) / N), 1.0
+  pos_freqs = theta ** (jnp.arange(0, N, 2, dtype=jnp.float32) / N)
   orig = cfg.yarn_original_max_len
 
   def correction_dim(rotations):

@@ -9,7 +9,6 @@ its largest tensor and its largest moejax leaf (one parameter stacked over the l
 """
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -75,15 +74,19 @@ def generate(d: str, c: dict) -> dict:
 
 
 def run(args: list[str]) -> tuple[float, int]:
-  """(seconds, peak RSS bytes of the child) of `python -m moejax.convert args`."""
-  before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+  """(seconds, the child's own peak RSS in bytes) of `python -m moejax.convert args`."""
+  code = ('import resource, runpy, sys\n'
+          f'sys.argv = ["moejax.convert", *{args!r}]\n'
+          'try:\n  runpy.run_module("moejax.convert", run_name="__main__")\n'
+          'except SystemExit as e:\n  assert not e.code, e.code\n'
+          'print("PEAK_RSS_KIB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n')
   start = time.perf_counter()
-  proc = subprocess.run([sys.executable, '-m', 'moejax.convert', *args], capture_output=True, text=True,
+  proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                         env={**os.environ, 'JAX_PLATFORMS': 'cpu'})
   if proc.returncode:
     raise SystemExit(proc.stderr[-2000:])
-  peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-  return time.perf_counter() - start, max(peak, before) * 1024
+  kib = int(proc.stdout.split('PEAK_RSS_KIB')[-1].split()[0])
+  return time.perf_counter() - start, kib * 1024
 
 
 def main(argv):

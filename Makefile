@@ -10,7 +10,7 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   $$( (ls -d "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3 2>/dev/null || true) | sort -rV); do \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
-.PHONY: setup data train test test-slow bench bench-data bench-eval bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention sweep-width
+.PHONY: setup data train test test-slow bench bench-data bench-eval bench-convert bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention sweep-width
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -71,6 +71,9 @@ bench-data: setup
 
 bench-eval: data
 	$(PY) -m moejax.tools.bench_eval --out=docs/eval_perf.md
+
+bench-convert: setup
+	$(PY) -m moejax.tools.bench_convert --out=docs/convert_perf.md --gb=1
 
 bench-attention: setup
 	$(PY) -m moejax.tools.bench_attention --out=docs/attention.md

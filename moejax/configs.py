@@ -62,14 +62,16 @@ def base_config() -> ml_collections.ConfigDict:
   a.rope_theta = 10000.0
   a.document_mask = False      # attend only within a document (segment ids of packed sequences)
   a.rope_layout = 'halves'     # 'halves' (rotate-half: Llama, Qwen) or 'pairs' (interleaved: DeepSeek)
-  a.yarn_factor = 0.0          # > 1: YaRN RoPE context extension by this factor (DeepSeek-V3, Kimi)
-  a.yarn_original_max_len = 0  # the context the model was pretrained at
-  a.yarn_beta_fast = 32.0
-  a.yarn_beta_slow = 1.0
-  a.yarn_mscale = 1.0
-  a.yarn_mscale_all_dim = 0.0  # > 0: MLA's softmax scale times (0.1 * this * ln(factor) + 1) ** 2
-  a.yarn_truncate = True
-  a.qk_norm = False            # GQA/MHA/SWA: RMSNorm each head's query and key before RoPE
+  # YaRN RoPE scaling (transformers' rope_type 'yarn'), on every layer that applies RoPE:
+  a.yarn_factor = 0.0          # >= 1: context extension by this factor (DeepSeek-V3, Kimi); 0 = off
+  a.yarn_original_max_len = 0  # the context the model was pretrained at (needed when on)
+  a.yarn_beta_fast = 32.0      # the frequency ramp runs between the dims that turn beta_fast ...
+  a.yarn_beta_slow = 1.0       # ... and beta_slow times over the original context
+  a.yarn_mscale = 1.0          # cos/sin times mscale(f, this) / mscale(f, yarn_mscale_all_dim) when
+  a.yarn_mscale_all_dim = 0.0  # both are > 0, else mscale(f) = 0.1 ln f + 1; > 0 also: MLA's softmax
+                               # scale times mscale(f, this) ** 2 (DeepSeek)
+  a.yarn_truncate = True       # round the ramp's ends outwards to whole dims
+  a.qk_norm = False            # GQA/MHA/SWA: RMSNorm of the query and key before RoPE ...
   a.qk_norm_scope = 'head'     # ... per head (Qwen3) or 'projection': over all heads at once (OLMoE)
   a.qkv_bias = False           # GQA/MHA/SWA: biases on the query, key and value projections (Qwen2)
   a.softcap = 0.0              # softmax types: logits -> cap * tanh(logits / cap); 0 = off

@@ -74,7 +74,7 @@ def decode_step(params, router_bias_LE, caches, token_B, pos, cfg, mesh):
                    unit_stacks(caches['moe_blocks'], names)))
     x_BD, outs = scan_layers(moe_block, x_BD, xs, names)
     new['moe_blocks'] = kind_layout(outs)
-  return model.logits_from(params, x_BD, cfg), new
+  return model.logits_from(params, x_BD, cfg), new   # forward's head: final norm, output multiplier
 
 
 def prefill(params, router_bias_LE, caches, tokens_BT, cfg, mesh, start=0):

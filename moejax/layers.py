@@ -22,18 +22,30 @@ def rms_norm(x, scale, eps: float):
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-  """YaRN's attention-temperature correction for a context `factor` times the original."""
+  """YaRN's attention-temperature correction for a context `factor` times the original
+  (transformers' get_mscale): 0.1 * mscale * ln(factor) + 1, or 1 when factor <= 1."""
   return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
+def yarn_attention_factor(cfg) -> float:
+  """The factor on cos and sin under YaRN (transformers' rule): mscale(f, mscale) /
+  mscale(f, mscale_all_dim) when both are set (non-zero), else mscale(f)."""
+  f = cfg.yarn_factor
+  if cfg.yarn_mscale and cfg.yarn_mscale_all_dim:
+    return yarn_mscale(f, cfg.yarn_mscale) / yarn_mscale(f, cfg.yarn_mscale_all_dim)
+  return yarn_mscale(f)
+
+
 def rope_frequencies(N: int, cfg) -> tuple[jax.Array, float]:
-  """(inverse frequencies [N / 2], factor on cos and sin) of RoPE over N dims: theta ** (-2i / N), or
-  YaRN's blend of interpolated and extrapolated frequencies when cfg.yarn_factor > 1 (as
-  transformers' _compute_yarn_parameters: a linear ramp between the dims that rotate beta_fast and
-  beta_slow times over the original context)."""
+  """(inverse frequencies [N / 2], factor on cos and sin) of RoPE over N dims.
+
+  Plain: theta ** (-2i / N). YaRN (cfg.yarn_factor > 0), written as transformers'
+  _compute_yarn_parameters so the bits match: each frequency blends its interpolated (/ factor)
+  and original value by a linear ramp between the dims that turn beta_fast and beta_slow times
+  over the original context (rounded outwards when yarn_truncate)."""
   theta = cfg.rope_theta
   factor = getattr(cfg, 'yarn_factor', 0.0)
-  if not factor:
+  if not factor:   # this exact expression: runs from before YaRN keep their bits
     return theta ** (-jnp.arange(0, N, 2, dtype=jnp.float32) / N), 1.0
   pos_freqs = theta ** (jnp.arange(0, N, 2, dtype=jnp.float32) / N)
   orig = cfg.yarn_original_max_len
@@ -46,15 +58,11 @@ def rope_frequencies(N: int, cfg) -> tuple[jax.Array, float]:
     low, high = math.floor(low), math.ceil(high)
   low, high = max(low, 0), min(high, N - 1)
   if low == high:
-    high += 0.001
+    high += 0.001   # transformers' guard against a zero-width ramp
   ramp = jnp.clip((jnp.arange(N // 2, dtype=jnp.float32) - low) / (high - low), 0, 1)
   extrapolation = 1 - ramp
   inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
-  if cfg.yarn_mscale and cfg.yarn_mscale_all_dim:
-    attention = yarn_mscale(factor, cfg.yarn_mscale) / yarn_mscale(factor, cfg.yarn_mscale_all_dim)
-  else:
-    attention = yarn_mscale(factor)
-  return inv_freq, attention
+  return inv_freq, yarn_attention_factor(cfg)
 
 
 class _Theta:
@@ -69,9 +77,12 @@ class _Theta:
 def rope(x_BTHN, cfg, offset=0):
   """Rotary embedding at positions offset..offset+T-1 (offset may be traced: decoding passes the
   position of its one token). `cfg`: the attention config (rope_theta, rope_layout, yarn_*) or a
-  bare base theta. Layouts: 'halves' rotates dim i with dim i + N/2 (Llama, Qwen); 'pairs' rotates
-  the interleaved pairs (2i, 2i+1) (DeepSeek), returned de-interleaved as transformers does; the
-  attention scores are what a layout changes, and they match."""
+  bare base theta.
+
+  Layouts: 'halves' rotates dim i with dim i + N/2 (Llama, Qwen, OLMoE); 'pairs' rotates the
+  interleaved pairs (2i, 2i+1) (DeepSeek with rope_interleave, V2's complex form) and, like
+  transformers' apply_rotary_pos_emb_interleave, returns them de-interleaved (rotated evens, then
+  odds). q and k get the same permutation, so q . k, the only thing attention reads, is unchanged."""
   cfg = _Theta(cfg) if isinstance(cfg, (int, float)) else cfg
   T, N = x_BTHN.shape[1], x_BTHN.shape[-1]
   inv_freq, scale = rope_frequencies(N, cfg)

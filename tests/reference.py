@@ -341,6 +341,9 @@ SMALL_ATTENTION = dict(d_model=16, attn=dict(num_heads=2, num_kv_heads=1, window
                        kda=dict(chunk=4, conv=3))
 
 
+PERTURBED = ('norm', 'sinks', 'bias', 'a_log', "['bq']", "['bk']", "['bv']")   # zeros/ones inits
+
+
 def attention_problem(attention, T, batch=2, seed=0, shapes=SMALL_ATTENTION, **overrides):
   """One attention layer to check: the AttentionConfig of the tiny model with `shapes`, then
   `overrides` (config.model overrides; a dict updates its group) and init_std 0.3; its params, with
@@ -351,7 +354,7 @@ def attention_problem(attention, T, batch=2, seed=0, shapes=SMALL_ATTENTION, **o
   p = numpy_init_params(ATTENTIONS[attention].specs(a), seed)
   p = jax.tree_util.tree_map_with_path(
       lambda path, w: w + 0.3 * jax.random.normal(jax.random.key(9), w.shape)
-      if any(n in jax.tree_util.keystr(path) for n in ('norm', 'sinks', 'bias', 'a_log')) else w, p)
+      if any(n in jax.tree_util.keystr(path) for n in PERTURBED) else w, p)
   kx, kr = jax.random.split(jax.random.key(seed + 1))
   return (a, p, jax.random.normal(kx, (batch, T, a.d_model)),
           jax.random.normal(kr, (batch, T, a.d_model)))

@@ -1,8 +1,9 @@
 """Tests for moejax.attention: every type (GQA/MHA/MQA, SWA, MLA, NSA, KDA) against the naive
 references in tests/reference.py, forward and gradient; causality; the softmax options (QK-norm,
-sinks, soft-capping), which types honour them, and the per-head max logit; QK-clip (moejax.qk_clip);
-KDA's chunk sizes and NSA's selected branch; hybrid per-layer patterns; document masking (segment
-ids) for every type; every type sharded over tensor x data x fsdp equals one device."""
+q/k/v biases, sinks, soft-capping), which types honour them, and the per-head max logit; QK-clip
+(moejax.qk_clip); KDA's chunk sizes and NSA's selected branch; hybrid per-layer patterns; document
+masking (segment ids) for every type; every type (and GQA with the Hugging Face options of
+tests/test_attention_hf.py) sharded over tensor x data x fsdp equals one device."""
 import dataclasses
 import functools
 import importlib.util
@@ -137,7 +138,7 @@ def test_document_mask_changes_the_output_only_after_the_first_document():
   np.testing.assert_allclose(y_doc[1], y_all[1], rtol=1e-5, atol=1e-6)          # one document
 
 
-OPTION_VALUES = {'qk_norm': True, 'sinks': True, 'softcap': 0.5}
+OPTION_VALUES = {'qk_norm': True, 'sinks': True, 'softcap': 0.5, 'qkv_bias': True}
 
 
 @pytest.mark.parametrize('attention', list(ATTENTIONS))
@@ -150,7 +151,7 @@ def test_options_a_type_supports_change_its_output_and_the_others_are_config_err
   for option, value in OPTION_VALUES.items():
     if option in ATTENTIONS[attention].supports:
       a, p, _, _ = attention_problem(attention, 6, batch=1, attn={option: value})
-      p = {**p, **p_off}                        # only the option's own params differ
+      p = {**p, **p_off}                        # only the option's own params differ (perturbed)
       y = jax.jit(lambda p: ATTENTIONS[attention].apply(p, x, a)[0])(p)
       assert float(jnp.max(jnp.abs(y - y_off))) > 1e-3, option
     else:
@@ -517,10 +518,11 @@ ONE_DEVICE = {'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1}
 FAST_COMPILE = {'xla_backend_optimization_level': 0, 'xla_llvm_disable_expensive_passes': True}
 
 
-def sharded_problem(attention):
-  """A 2-layer tiny model with documents masked; 4 rows of 16 tokens, two of them packed."""
+def sharded_problem(attention, **attn):
+  """A 2-layer tiny model with documents masked (and `attn` options); 4 rows of 16 tokens, two of
+  them packed."""
   cfg = tiny_model_config(attention=attention, num_layers=2, num_dense_layers=1, init_std=0.1,
-                          attn=dict(window=4, document_mask=True), kda=dict(chunk=4),
+                          attn=dict(window=4, document_mask=True, **attn), kda=dict(chunk=4),
                           nsa=dict(block=4, stride=2, select_block=4, num_selected=2))
   p = numpy_init_params(model.model_specs(cfg), seed=0)
   B, T = 4, 16
@@ -544,9 +546,19 @@ def loss_and_grads(cfg, p, bias, batch, mesh_sizes):
   return float(loss), jax.device_get(g), p
 
 
-@pytest.mark.parametrize('attention', list(ATTENTIONS))
-def test_attention_type_sharded_over_tensor_data_fsdp_equals_one_device_with_documents_masked(attention):
-  cfg, p, bias, batch = sharded_problem(attention)
+# the Hugging Face pieces whose params are flat per-head vectors split over 'tensor' (bq, q_norm, ...)
+HF_OPTIONS = dict(qkv_bias=True, qk_norm=True, qk_norm_scope='projection', rope_layout='pairs',
+                  yarn_factor=4.0, yarn_original_max_len=4)
+
+
+@pytest.mark.parametrize('attention,attn', [(name, {}) for name in ATTENTIONS] + [('gqa', HF_OPTIONS)],
+                         ids=list(ATTENTIONS) + ['gqa_hf_options'])
+def test_attention_type_sharded_over_tensor_data_fsdp_equals_one_device_with_documents_masked(attention, attn):
+  cfg, p, bias, batch = sharded_problem(attention, **attn)
+  if attn:   # biases and norm scales away from their zeros / ones init, so a misplaced shard shows
+    p = jax.tree_util.tree_map_with_path(
+        lambda path, w: w + 0.3 * np.random.default_rng(5).standard_normal(w.shape).astype(np.float32)
+        if jax.tree_util.keystr(path).endswith(("['bq']", "['bk']", "['bv']", "_norm']")) else w, p)
   loss1, g1, _ = loss_and_grads(cfg, p, bias, batch, ONE_DEVICE)
   loss8, g8, placed = loss_and_grads(cfg, p, bias, batch, SHARDED_MESH)
   # the heads really are split over 'tensor'

@@ -38,6 +38,13 @@ CASES = {
                                         yarn_original_max_len=4))),
     'mla_yarn_pairs': ('mla', 9, dict(attn=dict(rope_layout='pairs', yarn_factor=4.0, yarn_original_max_len=4,
                                                 yarn_mscale_all_dim=1.0))),
+    'mha_bias_yarn_mscales': ('mha', 7, dict(attn=dict(qkv_bias=True, yarn_factor=8.0, yarn_original_max_len=6,
+                                                       yarn_mscale=0.707, yarn_mscale_all_dim=1.0,
+                                                       yarn_truncate=False))),
+    'swa_hf': ('swa', 13, dict(attn=dict(qk_norm=True, qk_norm_scope='projection', qkv_bias=True,
+                                         rope_layout='pairs', yarn_factor=4.0, yarn_original_max_len=4))),
+    'mla_q_lora_pairs_yarn': ('mla', 9, dict(mla=dict(q_lora_rank=8), attn=dict(
+        rope_layout='pairs', yarn_factor=8.0, yarn_original_max_len=6, yarn_mscale=0.707, yarn_mscale_all_dim=0.707))),
 }
 
 
@@ -99,6 +106,9 @@ MODELS = {
     # width transfer's output multiplier, group-limited routing, Qwen2-MoE's gated shared expert
     'base_width_groups_shared_gate': dict(base_width=8, router=dict(n_group=2, topk_group=1),
                                           shared_expert_gate=True, shared_expert_ffn_dim=24),
+    # logits x 1/m (m = d_model / base_width = 4) on both paths, with the HF attention pieces
+    'base_width_hf_attention': dict(base_width=8, attention='gqa,mla', num_layers=3, attn=dict(
+        rope_layout='pairs', yarn_factor=4.0, yarn_original_max_len=4, yarn_mscale_all_dim=1.0)),
 }
 
 

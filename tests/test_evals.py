@@ -32,7 +32,11 @@ def files(tmp_path_factory):
 
 
 def test_text_sets_and_mixture_sources_each_get_loss_and_bpb(files):
+  from moejax.data.ensure import ensure_data
   c = base_config()
+  c.data.raw, c.data.dir = 'tests/fixtures/shakespeare_sample', 'data/smoke/prepared'   # as experiments/smoke.py
+  c.data.variant_regex = base_config().data.variant_regex
+  ensure_data(c)
   c.train.seq_len, c.train.batch_size, c.train.eval_batches = 16, 2, 3
   prepared = c.data.dir
   c.data.sources = ml_collections.ConfigDict({'a': {'dir': prepared}, 'b': {'dir': prepared, 'weight': 2.0}})

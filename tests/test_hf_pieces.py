@@ -100,8 +100,8 @@ def test_projection_qk_norm_and_qkv_bias_follow_their_definitions():
   cfg = AttentionConfig(d_model=D, num_layers=1, num_heads=H, num_kv_heads=G, head_dim=N, qk_norm=True,
                         qk_norm_scope='projection', qkv_bias=True, norm_eps=1e-6)
   p = {'wq': rng.standard_normal((D, H, N)), 'wk': rng.standard_normal((D, G, N)), 'wv': rng.standard_normal((D, G, N)),
-       'bq': rng.standard_normal((H, N)), 'bk': rng.standard_normal((G, N)), 'bv': rng.standard_normal((G, N)),
-       'q_norm': 1 + 0.1 * rng.standard_normal((H, N)), 'k_norm': 1 + 0.1 * rng.standard_normal((G, N))}
+       'bq': rng.standard_normal(H * N), 'bk': rng.standard_normal(G * N), 'bv': rng.standard_normal(G * N),
+       'q_norm': 1 + 0.1 * rng.standard_normal(H * N), 'k_norm': 1 + 0.1 * rng.standard_normal(G * N)}
   p = {k: jnp.asarray(v, jnp.float32) for k, v in p.items()}
   x = rng.standard_normal((B, T, D)).astype(np.float32)
   q, k, v = (np.asarray(a) for a in gqa_qkv(p, jnp.asarray(x), cfg))

@@ -64,8 +64,9 @@ class AttentionConfig:
   head_dim: int = 32
   rope_theta: float = 10000.0
   rope_layout: str = 'halves'  # 'halves' (rotate-half: Llama, Qwen) or 'pairs' (interleaved: DeepSeek)
-  yarn_factor: float = 0.0     # > 1: YaRN context extension by this factor (moejax.layers.rope_frequencies)
-  yarn_original_max_len: int = 0
+  # YaRN (moejax.layers.rope_frequencies), as transformers' rope_type 'yarn'; factor 0 = off
+  yarn_factor: float = 0.0
+  yarn_original_max_len: int = 0   # the context the model was pretrained at
   yarn_beta_fast: float = 32.0
   yarn_beta_slow: float = 1.0
   yarn_mscale: float = 1.0
@@ -95,10 +96,19 @@ class AttentionConfig:
     non_negative(self.softcap, 'model.attn.softcap')
     one_of(self.rope_layout, ('halves', 'pairs'), 'model.attn.rope_layout')
     one_of(self.qk_norm_scope, ('head', 'projection'), 'model.attn.qk_norm_scope')
+    check(self.qk_norm_scope == 'head' or self.qk_norm, 'model.attn.qk_norm_scope',
+          f'{self.qk_norm_scope!r} needs model.attn.qk_norm = True')
     non_negative(self.yarn_factor, 'model.attn.yarn_factor')
     if self.yarn_factor:
-      check(self.yarn_factor > 1, 'model.attn.yarn_factor', f'{self.yarn_factor} must be > 1 (0 = off)')
+      check(self.yarn_factor >= 1, 'model.attn.yarn_factor', f'{self.yarn_factor} must be >= 1 (0 = off)')
       positive_int(self.yarn_original_max_len, 'model.attn.yarn_original_max_len')
+      for name in ('yarn_beta_fast', 'yarn_beta_slow'):   # rotation counts: log(orig / (2 pi beta))
+        check(isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0, f'model.attn.{name}',
+              f'must be > 0, got {getattr(self, name)!r}')
+      non_negative(self.yarn_mscale, 'model.attn.yarn_mscale')   # 0 = unset (transformers' None)
+      non_negative(self.yarn_mscale_all_dim, 'model.attn.yarn_mscale_all_dim')
+      check(isinstance(self.yarn_truncate, bool), 'model.attn.yarn_truncate',
+            f'must be True or False, got {self.yarn_truncate!r}')
 
   @property
   def out_std(self) -> float:

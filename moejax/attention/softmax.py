@@ -23,16 +23,20 @@ def gqa_specs(cfg, num_kv_heads: int | None = None):
       'wv': ParamSpec((D, G, N), ('embed', 'kv_heads', 'head_dim'), scale=s),
       'wo': ParamSpec((H, N, D), ('heads', 'head_dim', 'embed'), scale=out),
   }
-  if cfg.qk_norm and cfg.qk_norm_scope == 'projection':   # over all heads at once (OLMoE)
-    specs['q_norm'] = ParamSpec((H, N), ('heads', 'head_dim'), init='ones')
-    specs['k_norm'] = ParamSpec((G, N), ('kv_heads', 'head_dim'), init='ones')
+  # Per-head vectors that span every head (projection q/k norm, biases) are stored flat, [H * N]
+  # as transformers keeps them, with the one logical axis 'heads' / 'kv_heads' (it splits them
+  # over the mesh as the projections' heads): one axis makes them vectors, not matrices, for the
+  # optimizer rules (moejax.optim: group 'vectors', no weight decay, no Muon, no width scaling).
+  if cfg.qk_norm and cfg.qk_norm_scope == 'projection':   # one RMSNorm over all heads (OLMoE)
+    specs['q_norm'] = ParamSpec((H * N,), ('heads',), init='ones')
+    specs['k_norm'] = ParamSpec((G * N,), ('kv_heads',), init='ones')
   elif cfg.qk_norm:   # RMSNorm of each head's query and key before RoPE (OLMo 2, Qwen 3)
     specs['q_norm'] = ParamSpec((N,), ('head_dim',), init='ones')
     specs['k_norm'] = ParamSpec((N,), ('head_dim',), init='ones')
-  if cfg.qkv_bias:   # Qwen2
-    specs['bq'] = ParamSpec((H, N), ('heads', 'head_dim'), init='zeros')
-    specs['bk'] = ParamSpec((G, N), ('kv_heads', 'head_dim'), init='zeros')
-    specs['bv'] = ParamSpec((G, N), ('kv_heads', 'head_dim'), init='zeros')
+  if cfg.qkv_bias:   # biases of the q, k, v projections (Qwen2, Qwen2-MoE)
+    specs['bq'] = ParamSpec((H * N,), ('heads',), init='zeros')
+    specs['bk'] = ParamSpec((G * N,), ('kv_heads',), init='zeros')
+    specs['bv'] = ParamSpec((G * N,), ('kv_heads',), init='zeros')
   if cfg.sinks:   # one learned sink logit per query head
     specs['sinks'] = ParamSpec((H,), ('heads',), init='zeros')
   return specs
@@ -49,10 +53,11 @@ def gqa_qkv(p, x_BTD, cfg, offset=0):
   G, N = p['wk'].shape[1], p['wk'].shape[2]
   q_BTHN, k_BTGN, v_BTGN = dense(x_BTD, p['wq']), dense(x_BTD, p['wk']), dense(x_BTD, p['wv'])
   if 'bq' in p:
-    q_BTHN, k_BTGN, v_BTGN = q_BTHN + p['bq'], k_BTGN + p['bk'], v_BTGN + p['bv']
-  if 'q_norm' in p and p['q_norm'].ndim == 2:   # one RMSNorm over every head's dims
-    q_BTHN = rms_norm(q_BTHN.reshape(B, T, -1), p['q_norm'].reshape(-1), cfg.norm_eps).reshape(q_BTHN.shape)
-    k_BTGN = rms_norm(k_BTGN.reshape(B, T, -1), p['k_norm'].reshape(-1), cfg.norm_eps).reshape(k_BTGN.shape)
+    q_BTHN = q_BTHN + p['bq'].reshape(-1, N)
+    k_BTGN, v_BTGN = k_BTGN + p['bk'].reshape(G, N), v_BTGN + p['bv'].reshape(G, N)
+  if 'q_norm' in p and cfg.qk_norm_scope == 'projection':   # statistics over every head's dims
+    q_BTHN = rms_norm(q_BTHN.reshape(B, T, -1), p['q_norm'], cfg.norm_eps).reshape(q_BTHN.shape)
+    k_BTGN = rms_norm(k_BTGN.reshape(B, T, -1), p['k_norm'], cfg.norm_eps).reshape(k_BTGN.shape)
   elif 'q_norm' in p:
     q_BTHN = rms_norm(q_BTHN, p['q_norm'], cfg.norm_eps)
     k_BTGN = rms_norm(k_BTGN, p['k_norm'], cfg.norm_eps)
@@ -131,7 +136,8 @@ def latent_scale(cfg, rank: int) -> float:
 
 
 def mla_mscale(cfg) -> float:
-  """DeepSeek's YaRN softmax-scale correction, mscale(factor, mscale_all_dim) ** 2, applied to q."""
+  """DeepSeek's YaRN softmax-scale correction (DeepseekV2/V3Attention: scaling = qk_head_dim ** -0.5
+  * mscale(factor, mscale_all_dim) ** 2 when mscale_all_dim is set), applied to q: same scores."""
   if not (cfg.yarn_factor and cfg.yarn_mscale_all_dim):
     return 1.0
   return yarn_mscale(cfg.yarn_factor, cfg.yarn_mscale_all_dim) ** 2
@@ -247,7 +253,12 @@ def gqa_qk_clip(p, gamma_LH, cfg):
   gamma_LGh = gamma_LH.reshape(L, G, H // G)
   k_factor_LG = jnp.sqrt(gamma_LGh.min(-1))
   q_factor_LH = (gamma_LGh / k_factor_LG[..., None]).reshape(L, H)
-  return {**p, 'wq': scale_heads(p['wq'], q_factor_LH, 1), 'wk': scale_heads(p['wk'], k_factor_LG, 1)}
+  out = {**p, 'wq': scale_heads(p['wq'], q_factor_LH, 1), 'wk': scale_heads(p['wk'], k_factor_LG, 1)}
+  if 'bq' in p:   # q = x wq + bq: the bias scales with its projection (flat [L, H * N] -> per head)
+    N = p['wq'].shape[-1]
+    flat_scaled = lambda b, f: scale_heads(b.reshape(L, -1, N), f, 0).reshape(b.shape)
+    out.update(bq=flat_scaled(p['bq'], q_factor_LH), bk=flat_scaled(p['bk'], k_factor_LG))
+  return out
 
 
 def mla_qk_clip(p, gamma_LH, cfg):

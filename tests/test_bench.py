@@ -68,6 +68,7 @@ def check_report(text: str, sections):
           assert all(math.isfinite(float(v.replace(',', '').rstrip('%'))) for v in cell.split(' x '))
 
 
+@pytest.mark.slow   # ~72 s; test_bench_data / test_eval cover the report plumbing in the fast suite
 def test_quick_report_fast_sections(tmp_path):
   """The sections with the fewest compiles (the 1B section runs the trainer's step, as the
   throughput and scaling sections do)."""

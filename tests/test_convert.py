@@ -20,6 +20,8 @@ import runs
 
 FIXTURES = Path(__file__).parent / 'fixtures' / 'hf'
 MODELS = sorted(p.name for p in FIXTURES.iterdir() if (p / 'config.json').is_file())
+FAST = ('deepseek_v3', 'qwen2_moe')   # the two with the most pieces; the others run with `make test-slow`
+CASES = [pytest.param(m, marks=() if m in FAST else pytest.mark.slow) for m in MODELS]
 
 
 def tensors(d) -> dict:
@@ -33,7 +35,7 @@ def test_every_family_has_a_fixture():
   assert set(MODELS) >= {'deepseek_v2', 'deepseek_v3', 'mixtral', 'olmoe', 'qwen2_moe', 'qwen3_moe'}
 
 
-@pytest.mark.parametrize('name', MODELS)
+@pytest.mark.parametrize('name', CASES)
 def test_import_matches_transformers_and_export_returns_every_tensor(name, tmp_path):
   src = FIXTURES / name
   w = tmp_path / 'w'

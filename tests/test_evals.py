@@ -85,6 +85,7 @@ def _wandb_records(path):
       yield r.WhichOneof('record_type'), r
 
 
+@pytest.mark.slow   # two training runs with W&B starting up: ~95 s
 def test_loop_scores_tasks_and_text_sets_and_mirrors_metrics_to_wandb_across_a_resume(files, tmp_path):
   w = tmp_path / 'myrun'
   flags = ['--config.train.eval_every=2', f'--config.eval.tasks={files / "tasks"}', '--config.eval.every=4',

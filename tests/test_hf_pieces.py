@@ -116,6 +116,7 @@ def test_projection_qk_norm_and_qkv_bias_follow_their_definitions():
                              rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow   # the decode and convert tests run the gate in the fast suite
 def test_gated_shared_expert_forward_and_gradient():
   from conftest import make_test_mesh, numpy_init_params, tiny_model_dict, update_model
   from moejax import model

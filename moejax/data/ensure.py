@@ -38,7 +38,14 @@ def _prepare(config):
     if m is not None and ([Path(p).resolve() for p in m.get('inputs', [])] != [Path(d.raw).resolve()]
                           or m.get('args', {}).get('tokenizer_sha256')):
       return
-  msg = prepare(Path(d.raw), Path(d.dir), config.model.vocab_size, None, 0.05, config.seed,
-                variant_regex=d.get('variant_regex', ''))
+  import fcntl
+  out = Path(d.dir)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  # Runs started together (tests, a sweep) share one work folder: one prepares, the others wait
+  # and then find it up to date.
+  with open(out.parent / f'.{out.name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    msg = prepare(Path(d.raw), out, config.model.vocab_size, None, 0.05, config.seed,
+                  variant_regex=d.get('variant_regex', ''))
   if 'up to date' not in msg:
     print(msg, flush=True)

@@ -90,8 +90,7 @@ def import_hf(hf_dir: str, workdir: str, devices=None) -> dict:
   cfg = ModelConfig.from_config(config.model)
   tensors = Tensors(str(d))
   s = setup(config, devices=devices or jax.devices()[:1])
-  used, params = set(), {}
-  leaves = []
+  used, leaves = set(), []
   for path, leaf in _leaf_paths(s.abstract_state['params']):
     host = _assemble(hf['model_type'], cfg, tensors, path, leaf.shape, used)
     leaves.append(jax.device_put(host, leaf.sharding))

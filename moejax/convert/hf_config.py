@@ -155,7 +155,6 @@ def apply(config, settings: dict):
 def to_hf(config, base: dict) -> dict:
   """The HF config of a moejax run: the imported config.json with the trained shapes checked."""
   want = to_moejax(base)
-  m = config.model
   for key, value in want.items():
     node = config
     for p in key.split('.'):
@@ -163,5 +162,4 @@ def to_hf(config, base: dict) -> dict:
     if node != value and not isinstance(value, float):
       raise ConvertError(f'{key}: the run has {node!r}, the imported config.json says {value!r}; '
                          'export writes the imported architecture only')
-  del m
   return dict(base)

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 
 from moejax import bpb, evals
-from moejax.configs import base_config
 from moejax.data import shards
 from moejax.errors import ConfigError
 import runs
@@ -33,9 +32,8 @@ def files(tmp_path_factory):
 
 def test_text_sets_and_mixture_sources_each_get_loss_and_bpb(files):
   from moejax.data.ensure import ensure_data
-  c = base_config()
-  c.data.raw, c.data.dir = 'tests/fixtures/shakespeare_sample', 'data/smoke/prepared'   # as experiments/smoke.py
-  c.data.variant_regex = base_config().data.variant_regex
+  from test_config import smoke_config
+  c = smoke_config()   # its own data.dir, prepared as every smoke run prepares it (same vocab and seed)
   ensure_data(c)
   c.train.seq_len, c.train.batch_size, c.train.eval_batches = 16, 2, 3
   prepared = c.data.dir

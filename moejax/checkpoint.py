@@ -6,8 +6,14 @@ save never leaves a checkpoint that restores garbage. Restoring takes the target
 `abstract_state`, so a run can resume on a different mesh.
 """
 import os
+import re
+import shutil
 
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(Exception):
+  """No checkpoint of the workdir could be restored."""
 
 
 def manager(workdir: str, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
@@ -28,6 +34,83 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
   return restored['state'], restored['data']
+
+
+def restore_intact(mngr: ocp.CheckpointManager, abstract_state, log=print, before: int | None = None):
+  """(state, data_state, step) of the latest step that restores, or None when there is no checkpoint.
+
+  A step that cannot be read (damaged or partial files) is reported in one line and the previous
+  step is tried. Once an earlier step restores, the unreadable ones are moved to
+  `checkpoints_unreadable/` beside `checkpoints/` (kept, not deleted) so the run can save those
+  steps again. When no step restores, nothing is moved and CheckpointError names each step's error."""
+  steps = sorted((x for x in mngr.all_steps() if before is None or x < before), reverse=True)
+  failed = []
+  for step in steps:
+    try:
+      state, data_state = restore(mngr, abstract_state, step)
+    except Exception as e:   # orbax surfaces damaged files as many error types (JSON, tensorstore, ...)
+      failed.append((step, e))
+      step_dir = os.path.join(str(mngr.directory), str(step))
+      where = _file_named(e, step) or _unparsable_json(step_dir) or step_dir
+      log(f'checkpoint step {step} is unreadable: {where}: {_first_line(e)}'
+          + ('; trying the previous step' if step != steps[-1] else ''))
+      continue
+    if failed:
+      aside = set_aside(mngr, [bad for bad, _ in failed], 'checkpoints_unreadable')
+      log(f'restored step {step}; moved unreadable step(s) {", ".join(str(b) for b, _ in failed)} to {aside}')
+    return state, data_state, step
+  if failed:
+    raise CheckpointError(f'checkpoint: no step under {mngr.directory} could be restored ('
+                          + '; '.join(f'step {s}: {_first_line(e)}' for s, e in failed) + ')')
+  return None
+
+
+def set_aside(mngr: ocp.CheckpointManager, steps, folder: str) -> str:
+  """Moves these steps out of checkpoints/ into `folder` beside it (kept, so nothing is lost, and
+  the run can save those steps again); returns the folder."""
+  aside = os.path.join(os.path.dirname(str(mngr.directory)), folder)
+  os.makedirs(aside, exist_ok=True)
+  for step in steps:
+    target = os.path.join(aside, str(step))
+    if os.path.exists(target):   # set aside before: keep both
+      target += f'.{len(os.listdir(aside))}'
+    shutil.move(os.path.join(str(mngr.directory), str(step)), target)
+  mngr.reload()
+  return aside
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip().splitlines()
+  return f'{type(e).__name__}: {text[0][:200] if text else ""}'
+
+
+def _file_named(e: Exception, step: int) -> str | None:
+  """A path inside the step's directory named by the error or one it was raised from."""
+  while e is not None:
+    m = re.search(rf'(/[^\s\'",]*/{step}/[^\s\'",)]+)', str(e))
+    if m:
+      return m.group(1)
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def _unparsable_json(step_dir: str) -> str | None:
+  """The first of the step's metadata files (JSON, outside the array data folders) that does not parse."""
+  import json
+  for root, dirs, files in os.walk(step_dir):
+    dirs[:] = sorted(d for d in dirs if d not in ('d',) and not d.startswith('ocdbt'))
+    for name in sorted(files):
+      if name.endswith(('.txt', '.ocdbt')):   # not JSON
+        continue
+      path = os.path.join(root, name)
+      try:
+        with open(path, 'rb') as f:
+          json.loads(f.read().decode())
+      except (UnicodeDecodeError, ValueError):
+        return path
+      except OSError:
+        continue
+  return None
 
 
 def restore_items(workdir: str, abstract: dict):

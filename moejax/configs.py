@@ -119,6 +119,13 @@ def base_config() -> ml_collections.ConfigDict:
   t.alert_maxvio = 3.0          # log an alert when the window's global MaxVio passes this (0 = off)
   t.alert_dead_experts = 1       # ... or when this many experts got no token in the window (0 = off)
   t.peak_flops_per_device = 0.0  # 0 = look up the platform's peak (moejax.flops)
+  # Runs that protect themselves (moejax.guard)
+  t.stop_on_collapse = True      # stop (exit 3) when a MoE layer routes nearly everything to <= top_k + 1 experts
+  t.max_rewinds = 3              # non-finite loss (or a spike): rewind to the last checkpoint, skip the
+                                 # batches since; after this many rewinds stop (exit 4)
+  t.spike_factor = 0.0           # > 0: a logged loss above this x the median of recent ones also rewinds
+  t.spike_window = 10            # logged losses the spike median is taken over
+  t.target_loss = 0.0            # > 0: stop once eval/loss <= this (speedruns; moejax.speedrun)
 
   o = c.optim = ml_collections.ConfigDict()
   # Defaults for every group (moejax.optim); a group's own value wins where it is set (not None).

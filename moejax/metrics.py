@@ -64,14 +64,21 @@ class MetricsLog:
     self.last_time = time.perf_counter()
     if not is_writer:
       return
-    for path in (self.path, self.loads_path):   # a resumed run rewrites what came after its checkpoint
-      if os.path.exists(path):
-        with open(path) as f:
-          keep = [l for l in f if json.loads(l)['step'] <= resume_step]
-        with open(path, 'w') as f:
-          f.writelines(keep)
+    self.rewind(resume_step)
     from tensorboardX import SummaryWriter
     self.tb = SummaryWriter(os.path.join(workdir, 'tb'))
+
+  def rewind(self, step: int):
+    """Drops the records after `step` (a resumed or rewound run writes them again); events (a
+    rewind, a stop: records with an 'event') are history and stay."""
+    if not self.is_writer:
+      return
+    for path in (self.path, self.loads_path):
+      if os.path.exists(path):
+        with open(path) as f:
+          keep = [l for l in f if (r := json.loads(l))['step'] <= step or 'event' in r]
+        with open(path, 'w') as f:
+          f.writelines(keep)
 
   def write(self, step: int, record: dict, layers: dict | None = None):
     if not self.is_writer:
@@ -82,7 +89,8 @@ class MetricsLog:
     if layers:
       with open(self.loads_path, 'a') as f:
         f.write(json.dumps({'step': step, **layers}) + '\n')
-    scalars = {k: v for k, v in record.items() if k != 'step' and isinstance(v, (int, float))}
+    scalars = {k: v for k, v in record.items()   # non-finite ones stay in metrics.jsonl only
+               if k != 'step' and isinstance(v, (int, float)) and np.isfinite(v)}
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
     if self.wandb is not None:
@@ -108,6 +116,7 @@ class MetricsLog:
     record.update(self.alerts(step, record))
     self.write(step, record, layers)
     self.progress(step, record, total_steps, step_time)
+    return record, layers
 
   def alerts(self, step: int, r: dict) -> dict:
     """Warns in the log (and the record) when the router drifts towards collapse."""

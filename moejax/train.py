@@ -14,11 +14,12 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from moejax import (checkpoint, cli, diagnostics as diagnostics_lib, distributed, flops,
-                    evals, metrics as metrics_lib, model, optim, qk_clip, router, sample, sharding,
+                    evals, guard, metrics as metrics_lib, model, optim, qk_clip, router, sample, sharding,
                     transfer)
 from moejax.data import fingerprint, pipeline, shards
 from moejax.data.ensure import ensure_data
@@ -35,6 +36,8 @@ _MULTIHOST = flags.DEFINE_bool('multihost', False, 'Join a multi-process job det
 _COORDINATOR = flags.DEFINE_string('coordinator', '', 'host:port of process 0 (or MOEJAX_COORDINATOR).')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 0, 'Processes in the job (or MOEJAX_NUM_PROCESSES).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', -1, 'This process (or MOEJAX_PROCESS_ID).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'Validate the config and print the per-device memory from '
+                             'its shardings (moejax.dry_run); nothing is allocated or trained.')
 _ALLOW_DATA_CHANGE = flags.DEFINE_bool(
     'allow_data_change', False, 'Resume even though the data config differs from the checkpoint\'s '
     '(the saved batch index then points into the new data stream).')
@@ -90,7 +93,9 @@ def step_metrics(s: Setup, state, new_state, loss, aux, grads, ratios) -> dict:
   """Every value a step reports, in one place (read on the host only at log steps)."""
   cfg = s.model
   lrs = optim.learning_rates(new_state['opt_state'])   # what each group used in this step
-  out = {'loss': loss, 'lm_loss': aux.lm_loss, 'grad_norm': optax.global_norm(grads),
+  grad_norm = optax.global_norm(grads)
+  out = {'loss': loss, 'lm_loss': aux.lm_loss, 'grad_norm': grad_norm,
+         'nonfinite': ~(jnp.isfinite(loss) & jnp.isfinite(grad_norm)),
          'lr': lrs[f'lr/{next(iter(s.config.optim.groups))}'], **lrs,   # 'lr': the first group's
          'resid_max': aux.blocks.resid_max, 'attn_logit_max': aux.blocks.attn_logit_max}
   if cfg.loss.hidden_z_weight:
@@ -165,8 +170,10 @@ def train(config, workdir: str, allow_data_change: bool = False):
   data_fp = fingerprint.fingerprint(sources, seq_len=t.seq_len, batch_size=t.batch_size, seed=c.seed)
   data_iter = pipeline.train_iterator(ds, c.data.workers)
   mngr = checkpoint.manager(workdir, c.checkpoint.max_to_keep, c.checkpoint.async_save)
-  if mngr.latest_step() is not None:
-    state, data_state = checkpoint.restore(mngr, s.abstract_state)
+  fresh_iter_state = data_iter.get_state()
+  restored = checkpoint.restore_intact(mngr, s.abstract_state, log=lambda m: print(m, flush=True))
+  if restored is not None:
+    state, data_state, _ = restored
     if 'imported_from' in data_state:   # moejax.convert import: weights only, the data starts afresh
       print(f'starting from the checkpoint imported from {data_state["imported_from"]}', flush=True)
     else:
@@ -202,44 +209,128 @@ def train(config, workdir: str, allow_data_change: bool = False):
     if downstream.due(step, t.steps):
       record.update(downstream(state))
     log.write(step, record)
-    return time.perf_counter() - start_time
+    return time.perf_counter() - start_time, record['eval/loss']
 
-  if start == 0:
-    evaluate(0)
   def flops_per_step(active_experts_per_token=None):
     return flops.train_flops_per_token(s.model, t.seq_len, active_experts_per_token) * t.batch_size * t.seq_len
 
   peak = flops.peak_flops_per_device(t.peak_flops_per_device) * jax.device_count()
   window = metrics_lib.Window(flops_per_step, peak, t.batch_size * t.seq_len)
-  pending = None
+  finite, spikes = guard.FiniteWatch(), guard.SpikeWatch(t.spike_factor, t.spike_window)
+  pending, rewinds = None, 0
 
-  def flush():   # writes the last logged step's metrics (read from the device only now)
+  def flush(final: bool = False) -> guard.Trouble | None:
+    """Writes the last logged step's metrics (read from the device only now) and checks them."""
     nonlocal pending
-    if pending is not None:
-      log.write_train(*pending, window, total_steps=t.steps, extra=train_data.metrics(pending[0]))
-      pending = None
+    if pending is None:
+      return None
+    step_logged, out = pending
+    pending = None
+    record, layers = log.write_train(step_logged, out, window, total_steps=t.steps,
+                                     extra=train_data.metrics(step_logged))
+    trouble = finite.check(step_logged) or spikes.check(step_logged, record['loss'])
+    if trouble is None and t.stop_on_collapse and 'load_fraction' in layers:
+      collapsed = guard.collapsed_layers(layers['load_fraction'], s.model.top_k)
+      if collapsed and final:
+        print('warning: ' + guard.collapse_message(step_logged, collapsed, s.model.num_experts), flush=True)
+      elif collapsed:
+        stop_run(guard.collapse_message(step_logged, collapsed, s.model.num_experts),
+                 guard.EXIT_COLLAPSE, 'router_collapse', step_logged, {'collapsed_layers': collapsed})
+    return trouble
 
-  for step in range(start + 1, t.steps + 1):
+  def stop_run(message, code, fail_code, step, extra=None):
+    """Ends the run without saving: the last checkpoint stays the last good state."""
+    last = mngr.latest_step()
+    message += f'; stopping (last checkpoint: {"none" if last is None else f"step {last}"})'
+    log.write(step, {'fail_code': fail_code, 'event': message, **(extra or {})})
+    data_iter.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    log.close()
+    raise guard.RunStopped(message, code, fail_code)
+
+  rewound_to, saved_since_rewind = None, True
+
+  def rewind(trouble: guard.Trouble):
+    """Back to the last checkpoint (or the initial state), skipping the batches up to the bad step.
+    When the previous rewind diverged again before the next save, its checkpoint is a state that
+    diverges whatever the data: it is set aside (checkpoints_diverged/) and the rewind goes further back."""
+    nonlocal state, rewinds, pending, rewound_to, saved_since_rewind
+    mngr.wait_until_finished()
+    aside = ''
+    if rewound_to and not saved_since_rewind:
+      aside = (f'; set aside checkpoint step {rewound_to} (a rewind to it diverged again) in '
+               + checkpoint.set_aside(mngr, [rewound_to], 'checkpoints_diverged'))
+    rewinds += 1
+    if rewinds > t.max_rewinds:
+      stop_run(f'{trouble.message} after {t.max_rewinds} rewinds{aside}', guard.EXIT_DIVERGED,
+               trouble.fail_code, trouble.step)
+    back = checkpoint.restore_intact(mngr, s.abstract_state, log=lambda m: print(m, flush=True),
+                                     before=trouble.step)
+    if back is None:
+      state, at = init_state(s), 0
+      data_iter.set_state(fresh_iter_state)
+    else:
+      state, data_state, at = back
+      data_iter.set_state(data_state['iterator'])
+    for _ in range(trouble.step - at):   # the batches of steps at+1 .. trouble.step
+      next(data_iter)
+    rewound_to, saved_since_rewind = at, False
+    message = (f'{trouble.message}; rewound to step {at} and skipped the batches of steps {at + 1}-'
+               f'{trouble.step} (rewind {rewinds} of {t.max_rewinds}){aside}')
+    print(message, flush=True)
+    log.rewind(at)
+    log.write(trouble.step, {'event': message, 'rewind': rewinds, 'reason': trouble.fail_code})
+    finite.clear(), spikes.clear(), window.reset()
+    pending = None
+    return at
+
+  if start == 0:
+    evaluate(0)
+  step = start
+  while step < t.steps:
+    step += 1
     batch = to_global(next(data_iter), s.batch_sharding)
     logged = step % t.log_every == 0 or step == t.steps or preemption.requested
     state, out = steps[logged](state, batch)
+    finite.add(step, out['nonfinite'])
     stop = preemption.requested
-    flush()                          # the previous log step's metrics, read while this step runs
+    trouble = flush()                # the previous log step's metrics, read while this step runs
     window.add(out)
     if logged or stop:
       if 'moe_blocks' in state['params']:
         out = {**out, **similarity(state['params']['moe_blocks'])}
       pending = (step, out)
-    if step % t.eval_every == 0 or step == t.steps or downstream.due(step, t.steps):
-      flush()
-      window.start += evaluate(step)   # throughput counts training time only
-    if step % c.checkpoint.every == 0 or step == t.steps or stop:
+    reached = False
+    if trouble is None and (step % t.eval_every == 0 or step == t.steps or downstream.due(step, t.steps)):
+      trouble = flush() or finite.check(step)   # never evaluate (or stop on) a diverged state
+      if trouble is None:
+        spent, eval_loss = evaluate(step)
+        window.start += spent        # throughput counts training time only
+        reached = bool(t.target_loss) and eval_loss <= t.target_loss
+    saving = step % c.checkpoint.every == 0 or step == t.steps or stop or reached
+    if trouble is None and saving:   # a non-finite (or collapsed) state never reaches a checkpoint
+      trouble = (flush() if step < t.steps else None) or finite.check(step)
+    if trouble is not None:
+      step = rewind(trouble)
+      continue
+    if saving:
       checkpoint.save(mngr, step, state, {'iterator': data_iter.get_state(), 'fingerprint': data_fp},
                       force=True)
+      saved_since_rewind = True
+    if reached:
+      flush()
+      if downstream.tasks and not downstream.due(step, t.steps):   # a speedrun's tasks at its stop
+        log.write(step, downstream(state))
+      print(f'target reached: eval/loss {eval_loss:.4f} <= {t.target_loss} at step {step}', flush=True)
+      log.write(step, {'event': 'target_reached', 'target_loss': t.target_loss})
+      break
     if stop:
       print(f'SIGTERM: saved a checkpoint at step {step}; exiting', flush=True)
       break
-  flush()
+  trouble = flush(final=True)
+  if trouble is not None:   # only the last window's spike can show here, after its save
+    print(f'warning: {trouble.message} in the last window', flush=True)
   data_iter.close()
   mngr.wait_until_finished()
   mngr.close()
@@ -250,6 +341,14 @@ def train(config, workdir: str, allow_data_change: bool = False):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+  if _DRY_RUN.value:
+    from moejax.dry_run import dry_run
+    try:
+      print(dry_run(_CONFIG.value))
+    except ConfigError as e:
+      print(f'error: {e}', file=sys.stderr)
+      sys.exit(2)
+    return
   if _WORKDIR.value is None:
     sys.exit('error: --workdir is required')
   try:
@@ -258,9 +357,13 @@ def main(argv):
                            num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value,
                            multihost=_MULTIHOST.value)
     train(config, _WORKDIR.value, _ALLOW_DATA_CHANGE.value)
-  except (ConfigError, pipeline.DataError, PrepareError, distributed.DistributedError) as e:
+  except (ConfigError, pipeline.DataError, PrepareError, distributed.DistributedError,
+          checkpoint.CheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  except guard.RunStopped as e:
+    print(f'stopped: {e}', file=sys.stderr, flush=True)
+    sys.exit(e.code)
 
 
 if __name__ == '__main__':

@@ -14,11 +14,13 @@ ABOUT = ('The `make train` model (experiments/default.py), trained shorter and l
 
 def no_balancing(c):
   c.model.bias_update_rate = 0.0
+  c.train.stop_on_collapse = False   # measured here, not stopped
 
 
 def balance_loss_only(c):
   c.model.bias_update_rate = 0.0
   c.model.loss.balance_weight = 0.01
+  c.train.stop_on_collapse = False
 
 
 def bias_only(c):

@@ -10,7 +10,8 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   $$( (ls -d "$$(pyenv root 2>/dev/null)"/versions/3.1[2-9]*/bin/python3 2>/dev/null || true) | sort -rV); do \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
-.PHONY: setup data train test test-slow bench bench-data bench-eval bench-convert bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention sweep-width
+SPEEDRUN := experiments/speedrun.py
+.PHONY: speedrun setup data train test test-slow bench bench-data bench-eval bench-convert bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention sweep-width
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -31,6 +32,11 @@ data: setup
 train: data
 	$(PY) -m moejax.train --config=experiments/default.py --workdir=runs/default
 	$(PY) -m moejax.sample --workdir=runs/default --prompt="ROMEO:" --max_new_tokens=60
+
+# Wall time to the fixed held-out loss (docs/speedrun.md); appends to results/speedrun.{json,md}.
+# RECIPE=<name> runs another recipe of experiments/speedrun.py.
+speedrun: data
+	$(PY) -m moejax.speedrun --config=$(SPEEDRUN)$(if $(RECIPE),:$(RECIPE))
 
 # Two workers, one test file each at a time (files share module-scoped runs): CI has 2 cores.
 test: setup

@@ -1,5 +1,5 @@
 """The accelerator speedrun: nmoe's 256-expert MoE ("super") on FineWeb-Edu 100B-shuffle, to a
-validation loss of 3.28, then CORE (docs/speedrun_accelerator.md).
+validation loss of 3.28, then CORE (docs/speedrun.md, section 4).
 
 Shape (nmoe configs/speedrun/super.toml): 12 layers, all MoE, d_model 768, 12 heads of 64 (MHA),
 256 routed experts of FFN 384, top-7 + 1 shared (8 x 384 = 3072 = the dense baseline's FFN), GPT-2

@@ -6,10 +6,11 @@ eval cadence) are moejax.speedrun's; a recipe changes only how the model gets th
 """
 from experiments import default
 
-BEST = 'baseline'
+BEST = 'lr4_900'
 
 CHANGES = {
     'baseline': 'experiments/default.py as it is, with a 1,200-step budget',
+    'lr4_900': 'peak lr 3e-3 -> 4e-3 and a 900-step budget (the cosine decays by step 900)',
 }
 
 
@@ -17,7 +18,12 @@ def baseline(c):
   c.train.steps = 1200
 
 
-RECIPES = {'baseline': baseline}
+def lr4_900(c):
+  c.train.steps = 900
+  c.optim.lr = 4e-3
+
+
+RECIPES = {'baseline': baseline, 'lr4_900': lr4_900}
 
 
 def get_config(name: str = ''):

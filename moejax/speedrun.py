@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 DATA_DIR = 'data/shakespeare/prepared'
@@ -197,8 +197,10 @@ def run(config, config_path: str, recipe: str, workdir: Path, results: Path, ove
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   config_path, recipe = config_arg()
-  _load_changes(config_path)
+  module = _load_changes(config_path)
+  recipe = recipe or getattr(module, 'BEST', '')   # the name the leaderboard shows
   config = _CONFIG.value
   stamp = time.strftime('%Y%m%d-%H%M%S')
   workdir = Path(_WORKDIR.value or f'runs/speedrun/{recipe or "default"}-{stamp}')
@@ -221,6 +223,7 @@ def _load_changes(config_path: str):
   module = importlib.util.module_from_spec(spec)
   sys.modules['speedrun_recipes'] = module
   spec.loader.exec_module(module)
+  return module
 
 
 if __name__ == '__main__':

@@ -3,7 +3,8 @@
 A checkpoint stores the data iterator's position (the index of the next global batch). That index
 means the same batches only under the same data config: the sources (their directories and the
 exact prepared data, by the sha256 of manifest.json), their weights, epoch budgets, variant
-policies and document fractions, train.seq_len, train.batch_size and the seed. The fingerprint is
+policies, document fractions and score filters/weights (with the sha256 of a scored source's
+scores.json), train.seq_len, train.batch_size and the seed. The fingerprint is
 that config as a flat {field: value} dict saved next to the position; on resume `changes` names
 what differs. The number of processes and of prefetch workers are left out: the position means
 the same batches whatever they are.
@@ -12,11 +13,15 @@ import hashlib
 from pathlib import Path
 
 SOURCE_FIELDS = ('dir', 'weight', 'epochs', 'variant_policy', 'doc_fraction')
+SCORE_FIELDS = ('min_score', 'score_weights')   # only when set: older fingerprints stay equal
+
+
+def file_sha256(path: Path) -> str | None:
+  return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 
 
 def manifest_sha256(data_dir: str) -> str | None:
-  path = Path(data_dir) / 'manifest.json'
-  return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+  return file_sha256(Path(data_dir) / 'manifest.json')
 
 
 def fingerprint(sources, *, seq_len: int, batch_size: int, seed: int) -> dict:
@@ -26,6 +31,11 @@ def fingerprint(sources, *, seq_len: int, batch_size: int, seed: int) -> dict:
     for f in SOURCE_FIELDS:
       out[f'{s.field}.{f}'] = getattr(s, f)
     out[f'{s.field}.dir/manifest.json sha256'] = manifest_sha256(s.dir)
+    if getattr(s, 'scored', False):   # the scores select and weigh its documents
+      for f in SCORE_FIELDS:
+        if getattr(s, f) is not None:
+          out[f'{s.field}.{f}'] = getattr(s, f)
+      out[f'{s.field}.dir/scores.json sha256'] = file_sha256(Path(s.dir) / 'scores.json')
   return out
 
 

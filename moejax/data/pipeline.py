@@ -5,6 +5,9 @@ Per source, epoch e reads every document once, in an order shuffled with a seed 
 e mod n_variants; `random`: a seeded choice per document and epoch); the epochs follow each other
 in one stream, cut into windows of seq_len+1 tokens with stride seq_len (every token is a target
 exactly once; nothing is dropped at epoch ends), and the stream stops after `epochs` epochs.
+A scored source (moejax.data.scoring) may keep only documents graded at least `min_score` and read
+each grade `score_weights` times per epoch (moejax.data.score_mix; copy j of a document read k
+times reads, under `cycle`, its (e*k + j)-th variant mod n_variants in epoch e).
 Sources are mixed window by window with grain's deterministic weighted interleave; a source that
 has spent its epoch budget drops out and the others go on with their weights renormalised
 (`PhasedMix`), so the stream ends when every budget is spent.
@@ -21,7 +24,7 @@ import zlib
 import grain
 import numpy as np
 
-from moejax.data import tokenizer as tokenizers
+from moejax.data import score_mix, tokenizer as tokenizers
 from moejax.data.mixture import PhasedMix
 from moejax.data.shards import DataError, Split, load_manifest, load_split
 
@@ -38,6 +41,8 @@ class Source:
   epochs: int = 0               # 0 = repeat (UNBOUNDED_EPOCHS)
   variant_policy: str = 'original'
   doc_fraction: float = 1.0     # train on a seeded subset of this fraction of the documents
+  min_score: float | None = None   # keep documents graded at least this (moejax.data.score_mix)
+  score_weights: object = None  # {grade 0-5: weight} per-epoch reads by grade; normalized to [w0..w5]
   field: str = ''               # config path in messages; '' = data.sources.<name>
 
   def __post_init__(self):
@@ -53,6 +58,15 @@ class Source:
       raise DataError(f'{field}.epochs: must be an integer >= 0, got {self.epochs!r}')
     if not 0 < self.doc_fraction <= 1:
       raise DataError(f'{field}.doc_fraction: must be in (0, 1], got {self.doc_fraction!r}')
+    if self.min_score is not None and (isinstance(self.min_score, bool)
+                                       or not isinstance(self.min_score, (int, float))):
+      raise DataError(f'{field}.min_score: must be a number (grades are 0-5), got {self.min_score!r}')
+    object.__setattr__(self, 'score_weights', score_mix.normalize_weights(self.score_weights, field))
+
+  @property
+  def scored(self) -> bool:
+    """Whether this source reads its documents' scores (min_score or score_weights set)."""
+    return self.min_score is not None or self.score_weights is not None
 
 
 def sources_from_config(data_cfg) -> list[Source]:
@@ -64,7 +78,7 @@ def sources_from_config(data_cfg) -> list[Source]:
                    data_cfg.get('variant_policy', 'original'), field='data')]
   out = []
   for name, s in sorted(specs.items()):
-    s = dict(s)
+    s = {k: (v.to_dict() if hasattr(v, 'to_dict') else v) for k, v in dict(s).items()}
     settable = {f.name for f in dataclasses.fields(Source)} - {'name', 'field'}
     unknown = set(s) - settable
     if unknown:
@@ -80,7 +94,11 @@ class SourceWindows:
   """Random-access windows int32[seq_len+1] over one source's stream of epochs (see module doc)."""
 
   def __init__(self, split: Split, *, seq_len: int, seed: int, policy: str = 'original',
-               epochs: int = 1, doc_fraction: float = 1.0, shuffle: bool = True, salt: int = 0):
+               epochs: int = 1, doc_fraction: float = 1.0, shuffle: bool = True, salt: int = 0,
+               scores=None, min_score=None, score_weights=None, field: str = 'data', data_dir: str = ''):
+    """scores: float32 [num_docs] of the split (moejax.data.scoring), needed by min_score /
+    score_weights (moejax.data.score_mix); documents read with repeats then, each copy its own
+    element of an epoch."""
     self._split, self._seq_len, self._policy, self._shuffle = split, seq_len, policy, shuffle
     self._seed = (seed, salt)
     self._entry_len = np.diff(split.offsets_i64)
@@ -90,9 +108,22 @@ class SourceWindows:
     if doc_fraction < 1:
       k = max(1, round(doc_fraction * num_docs))
       docs = np.sort(np.random.default_rng([seed, salt, 7]).permutation(num_docs)[:k])
+    copy = np.zeros(len(docs), np.int64)
+    self.grades = None   # grade of each element of self.docs (scored sources)
+    if scores is not None:
+      if len(scores) != num_docs:
+        raise DataError(f'{field}: {data_dir} has {len(scores)} scores for {num_docs} documents; '
+                        'run judge score again')
+      docs, copy = score_mix.select(docs, scores, min_score=min_score, weights=score_weights,
+                                    seed=self._seed, field=field, data_dir=data_dir)
+      self.grades = score_mix.grades(scores)[docs]
     self.docs = docs
     self._first = first_i64[docs]
     self._nvar = self._num_variants[docs]
+    self._copy = copy
+    _, counts = np.unique(docs, return_counts=True)   # docs is sorted: a document's copies are adjacent
+    self._copies = np.repeat(counts, counts)
+    self._bucket_epochs = {}
     self.max_variants = int(self._nvar.max())
     lens = [int(self._entry_len[self._first + self._variant(e)].sum()) for e in
             (range(epochs) if policy != 'original' else range(1))]
@@ -108,8 +139,8 @@ class SourceWindows:
     """Variant index of each document (in self.docs order) in `epoch`."""
     if self._policy == 'original':
       return np.zeros(len(self.docs), np.int64)
-    if self._policy == 'cycle':
-      return epoch % self._nvar
+    if self._policy == 'cycle':   # copy j of a document read k times an epoch: its (e*k+j)-th variant
+      return (epoch * self._copies + self._copy) % self._nvar
     return np.random.default_rng([*self._seed, epoch, 1]).integers(self._nvar)
 
   def epoch_entries(self, epoch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -117,9 +148,7 @@ class SourceWindows:
     cached = self._cached  # one atomic read; safe under grain's reader threads
     if cached[0] == epoch:
       return cached[1]
-    n = len(self.docs)
-    order = (np.random.default_rng([*self._seed, epoch]).permutation(n) if self._shuffle
-             else np.arange(n))
+    order = self._order(epoch)
     variant = self._variant(epoch)[order]
     entries = self._first[order] + variant
     cum_i64 = np.concatenate([[0], np.cumsum(self._entry_len[entries])])
@@ -162,7 +191,33 @@ class SourceWindows:
     _, variant, cum_i64 = self.epoch_entries(epoch) if epoch != self._cached[0] else self._cached[1]
     started = int(np.searchsorted(cum_i64, into, side='left'))
     counts += np.bincount(variant[:started], minlength=self.max_variants)
-    return {'epoch': epoch + into / int(self.epoch_lens[epoch]), 'variant_docs': counts.tolist()}
+    out = {'epoch': epoch + into / int(self.epoch_lens[epoch]), 'variant_docs': counts.tolist()}
+    if self.grades is not None:
+      out['grade_tokens'] = self._grade_tokens(epoch, into).tolist()
+    return out
+
+  def _grade_tokens(self, epoch: int, into: int) -> np.ndarray:
+    """Tokens read per grade: whole epochs before `epoch`, then `into` tokens of it."""
+    n = score_mix.NUM_GRADES
+    total = np.zeros(n, np.int64)
+    for e in range(epoch):
+      if e not in self._bucket_epochs:
+        lens = self._entry_len[self._first + self._variant(e)]
+        self._bucket_epochs[e] = np.bincount(self.grades, weights=lens, minlength=n).astype(np.int64)
+      total += self._bucket_epochs[e]
+    entries, _, cum_i64 = self.epoch_entries(epoch)
+    order_grades = self.grades[self._order(epoch)]
+    done = int(np.searchsorted(cum_i64, into, side='right')) - 1   # elements read whole
+    total += np.bincount(order_grades[:done], weights=np.diff(cum_i64[:done + 1]),
+                         minlength=n).astype(np.int64)
+    if done < len(entries):
+      total[order_grades[done]] += into - int(cum_i64[done])
+    return total
+
+  def _order(self, epoch: int) -> np.ndarray:
+    n = len(self.docs)
+    return (np.random.default_rng([*self._seed, epoch]).permutation(n) if self._shuffle
+            else np.arange(n))
 
 
 def _segments(inputs_BL: np.ndarray, eod_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,9 +259,14 @@ class TrainData:
                         f'{tokenizers.describe(split.manifest)}, not {tokenizers.describe(ref)} '
                         f'of {ref_dir}; prepare it again with --tokenizer={ref_dir}')
       eod_ids.add(split.manifest['eod_id'])
+      scores = None
+      if s.scored:
+        from moejax.data.scoring import load_scores
+        scores = load_scores(s.dir, 'train', f'{s.field}.{"min_score" if s.min_score is not None else "score_weights"}')
       w = SourceWindows(split, seq_len=seq_len, seed=seed, policy=s.variant_policy,
                         epochs=s.epochs or UNBOUNDED_EPOCHS, doc_fraction=s.doc_fraction,
-                        salt=zlib.crc32(s.name.encode()))
+                        salt=zlib.crc32(s.name.encode()), scores=scores, min_score=s.min_score,
+                        score_weights=s.score_weights, field=s.field, data_dir=s.dir)
       if len(w) == 0:
         raise DataError(f'{s.field}.dir: {s.dir} has fewer than seq_len+1 tokens')
       self.windows.append(w)
@@ -222,6 +282,8 @@ class TrainData:
       out[f'data/{s.name}/epoch'] = round(p['epoch'], 4)
       for v, c in enumerate(p['variant_docs']):
         out[f'data/{s.name}/variant{v}_docs'] = c
+      for g, c in enumerate(p.get('grade_tokens', ())):
+        out[f'data/{s.name}/grade{g}_tokens'] = c
     return out
 
 

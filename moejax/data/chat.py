@@ -77,10 +77,11 @@ class Chat:
       if names and self.model not in names:
         raise EndpointError(f'--model: {url} does not serve {self.model!r} (it lists {names[:8]})')
 
-  def complete(self, messages: list[dict], check=None) -> str:
-    """The reply's text; `check(text)` may raise ValueError to reject it (then it is retried)."""
+  def complete(self, messages: list[dict], check=None, extra: dict | None = None) -> str:
+    """The reply's text; `check(text)` may raise ValueError to reject it (then it is retried);
+    `extra`: more request fields (e.g. a per-variant `seed`)."""
     body = json.dumps({'model': self.model, 'temperature': self.temperature,
-                       'max_tokens': self.max_tokens, 'messages': messages}).encode()
+                       'max_tokens': self.max_tokens, 'messages': messages, **(extra or {})}).encode()
     last = ChatError('failed', 'no attempt')
     for attempt in range(self.retries + 1):
       if attempt:

@@ -11,7 +11,7 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
 SPEEDRUN := experiments/speedrun.py
-.PHONY: speedrun setup data train test test-slow bench bench-data bench-eval bench-convert bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention sweep-width
+.PHONY: speedrun setup data train test test-slow bench bench-data bench-eval bench-convert bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention ablate-quality sweep-width
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -65,6 +65,12 @@ ablate-precision: setup
 
 ablate-epochs: data
 	$(STUDY) --study=experiments/studies/epochs.py --out=results/epochs.md
+
+# A loopback judge grades a web-like source, a classifier scores it, then all vs filtered vs filtered +
+# rephrased vs weighted under one token budget (data in data/quality; about 6 minutes on 2 cores).
+ablate-quality: setup
+	JAX_PLATFORMS=cpu $(PY) -m moejax.tools.quality_data --out=data/quality
+	JAX_PLATFORMS=cpu $(STUDY) --study=experiments/studies/quality.py --out=results/quality.md
 
 # Learning-rate sweep at d_model 64 and 128, with and without the width-transfer rule (14 short CPU runs).
 sweep-width: setup

@@ -6,7 +6,7 @@ Models it serves (GET /v1/models lists them; POST /v1/chat/completions):
   judge      grades the document inside the grading prompt (the text between the prompt's parts
              around {document}) and ends with `Educational score: N`, N by the rule:
                markers  the number of distinct MARKERS words present, capped at 5
-               vocab    round(5 * the share of the document's words in a word list), i.e. how much
+               vocab    round half up(5 * the share of the document's words in a word list), i.e. how much
                         of it reads as the reference text (the quality study's rule)
   rephraser  rewrites the last user message by MODERN (archaic -> modern English words, keeping
              case and punctuation), the stand-in for a "simple modern English" rephrasing
@@ -53,7 +53,7 @@ def grade_markers(doc: str) -> int:
 def grade_vocab(doc: str, vocab: frozenset) -> int:
   ws = words(doc)
   share = sum(w in vocab for w in ws) / max(1, len(ws))
-  return min(5, max(0, round(5 * share)))
+  return min(5, int(5 * share + 0.5))
 
 
 def modernize(text: str) -> str:

@@ -116,7 +116,15 @@ def test_train_data_metrics_fingerprint_and_exact_batches(src):
   assert fp['data.sources.web.min_score'] == 2 and fp['data.sources.web.score_weights'] == [1, 1, 1, 1, 1, 2.0]
   assert len(fp['data.sources.web.dir/scores.json sha256']) == 64
   plain = fingerprint.fingerprint([pipeline.Source('web', src)], seq_len=L, batch_size=B, seed=1)
-  assert not any('score' in k for k in plain)   # fingerprints of unscored sources are as before
+  assert not any('score' in k for k in plain)   # fingerprints of unfiltered sources are as before
+  # a scored source read without filters: the same stream as without scores, with tokens per grade
+  ds3, data3 = pipeline.train_data([pipeline.Source('web', src)], seq_len=L, batch_size=B, seed=1)
+  w = pipeline.SourceWindows(shards.load_split(src, 'train'), seq_len=L, seed=1,
+                             epochs=pipeline.UNBOUNDED_EPOCHS, salt=data3.windows[0]._seed[1])
+  np.testing.assert_array_equal(data3.windows[0].docs, w.docs)
+  np.testing.assert_array_equal(data3.windows[0][5], w[5])
+  m3 = data3.metrics(10)
+  assert sum(m3[f'data/web/grade{b}_tokens'] for b in range(6)) == m3['data/web/source_tokens'] and m3['data/web/grade0_tokens'] > 0
 
 
 def test_config_sources_take_the_fields_and_bad_values_are_one_line(src, tmp_path):

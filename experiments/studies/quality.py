@@ -69,7 +69,10 @@ def about(runs):
       f'Model: d_model {m.d_model}, {m.num_layers} layers, {m.num_experts} experts top-{m.top_k}, vocab '
       f'{m.vocab_size}; {t.steps} steps x {t.batch_size} x {t.seq_len} tokens = '
       f'{t.steps * t.batch_size * t.seq_len:,} training tokens per run, one device; held-out loss over '
-      f'{t.eval_batches} batches of the held-out play.'])
+      f'{t.eval_batches} batches of the held-out play. `filtered` and `filtered_rephrased` read the same '
+      'documents in the same order in their first epoch (their curves coincide until it ends); from the second '
+      'epoch on the latter reads the rephrasings. `all` is scored too but not filtered: its grade column shows '
+      'what an unfiltered run reads.'])
 
 
 ABOUT = about

@@ -259,10 +259,11 @@ class TrainData:
                         f'{tokenizers.describe(split.manifest)}, not {tokenizers.describe(ref)} '
                         f'of {ref_dir}; prepare it again with --tokenizer={ref_dir}')
       eod_ids.add(split.manifest['eod_id'])
-      scores = None
+      from moejax.data import scoring
       if s.scored:
-        from moejax.data.scoring import load_scores
-        scores = load_scores(s.dir, 'train', f'{s.field}.{"min_score" if s.min_score is not None else "score_weights"}')
+        scores = scoring.load_scores(s.dir, 'train', f'{s.field}.{"min_score" if s.min_score is not None else "score_weights"}')
+      else:   # scored but not filtered: read as before, the metrics count tokens per grade
+        scores = scoring.current_scores(s.dir, 'train')
       w = SourceWindows(split, seq_len=seq_len, seed=seed, policy=s.variant_policy,
                         epochs=s.epochs or UNBOUNDED_EPOCHS, doc_fraction=s.doc_fraction,
                         salt=zlib.crc32(s.name.encode()), scores=scores, min_score=s.min_score,

@@ -194,6 +194,14 @@ def load_scores(data_dir: str, split: str, field: str) -> np.ndarray:
   return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
 
+def current_scores(data_dir: str, split: str) -> np.ndarray | None:
+  """The scores when the directory has up-to-date ones, else None (never an error)."""
+  try:
+    return load_scores(data_dir, split, 'scores')
+  except shards.DataError:
+    return None
+
+
 def cmd_score(a) -> int:
   engine = executors.EngineOptions(kind=a.executor, workers=a.workers, verbose=a.verbose,
                                    slurm_partition=a.slurm_partition, slurm_time=a.slurm_time,

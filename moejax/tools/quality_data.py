@@ -2,7 +2,7 @@
 mixed with generated low-quality text, graded by a loopback judge, a classifier trained on the
 grades, the source scored, its best slice rephrased, and a held-out play for evaluation.
 
-  python -m moejax.tools.quality_data --out=data/quality
+  python -m moejax.tools.quality_data --out=data/quality [--raw_only]
 
 Every step is a command of the walkthrough in docs/data.md, run in this process against
 moejax.tools.fake_llm (rule `vocab`: grade = round half up(5 x the share of a document's words
@@ -124,8 +124,13 @@ def build(out: Path) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--out', default='data/quality')
+  p.add_argument('--raw_only', action='store_true', help='only write raw/ and judge_words.txt (docs/data.md)')
   a = p.parse_args(argv)
-  build(Path(a.out))
+  if a.raw_only:
+    print(f'raw: {dict(write_raw(Path(a.out)))} documents in {a.out}/raw/web.jsonl; the judge\'s words in '
+          f'{a.out}/judge_words.txt')
+  else:
+    build(Path(a.out))
   return 0
 
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from moejax.data import classifier, pipeline, prepare, rephrase, shards
@@ -127,7 +126,7 @@ def test_kill_9_during_the_stage_loses_nothing_and_repeats_no_finished_document(
   p = subprocess.run([sys.executable, '-c', killer, *args], env=env, capture_output=True, timeout=120)
   assert p.returncode == -9
   first = records(out)
-  assert len(first) == 6
+  assert len(first) >= 6   # (another thread may finish its line before the kill lands)
   asked = dict(server.requests)
   p = subprocess.run([sys.executable, '-m', 'moejax.data.rephrase', *args], env=env, capture_output=True,
                      timeout=120, text=True)

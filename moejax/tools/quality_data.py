@@ -29,7 +29,7 @@ import random
 import sys
 from pathlib import Path
 
-from moejax.data import classifier, judge, prepare, rephrase, sources
+from moejax.data import judge, prepare, rephrase, sources
 from moejax.tools import fake_llm
 
 FIXTURE = Path(__file__).resolve().parents[2] / 'tests' / 'fixtures' / 'shakespeare_sample'

@@ -121,7 +121,7 @@ def test_kill_9_during_label_loses_nothing_and_repeats_no_finished_request(serve
             '  if n[0] == 15: os.kill(os.getpid(), signal.SIGKILL)\n'
             'jsonl_log.Appender.write = write; sys.exit(judge.main(sys.argv[1:]))')
   args = ['label', f'--raw={tmp_path / "raw.jsonl"}', f'--out={out}', f'--base_url={server.url}',
-          '--model=judge', '--sample=40', '--concurrency=4']
+          '--model=judge', '--sample=40', '--concurrency=4', '--timeout=20']
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   p = subprocess.run([sys.executable, '-c', killer, *args], env=env, capture_output=True, timeout=120)
   assert p.returncode == -9

@@ -121,7 +121,7 @@ def test_kill_9_during_the_stage_loses_nothing_and_repeats_no_finished_document(
             '  if n[0] == 6: os.kill(os.getpid(), signal.SIGKILL)\n'
             'jsonl_log.Appender.write = write; sys.exit(rephrase.main(sys.argv[1:]))')
   args = [f'--raw={raw_dir}', f'--out_dir={out}', '--style=simple', f'--base_url={server.url}', '--model=rephraser',
-          '--max_chunk_chars=200', '--concurrency=3']
+          '--max_chunk_chars=200', '--concurrency=3', '--timeout=20']
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   p = subprocess.run([sys.executable, '-c', killer, *args], env=env, capture_output=True, timeout=120)
   assert p.returncode == -9

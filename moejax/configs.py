@@ -20,7 +20,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.variant_regex = SHAKESPEARE_VARIANTS
   c.data.epochs = 0                          # of data.dir when data.sources is empty; 0 = repeat
   c.data.variant_policy = 'original'         # 'original', 'cycle' or 'random' (moejax.data.pipeline)
-  # Mixture: name -> {dir, weight, epochs, variant_policy, doc_fraction}; empty = data.dir alone.
+  # Mixture: name -> {dir, weight, epochs, variant_policy, doc_fraction, min_score, score_weights};
+  # empty = data.dir alone. min_score / score_weights read `judge score` grades (moejax.data.score_mix).
   # Eval always reads the originals of data.dir's val split; all sources share its tokenizer.
   c.data.sources = ml_collections.ConfigDict()
   c.data.workers = 0                         # batch-prefetch processes (grain mp_prefetch); 0 = in-process

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from moejax.data import classifier, judge, prepare, scoring, shards
-from tests.test_judge import corpus, rule
+from test_judge import corpus, rule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -16,6 +16,13 @@ class CheckpointError(Exception):
   """No checkpoint of the workdir could be restored."""
 
 
+class ParamsOnly(CheckpointError):
+  """A parameters-only checkpoint (written by `moejax.convert import`) restored without an optimizer."""
+
+
+PARAMS_ONLY = 'params_only'   # data_state key: the step holds no opt_state; restore creates a fresh one
+
+
 def manager(workdir: str, max_to_keep: int, async_save: bool) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
                                          enable_async_checkpointing=async_save, create=True)
@@ -28,15 +35,33 @@ def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, force:
                                           data=ocp.args.JsonSave(data_state)), force=force)
 
 
-def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
-  """Returns (state, data_state) of `step` (default: the latest), placed as `abstract_state` says."""
+def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None, tx=None):
+  """Returns (state, data_state) of `step` (default: the latest), placed as `abstract_state` says.
+
+  A parameters-only step (an import: data_state[PARAMS_ONLY]) is restored without opt_state, and a
+  fresh optimizer state is made by `tx.init` on the restored parameters; without `tx` it raises
+  ParamsOnly."""
   step = mngr.latest_step() if step is None else step
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-  return restored['state'], restored['data']
+  data = mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data']
+  if not (isinstance(data, dict) and data.get(PARAMS_ONLY)):
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+    return restored['state'], restored['data']
+  if tx is None:
+    raise ParamsOnly(f'checkpoint step {step} holds parameters only (imported from '
+                     f'{data.get("imported_from")}); restore it with the optimizer (tx=) to make its state')
+  import jax
+  abstract = {k: v for k, v in abstract_state.items() if k != 'opt_state'}
+  state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=abstract, partial_restore=True,
+      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))['state']
+  shardings = jax.tree.map(lambda a: a.sharding, abstract_state['opt_state'])
+  state['opt_state'] = jax.jit(tx.init, out_shardings=shardings)(state['params'])
+  return {k: state[k] for k in abstract_state}, data
 
 
-def restore_intact(mngr: ocp.CheckpointManager, abstract_state, log=print, before: int | None = None):
+def restore_intact(mngr: ocp.CheckpointManager, abstract_state, log=print, before: int | None = None,
+                   tx=None):
   """(state, data_state, step) of the latest step that restores, or None when there is no checkpoint.
 
   A step that cannot be read (damaged or partial files) is reported in one line and the previous
@@ -44,10 +69,13 @@ def restore_intact(mngr: ocp.CheckpointManager, abstract_state, log=print, befor
   `checkpoints_unreadable/` beside `checkpoints/` (kept, not deleted) so the run can save those
   steps again. When no step restores, nothing is moved and CheckpointError names each step's error."""
   steps = sorted((x for x in mngr.all_steps() if before is None or x < before), reverse=True)
+  # `tx`: the optimizer, which makes the fresh optimizer state of a parameters-only (imported) step.
   failed = []
   for step in steps:
     try:
-      state, data_state = restore(mngr, abstract_state, step)
+      state, data_state = restore(mngr, abstract_state, step, tx=tx)
+    except ParamsOnly:   # readable, just needs the optimizer: never set aside
+      raise
     except Exception as e:   # orbax surfaces damaged files as many error types (JSON, tensorstore, ...)
       failed.append((step, e))
       step_dir = os.path.join(str(mngr.directory), str(step))

@@ -35,7 +35,7 @@ def load(workdir: str, step: int | None = None, all_devices: bool = False):
   if step is not None and step not in mngr.all_steps():
     raise FileNotFoundError(f'--step {step}: no such checkpoint in {workdir}/checkpoints '
                             f'(has {sorted(mngr.all_steps())})')
-  state, _ = checkpoint.restore(mngr, s.abstract_state, step)
+  state, _ = checkpoint.restore(mngr, s.abstract_state, step, tx=s.tx)
   return config, s.mesh, state
 
 

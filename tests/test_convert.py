@@ -80,7 +80,7 @@ def test_a_training_step_runs_from_the_imported_checkpoint_and_its_experiment_de
   assert np.isfinite(float(out['loss'])) and int(new['step']) == 2
   assert not np.array_equal(before, np.asarray(new['params']['embed']))
   mngr = checkpoint.manager(str(w), 2, False)
-  assert mngr.latest_step() == 0 and checkpoint.restore(mngr, s.abstract_state)[1]['imported_from']
+  assert mngr.latest_step() == 0 and checkpoint.restore(mngr, s.abstract_state, tx=s.tx)[1]['imported_from']
 
 
 def test_transformers_fused_expert_layout_imports_like_the_hub_layout(tmp_path):

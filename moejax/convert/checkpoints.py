@@ -90,12 +90,39 @@ def import_hf(hf_dir: str, workdir: str, devices=None) -> dict:
   cfg = ModelConfig.from_config(config.model)
   tensors = Tensors(str(d))
   s = setup(config, devices=devices or jax.devices()[:1])
-  used, leaves = set(), []
+  final = Path(workdir).absolute()
+  tmp = final.parent / f'.{final.name}.importing'
+  shutil.rmtree(tmp, ignore_errors=True)
+  step_dir = tmp / 'checkpoints' / '0'
+  try:
+    count = _stream_params(hf, cfg, tensors, s, step_dir)
+    _write_workdir(tmp, final, config, settings, hf, str(d), step_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return {'model_type': hf['model_type'], 'params': count['params'], 'tensors': count['tensors']}
+
+
+def _nest(path: tuple, leaf) -> dict:
+  for k in reversed(path):
+    leaf = {k: leaf}
+  return leaf
+
+
+def _stream_params(hf: dict, cfg, tensors: Tensors, s, step_dir: Path) -> dict:
+  """Writes step 0 leaf by leaf: each parameter is assembled from its HF tensors, placed on its
+  sharding and saved (an orbax partial save) before the next is read, so host memory holds about
+  one leaf. No optimizer state is written: the data state says PARAMS_ONLY, and restoring with the
+  optimizer (checkpoint.restore(..., tx=)) makes a fresh one."""
+  from orbax.checkpoint.experimental.v1._src.partial import saving as partial
+  used, params = set(), 0
   for path, leaf in _leaf_paths(s.abstract_state['params']):
     host = _assemble(hf['model_type'], cfg, tensors, path, leaf.shape, used)
-    leaves.append(jax.device_put(host, leaf.sharding))
+    placed = jax.device_put(host, leaf.sharding)
     del host
-  params = jax.tree.unflatten(jax.tree.structure(s.abstract_state['params']), leaves)
+    partial.save(str(step_dir), {'params': _nest(path, placed)})
+    params += int(np.prod(leaf.shape))
+    del placed
   L, E = cfg.num_moe_layers, cfg.router.num_routed
   bias = np.zeros((L, E), np.float32)
   bias_name = weights.router_bias_name(hf['model_type'])
@@ -108,14 +135,13 @@ def import_hf(hf_dir: str, workdir: str, devices=None) -> dict:
     raise ConvertError(f'tensor {extra[0]} ({len(extra)} unused in all): no moejax parameter takes it'
                        + (' (multi-token prediction layers are not imported yet)'
                           if extra[0].startswith(f'model.layers.{cfg.num_layers}.') else ''))
-  state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': None,
-           'router_bias': jax.device_put(bias, s.state_shardings['router_bias']),
-           'balance_coef': jax.device_put(np.full((L,), cfg.loss.balance_weight, np.float32),
-                                          s.state_shardings['balance_coef'])}
-  state['opt_state'] = jax.jit(s.tx.init, out_shardings=s.state_shardings['opt_state'])(params)
-  _write_workdir(workdir, config, settings, hf, str(d), state)
-  return {'model_type': hf['model_type'], 'params': sum(int(np.prod(x.shape)) for x in leaves),
-          'tensors': len(used)}
+  sh = s.state_shardings
+  partial.save(str(step_dir), {
+      'step': jax.device_put(np.zeros((), np.int32), sh['step']),
+      'router_bias': jax.device_put(bias, sh['router_bias']),
+      'balance_coef': jax.device_put(np.full((L,), cfg.loss.balance_weight, np.float32), sh['balance_coef'])})
+  partial.finalize(str(step_dir))
+  return {'params': params, 'tensors': len(used)}
 
 
 def _experiment_py(settings: dict, hf: dict, hf_dir: str) -> str:
@@ -129,15 +155,12 @@ def _experiment_py(settings: dict, hf: dict, hf_dir: str) -> str:
   return '\n'.join(lines)
 
 
-def _write_workdir(workdir: str, config, settings: dict, hf: dict, hf_dir: str, state):
-  final = Path(workdir).absolute()
-  tmp = final.parent / f'.{final.name}.importing'
-  shutil.rmtree(tmp, ignore_errors=True)
-  tmp.mkdir(parents=True)
-  mngr = checkpoint.manager(str(tmp), max_to_keep=config.checkpoint.max_to_keep, async_save=False)
-  checkpoint.save(mngr, 0, state, {'imported_from': hf_dir}, force=True)
-  mngr.wait_until_finished()
-  mngr.close()
+def _write_workdir(tmp: Path, final: Path, config, settings: dict, hf: dict, hf_dir: str, step_dir: Path):
+  import orbax.checkpoint as ocp
+  from etils import epath
+  (step_dir / 'data').mkdir()
+  ocp.JsonCheckpointHandler().save(epath.Path(step_dir / 'data'), args=ocp.args.JsonSave(
+      {'imported_from': hf_dir, checkpoint.PARAMS_ONLY: True}))
   (tmp / 'experiment.py').write_text(_experiment_py(settings, hf, hf_dir))
   (tmp / 'config.json').write_text(config.to_json_best_effort(indent=2))
   (tmp / HF_CONFIG).write_text(json.dumps(hf, indent=2) + '\n')

@@ -148,3 +148,22 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, damage, problem):
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.count('\n') == 1 and problem in proc.stderr, proc.stderr
   assert not w.exists() and not list(tmp_path.glob('.w.*'))
+
+
+def test_the_import_is_params_only_and_restoring_it_with_the_optimizer_makes_a_fresh_state(tmp_path):
+  from moejax import checkpoint, sample
+  from moejax.state import setup
+  w = tmp_path / 'w'
+  checkpoints.import_hf(str(FIXTURES / 'qwen2_moe'), str(w))
+  config, _, _ = sample.load(str(w))
+  s = setup(config, devices=jax.devices()[:1])
+  mngr = checkpoint.manager(str(w), 2, False)
+  with pytest.raises(checkpoint.ParamsOnly):   # train.py without tx=: refused, and the step is kept
+    checkpoint.restore_intact(mngr, s.abstract_state, log=lambda m: None)
+  assert mngr.all_steps() == [0] and not (w / 'checkpoints_unreadable').exists()
+  state, data, step = checkpoint.restore_intact(mngr, s.abstract_state, log=lambda m: None, tx=s.tx)
+  assert step == 0 and data['imported_from'] and data[checkpoint.PARAMS_ONLY]
+  assert jax.tree.structure(state) == jax.tree.structure(s.abstract_state)
+  fresh = s.tx.init(state['params'])
+  for a, b in zip(jax.tree.leaves(state['opt_state']), jax.tree.leaves(fresh)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

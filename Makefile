@@ -85,7 +85,7 @@ bench-eval: data
 	$(PY) -m moejax.tools.bench_eval --out=docs/eval_perf.md
 
 bench-convert: setup
-	$(PY) -m moejax.tools.bench_convert --out=docs/convert_perf.md --gb=1
+	$(PY) -m moejax.tools.bench_convert --out=docs/convert_perf.md --gb=2.5
 
 bench-attention: setup
 	$(PY) -m moejax.tools.bench_attention --out=docs/attention.md

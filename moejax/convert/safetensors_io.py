@@ -1,8 +1,9 @@
 """Reading an HF model directory's tensors one at a time, and writing safetensors shards.
 
 A directory holds model.safetensors, or shards listed by model.safetensors.index.json (or several
-*.safetensors files). Tensors are memory-mapped and read one by one, so reading costs one tensor's
-memory; bfloat16 comes back as ml_dtypes.bfloat16.
+*.safetensors files). Tensors are read one by one with pread into a fresh buffer (not through a
+memory map, whose touched pages would stay in the process's resident set), so reading costs one
+tensor's memory; bfloat16 comes back as ml_dtypes.bfloat16.
 """
 import json
 import os
@@ -13,6 +14,23 @@ import numpy as np
 from moejax.convert.hf_config import ConvertError
 
 SHARD_BYTES = 5 * 2 ** 30   # the hub's usual shard size
+
+
+def _dtype(name: str):
+  if name == 'BF16':
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  return np.dtype({'F64': np.float64, 'F32': np.float32, 'F16': np.float16, 'I64': np.int64,
+                   'I32': np.int32, 'I16': np.int16, 'I8': np.int8, 'U8': np.uint8, 'BOOL': np.bool_}[name])
+
+
+def _header(path) -> tuple[dict, int]:
+  """(the safetensors header {name: {dtype, shape, data_offsets}}, where the data starts)."""
+  with open(path, 'rb') as f:
+    n = int.from_bytes(f.read(8), 'little')
+    header = json.loads(f.read(n))
+  header.pop('__metadata__', None)
+  return header, 8 + n
 
 
 class Tensors:
@@ -38,7 +56,8 @@ class Tensors:
         keys = list(handle.keys())
       except Exception as e:   # a truncated or corrupt file: safetensors' own message, one line
         raise ConvertError(f'{path}: not a readable safetensors file ({str(e).splitlines()[0]})') from None
-      self.files[name] = handle
+      self.files[name] = (str(path),) + _header(path)
+      del handle
       for k in keys:
         self.where[k] = name
     if weight_map is not None:
@@ -56,7 +75,24 @@ class Tensors:
     if name not in self.where:
       raise ConvertError(f'tensor {name}: missing from the safetensors files')
     try:
-      return self.files[self.where[name]].get_tensor(name)
+      path, header, start = self.files[self.where[name]]
+      info = header[name]
+      begin, end = info['data_offsets']
+      out = np.empty(info['shape'], _dtype(info['dtype']))
+      if out.nbytes != end - begin:
+        raise ValueError(f'{end - begin} bytes for shape {info["shape"]} {info["dtype"]}')
+      buf = memoryview(out.reshape(-1).view(np.uint8))
+      fd = os.open(path, os.O_RDONLY)
+      try:
+        done = 0
+        while done < len(buf):
+          got = os.preadv(fd, [buf[done:]], start + begin + done)
+          if got <= 0:
+            raise ValueError('file ends inside the tensor')
+          done += got
+      finally:
+        os.close(fd)
+      return out
     except Exception as e:
       raise ConvertError(f'{self.where[name]}: tensor {name} unreadable ({str(e).splitlines()[0]})') from None
 

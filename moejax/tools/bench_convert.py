@@ -120,11 +120,12 @@ def main(argv):
            '| step | seconds | peak RSS (GiB) | / model size | / largest HF tensor | / largest moejax leaf |',
            '|---|---|---|---|---|---|', *rows, '',
            f'Before streaming: {FLAGS.before}.', '',
-           'Import writes step 0 leaf by leaf (orbax partial saves) and no optimizer state, so its peak is',
-           'the JAX runtime (~0.3 GiB) plus about one moejax leaf (the leaf being assembled and its placed copy),',
-           'independent of the model size. Logits and export restore the whole checkpoint (and, for export,',
-           'a fresh optimizer state), which on the CPU backend lives in host memory; on an accelerator it is on',
-           'the device.']
+           'Import reads each HF tensor with pread (no memory map), assembles one moejax leaf, places it on',
+           'its sharding and writes it (an orbax partial save) before the next, and writes no optimizer',
+           'state: its peak is the JAX runtime plus a few copies of the largest leaf (the host leaf, its',
+           'placed copy, the serializer\'s buffers), whatever the number of layers. Logits and export restore',
+           'the whole checkpoint (export through sample.load, with the fresh optimizer state restore makes),',
+           'which on the CPU backend lives in host memory; on an accelerator it is on the device.']
   with open(FLAGS.out, 'w') as f:
     f.write('\n'.join(lines) + '\n')
   print('\n'.join(lines))

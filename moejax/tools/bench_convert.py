@@ -123,7 +123,9 @@ def main(argv):
            'Import reads each HF tensor with pread (no memory map), assembles one moejax leaf, places it on',
            'its sharding and writes it (an orbax partial save) before the next, and writes no optimizer',
            'state: its peak is the JAX runtime plus a few copies of the largest leaf (the host leaf, its',
-           'placed copy, the serializer\'s buffers), whatever the number of layers. Logits and export restore',
+           'placed copy, the serializer\'s buffers), not a multiple of the model. A moejax leaf is stacked',
+           'over the layers of its kind, so it is the largest tensor times the layers (and experts).',
+           'Logits and export restore',
            'the whole checkpoint (export through sample.load, with the fresh optimizer state restore makes),',
            'which on the CPU backend lives in host memory; on an accelerator it is on the device.']
   with open(FLAGS.out, 'w') as f:

@@ -4,8 +4,10 @@ Import checks everything before it writes: config.json maps to a moejax config, 
 model needs is there with the right shape, no tensor is left over. Then it writes the workdir
 into a temporary sibling and renames it into place, so bad input leaves nothing in W. Each
 parameter leaf (one array stacked over the blocks of its kind) is assembled from its HF tensors,
-read one at a time from memory-mapped files, and placed on its sharding before the next leaf is
-read: peak host memory is about one leaf, not the model.
+read one at a time, placed on its sharding and written to step 0 (an orbax partial save) before the
+next leaf is read: peak host memory is a few copies of the largest leaf, not the model. Step 0
+holds no optimizer state (its data state says checkpoint.PARAMS_ONLY); checkpoint.restore(...,
+tx=) makes a fresh one.
 """
 import json
 import os

@@ -31,9 +31,6 @@ HELDOUT_SEQUENCES = 128          # 16,384 held-out tokens
 TARGET_LOSS = 4.55              # experiments/default.py reaches it in ~5 min here (docs/speedrun.md)
 MAX_EVAL_EVERY = 25
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'experiments/speedrun.py', 'Speedrun recipe (file[:recipe]).')
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/speedrun/<recipe>-<time>).')
-_RESULTS = flags.DEFINE_string('results', 'results', 'Folder of speedrun.json and speedrun.md.')
 
 
 class SpeedrunError(Exception):
@@ -226,7 +223,10 @@ def _load_changes(config_path: str):
   return module
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':   # flags defined here: importing this module (tests) defines none
+  _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/speedrun.py', 'Speedrun recipe (file[:recipe]).')
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Run directory (default: runs/speedrun/<recipe>-<time>).')
+  _RESULTS = flags.DEFINE_string('results', 'results', 'Folder of speedrun.json and speedrun.md.')
   from moejax import cli
   cli.check_config_args(sys.argv, default=_CONFIG.default)
   app.run(main)

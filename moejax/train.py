@@ -171,7 +171,7 @@ def train(config, workdir: str, allow_data_change: bool = False):
   data_iter = pipeline.train_iterator(ds, c.data.workers)
   mngr = checkpoint.manager(workdir, c.checkpoint.max_to_keep, c.checkpoint.async_save)
   fresh_iter_state = data_iter.get_state()
-  restored = checkpoint.restore_intact(mngr, s.abstract_state, log=lambda m: print(m, flush=True))
+  restored = checkpoint.restore_intact(mngr, s.abstract_state, log=lambda m: print(m, flush=True), tx=s.tx)
   if restored is not None:
     state, data_state, _ = restored
     if 'imported_from' in data_state:   # moejax.convert import: weights only, the data starts afresh
@@ -266,7 +266,7 @@ def train(config, workdir: str, allow_data_change: bool = False):
       stop_run(f'{trouble.message} after {t.max_rewinds} rewinds{aside}', guard.EXIT_DIVERGED,
                trouble.fail_code, trouble.step)
     back = checkpoint.restore_intact(mngr, s.abstract_state, log=lambda m: print(m, flush=True),
-                                     before=trouble.step)
+                                     before=trouble.step, tx=s.tx)
     if back is None:
       state, at = init_state(s), 0
       data_iter.set_state(fresh_iter_state)

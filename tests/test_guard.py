@@ -46,9 +46,19 @@ def test_finite_watch_reports_the_first_bad_step_up_to_the_one_checked():
   assert w.check(up_to=4) is None                   # steps <= 3 were dropped; 4 is fine
 
 
+def _env():   # one CPU device: these runs test the loop, not sharding, and compile twice as fast
+  return {**runs.env(), 'XLA_FLAGS': ''}
+
+
 def _run(workdir, *flags):
-  return subprocess.run(runs.cmd('moejax.train', workdir, runs.SMOKE, *flags), cwd=runs.REPO, env=runs.env(),
+  return subprocess.run(runs.cmd('moejax.train', workdir, runs.SMOKE, *flags), cwd=runs.REPO, env=_env(),
                         capture_output=True, text=True, timeout=600)
+
+
+def _train(workdir, *flags) -> str:
+  proc = _run(workdir, *flags)
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  return proc.stdout + proc.stderr
 
 
 def _events(workdir):
@@ -64,13 +74,14 @@ def _damage(step_dir):
       f.write_bytes(np.random.default_rng(0).bytes(200))
 
 
+@pytest.mark.slow   # ~60 s; speedrun-2's acceptance check runs it too
 def test_a_damaged_latest_checkpoint_is_named_and_the_run_goes_on_from_the_previous_step(tmp_path):
   ref, run = tmp_path / 'ref', tmp_path / 'run'
-  runs.train(ref, '--config.train.steps=9', '--config.checkpoint.max_to_keep=3', *CKPT)
+  _train(ref, '--config.train.steps=9', '--config.checkpoint.max_to_keep=3', *CKPT)
   shutil.copytree(ref, run)                          # as if it had stopped after saving step 6
   shutil.rmtree(run / 'checkpoints' / '9')
   _damage(run / 'checkpoints' / '6')
-  out = runs.train(run, '--config.train.steps=9', *CKPT)
+  out = _train(run, '--config.train.steps=9', *CKPT)
   assert 'Traceback' not in out
   line = next(l for l in out.splitlines() if 'unreadable' in l)
   assert line.startswith(f'checkpoint step 6 is unreadable: {run}/checkpoints/6/'), line
@@ -83,7 +94,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_run_goes_on_from_the_previ
 
 def test_with_no_intact_checkpoint_the_run_says_so_and_does_not_start_over(tmp_path):
   run = tmp_path / 'run'
-  runs.train(run, '--config.train.steps=6', *CKPT)
+  _train(run, '--config.train.steps=6', *CKPT)
   for step in (3, 6):
     _damage(run / 'checkpoints' / str(step))
   proc = _run(run, '--config.train.steps=9', *CKPT)
@@ -120,7 +131,7 @@ def test_a_diverging_run_rewinds_then_stops_with_exit_4_and_resumes_with_a_sane_
   assert 'rewound to step 5 and skipped the batches of steps 6-6' in events[0]['event']
   # every rewind to step 5 diverged again: that state is set aside (kept), not resumed from
   assert not (run / 'checkpoints' / '5').exists() and (run / 'checkpoints_diverged' / '5').is_dir()
-  out = runs.train(run, '--config.train.steps=6', '--config.optim.lr=1e-3', *flags)
+  out = _train(run, '--config.train.steps=6', '--config.optim.lr=1e-3', *flags)
   assert 'resumed' not in out
   losses = [r['loss'] for r in runs.train_records(run)]
   assert losses and all(np.isfinite(losses))

@@ -16,6 +16,7 @@ def smoke_rules(monkeypatch, prepared_smoke_data):
   monkeypatch.setattr(speedrun, 'HELDOUT_SEQUENCES', 16)
   monkeypatch.setattr(speedrun, 'TARGET_LOSS', 7.0)
   monkeypatch.chdir(runs.REPO)
+  monkeypatch.setenv('XLA_FLAGS', '')   # the training subprocess on one CPU device: it compiles faster
 
 
 def test_a_run_that_reaches_the_target_stops_there_and_adds_an_entry_fastest_first(smoke_rules, tmp_path):

@@ -156,11 +156,13 @@ def write_board(results: Path, board: dict) -> None:
 def config_arg() -> tuple[str, str]:
   """(the --config value, the recipe name) as given on the command line."""
   given = next((a.split('=', 1)[1] for a in sys.argv if a.startswith('--config=')), 'experiments/speedrun.py')
-  path, _, recipe = given.partition(':')
+  _, _, recipe = given.partition(':')
   return given, recipe
 
 
-def run(config, config_path: str, recipe: str, workdir: Path, results: Path, overrides: list[str]) -> dict:
+def run(config, config_path: str, recipe: str, workdir: Path, results: Path, overrides: list[str],
+        change: str = '') -> dict:
+  """Trains `recipe` to the target and appends its entry; `change` is its CHANGES line."""
   check_rules(config)
   rules = rules_record(heldout_fingerprint(config.data.dir))
   board = load_board(results)
@@ -182,8 +184,6 @@ def run(config, config_path: str, recipe: str, workdir: Path, results: Path, ove
     raise SpeedrunError(f'{recipe or "default"}: held-out loss {e.get("eval/loss", float("nan")):.4f} at its '
                         f'last step {e.get("step")}, above the target {TARGET_LOSS}: no entry')
   config_json = (workdir / 'config.json').read_bytes()
-  module = sys.modules.get('speedrun_recipes')
-  change = getattr(module, 'CHANGES', {}).get(recipe or 'default', '') if module else ''
   entry = entry_for(config, recipe or 'default', change, wall, result, rules,
                     hashlib.sha256(config_json).hexdigest()[:16])
   board['rules'] = rules
@@ -203,7 +203,8 @@ def main(argv):
   workdir = Path(_WORKDIR.value or f'runs/speedrun/{recipe or "default"}-{stamp}')
   overrides = [a for a in sys.argv[1:] if a.startswith('--config.')]
   try:
-    e = run(config, config_path, recipe, workdir, Path(_RESULTS.value), overrides)
+    e = run(config, config_path, recipe, workdir, Path(_RESULTS.value), overrides,
+            change=getattr(module, 'CHANGES', {}).get(recipe, ''))
   except SpeedrunError as err:
     print(f'speedrun: {err}', file=sys.stderr)
     sys.exit(1)
@@ -218,7 +219,6 @@ def _load_changes(config_path: str):
   path = config_path.partition(':')[0]
   spec = importlib.util.spec_from_file_location('speedrun_recipes', path)
   module = importlib.util.module_from_spec(spec)
-  sys.modules['speedrun_recipes'] = module
   spec.loader.exec_module(module)
   return module
 

@@ -27,6 +27,19 @@ class ChatError(Exception):
     self.kind = kind
 
 
+def reply_text(raw: bytes) -> str:
+  """The message text of a /chat/completions response body, or ChatError saying what is wrong."""
+  try:
+    text = json.loads(raw)['choices'][0]['message']['content']
+  except (ValueError, KeyError, IndexError, TypeError):
+    raise ChatError('malformed', 'reply is not a chat completion') from None
+  if not isinstance(text, str):
+    raise ChatError('malformed', 'reply content is not text')
+  if not text.strip():
+    raise ChatError('empty', 'empty reply')
+  return text
+
+
 class EndpointError(Exception):
   """An endpoint that cannot serve the run (unreachable, unknown model); one line."""
 
@@ -112,12 +125,4 @@ class Chat:
       raise ChatError('failed' if e.code in RETRY_STATUS else 'fatal', f'HTTP {e.code}') from None
     except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
       raise ChatError('failed', f'{type(e).__name__}: {getattr(e, "reason", e)}') from None
-    try:
-      text = json.loads(raw)['choices'][0]['message']['content']
-    except (ValueError, KeyError, IndexError, TypeError):
-      raise ChatError('malformed', 'reply is not a chat completion') from None
-    if not isinstance(text, str):
-      raise ChatError('malformed', 'reply content is not text')
-    if not text.strip():
-      raise ChatError('empty', 'empty reply')
-    return text
+    return reply_text(raw)

@@ -34,19 +34,12 @@ import urllib.request
 from pathlib import Path
 
 from moejax.data import sources
+from moejax.data.chat import ChatError as ReplyError, reply_text   # one reader of chat replies
 
 STYLE_DIR = Path(__file__).parent / 'prompts' / 'rephrase'
 # Styles are prompt files (the system message): prompts/rephrase/<style>.txt, or --style=path/x.txt.
 STYLES = {p.stem: p.read_text(encoding='utf-8').strip() for p in sorted(STYLE_DIR.glob('*.txt'))}
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class ReplyError(Exception):
-  """A reply that cannot be used: kind is 'empty', 'malformed' or 'failed'."""
-
-  def __init__(self, kind: str, detail: str):
-    super().__init__(detail)
-    self.kind = kind
 
 
 def chunks(text: str, max_chars: int) -> list[str]:
@@ -101,15 +94,7 @@ class Client:
       except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
         last = f'{type(e).__name__}: {getattr(e, "reason", e)}'
         continue
-      try:
-        text = json.loads(raw)['choices'][0]['message']['content']
-      except (ValueError, KeyError, IndexError, TypeError):
-        raise ReplyError('malformed', 'reply is not a chat completion') from None
-      if not isinstance(text, str):
-        raise ReplyError('malformed', 'reply content is not text')
-      if not text.strip():
-        raise ReplyError('empty', 'empty reply')
-      return text.strip()
+      return reply_text(raw).strip()
     raise ReplyError('failed', f'gave up after {self.retries + 1} attempts ({last})')
 
 

@@ -32,6 +32,7 @@ data: setup
 train: data
 	$(PY) -m moejax.train --config=experiments/default.py --workdir=runs/default
 	$(PY) -m moejax.sample --workdir=runs/default --prompt="ROMEO:" --max_new_tokens=60
+	$(PY) -m moejax.report --workdir=runs/default
 
 # Wall time to the fixed held-out loss (docs/speedrun.md); appends to results/speedrun.{json,md}.
 # RECIPE=<name> runs another recipe of experiments/speedrun.py.

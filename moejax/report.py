@@ -124,7 +124,18 @@ def eval_table(evals: list[dict]) -> list[str]:
   return lines
 
 
-def report(workdir: str) -> str:
+def held_out_line(evals: list[dict]) -> str:
+  """The last evaluation in one line: held-out loss and the bits per byte of each eval source."""
+  if not evals:
+    return 'held-out: no evaluation in metrics.jsonl'
+  last = evals[-1]
+  bpb = ', '.join(f'{k[len("eval/"):-len("/bpb")]} {last[k]:.4f}' for k in sorted(last)
+                  if k.startswith('eval/') and k.endswith('/bpb'))
+  return f'held-out at step {last["step"]}: loss {last["eval/loss"]:.4f}' + (f', bits per byte: {bpb}' if bpb else '')
+
+
+def report(workdir: str) -> tuple[str, str]:
+  """Writes <workdir>/report; returns its path and the held-out line."""
   records = read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   if not records:
     raise FileNotFoundError(f'workdir: no metrics.jsonl records in {workdir}')
@@ -139,7 +150,7 @@ def report(workdir: str) -> str:
   plot_loss(train, evals, os.path.join(out, 'loss.png'))
   with open(os.path.join(out, 'summary.md'), 'w') as f:
     f.write(summary(workdir, train, evals, alerts))
-  return out
+  return out, held_out_line(evals)
 
 
 def main(argv):
@@ -148,7 +159,9 @@ def main(argv):
   if not workdir:
     raise SystemExit('error: --workdir is required')
   try:
-    print(f'wrote {report(workdir)}')
+    out, held_out = report(workdir)
+    print(f'wrote {out}')
+    print(held_out)
   except FileNotFoundError as e:
     raise SystemExit(f'error: {e}')
 

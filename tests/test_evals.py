@@ -113,6 +113,9 @@ def test_loop_scores_tasks_and_text_sets_and_mirrors_metrics_to_wandb_across_a_r
   proc = subprocess.run(runs.cmd('moejax.report', w), cwd=runs.REPO, env=runs.env(), capture_output=True,
                         text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-2000:]
+  last = evals_at[max(evals_at)]
+  assert (f'held-out at step {last["step"]}: loss {last["eval/loss"]:.4f}, bits per byte: '
+          f'extra {last["eval/extra/bpb"]:.4f}, main {last["eval/main/bpb"]:.4f}') in proc.stdout
   table = (w / 'report' / 'summary.md').read_text().split('## Evaluations')[1]
   header = [c.strip() for c in table.strip().splitlines()[0].split('|')[1:-1]]
   assert header[:3] == ['step', 'main/bpb', 'main/loss'] and {'core', 'mini/acc', 'extra/bpb'} <= set(header)

@@ -86,7 +86,7 @@ def test_attention_forward_and_grad_match_naive_reference(case):
   g_ref, y_ref = grad_and_output(lambda p, x: ATTENTION_REFERENCES[attention](p, x, a), p, x, r)
   assert float(jnp.std(y_ref)) > 1e-2   # not a degenerate near-zero output
   chex.assert_trees_all_close(y_lib, y_ref, **TOL)
-  chex.assert_trees_all_close(g_lib, g_ref, **TOL)
+  chex.assert_trees_all_close(g_lib, g_ref, **LOOSE_TOL)   # gradients: float32 summation order varies by CPU
 
 
 @pytest.mark.parametrize('case', list(CASES))

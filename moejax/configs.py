@@ -32,6 +32,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.d_model = 128
   m.num_layers = 4
   m.num_dense_layers = 1       # the first blocks use a dense FFN
+  m.dense_layers = ''          # more dense layers anywhere: comma list of layer indices ('1,3')
   m.dense_ffn_dim = 512
   m.attention = 'gqa'          # name in moejax.attention.ATTENTIONS, or a per-layer pattern
                                # 'kda,kda,kda,mla' repeated to num_layers (layer i, dense first)
@@ -78,6 +79,9 @@ def base_config() -> ml_collections.ConfigDict:
   a.softcap = 0.0              # softmax types: logits -> cap * tanh(logits / cap); 0 = off
   a.sinks = False              # GQA/MHA/SWA: a learned sink logit per head in the softmax
   a.window = 32                # SWA window; NSA sliding branch
+  a.implementation = 'xla'     # GQA/MHA/SWA/MLA training forward: 'xla' (scores materialised),
+                               # 'dot_product_attention' (cuDNN), 'tokamax' or 'auto' (per backend;
+                               # moejax.attention.fused)
   # MLA (DeepSeek-V2/V3) shapes, used by 'mla' layers.
   m.mla = ml_collections.ConfigDict({
       'q_lora_rank': 0,        # 0 = full-rank query projection
@@ -101,6 +105,17 @@ def base_config() -> ml_collections.ConfigDict:
   r.n_group = 1                # > 1: group-limited routing (DeepSeek-V2/V3): experts in n_group groups,
   r.topk_group = 1             # a token uses only the topk_group best groups,
   r.group_score = 'top2_sum'   # scored by the sum of their top-2 selection scores (V3) or 'max' (V2)
+  r.force_balance = False      # replace the router's top-k by a balanced assignment (measures dispatch
+                               # apart from router learning; MaxText use_random_routing)
+  r.balancer = 'bias'          # bias update of top-k routing (moejax.balancers): 'bias' (the sign /
+                               # proportional rule above), 'quantile' (quantile balancing) or 'smebu'
+  r.quantile_ema = 0.0         # quantile: weight kept on the old bias at each step
+  r.smebu_kappa = 2.0          # smebu: soft clamp tanh(kappa * relative load error)
+  r.smebu_momentum = 0.9       # smebu: momentum of the bias velocity (rate: model.bias_update_rate)
+  r.routing = 'topk'           # 'topk' (token choice) or 'threshold' (expert-threshold routing: a token
+  r.threshold_ema = 0.9        # uses every expert whose score passes its EMA threshold)
+  r.threshold_max_k = 0        # threshold: most experts per token (0: 2 * top_k)
+  r.zero_expert_kind = 'identity'  # zero-computation experts: 'identity' (LongCat) or 'null' (output 0)
 
   l = m.loss = ml_collections.ConfigDict()     # auxiliary losses (moejax.model.LossConfig)
   l.balance_weight = 0.0       # balance loss coefficient (DeepSeek-V3 eq. 17-20 form)

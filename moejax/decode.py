@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 
 from moejax import model, precision
-from moejax.attention import ATTENTIONS, repeating_unit
+from moejax.attention import ATTENTIONS
 from moejax.blocks import block_layout
 from moejax.layers import swiglu
-from moejax.model import BlockOps, kind_attentions, kind_layout, scan_layers, unit_stacks
+from moejax.model import BlockOps, kind_groups, kind_layout, kind_stacks, rows, run_layers
 
 
 def _block_caches(cfg, ffn: str, attention: str, num: int, batch: int, max_len: int, dtype):
@@ -25,10 +25,8 @@ def _block_caches(cfg, ffn: str, attention: str, num: int, batch: int, max_len: 
 
 
 def _group_caches(cfg, ffn: str, batch: int, max_len: int, dtype):
-  names = kind_attentions(cfg, ffn)
-  unit = repeating_unit(names)
-  return kind_layout([_block_caches(cfg, ffn, a, len(names[j::len(unit)]), batch, max_len, dtype)
-                      for j, a in enumerate(unit)])
+  return kind_layout([_block_caches(cfg, ffn, g.attention, len(g.layers), batch, max_len, dtype)
+                      for g in kind_groups(cfg, ffn)])
 
 
 def init_caches(params, cfg, batch: int, max_len: int) -> dict:
@@ -61,19 +59,17 @@ def decode_step(params, router_bias_LE, caches, token_B, pos, cfg, mesh):
     return run_block('moe', ffn, attention, x_BD, p, cache)
 
   x_BD = params['embed'][token_B]
-  new = {}
+  xs_by_kind = {}
   if 'dense_blocks' in params:
-    names = kind_attentions(cfg, 'dense')
-    xs = tuple(zip(unit_stacks(params['dense_blocks'], names), unit_stacks(caches['dense_blocks'], names)))
-    x_BD, outs = scan_layers(dense_block, x_BD, xs, names)
-    new['dense_blocks'] = kind_layout(outs)
+    xs_by_kind['dense'] = tuple(zip(kind_stacks(params['dense_blocks'], cfg, 'dense'),
+                                    kind_stacks(caches['dense_blocks'], cfg, 'dense')))
   if 'moe_blocks' in params:
-    names = kind_attentions(cfg, 'moe')
-    U = len(repeating_unit(names))
-    xs = tuple(zip(unit_stacks(params['moe_blocks'], names), (router_bias_LE[j::U] for j in range(U)),
-                   unit_stacks(caches['moe_blocks'], names)))
-    x_BD, outs = scan_layers(moe_block, x_BD, xs, names)
-    new['moe_blocks'] = kind_layout(outs)
+    xs_by_kind['moe'] = tuple(zip(kind_stacks(params['moe_blocks'], cfg, 'moe'),
+                                  (rows(router_bias_LE, g.kind_index) for g in kind_groups(cfg, 'moe')),
+                                  kind_stacks(caches['moe_blocks'], cfg, 'moe')))
+  block = lambda g, x, xs: dense_block(g.attention, x, xs) if g.kind == 'dense' else moe_block(g.attention, x, xs)
+  x_BD, outs = run_layers(cfg, block, x_BD, xs_by_kind)
+  new = {f'{k}_blocks': kind_layout(o) for k, o in outs.items()}
   return model.logits_from(params, x_BD, cfg), new   # forward's head: final norm, output multiplier
 
 

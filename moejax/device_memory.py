@@ -101,8 +101,8 @@ def activation_bytes(config, mesh_sizes: dict) -> int:
   layers = []
   for i, name in enumerate(m.layer_attentions):
     attn, attn_dots = attention_elements(m, name, t.seq_len, tp)
-    ffn, ffn_dots = ffn_elements(m, 'dense' if i < m.num_dense_layers else 'moe', tp, b)
-    if m.block == 'scmoe' and i >= m.num_dense_layers:   # second attention and two dense FFNs
+    ffn, ffn_dots = ffn_elements(m, m.layer_kinds[i], tp, b)
+    if m.block == 'scmoe' and m.layer_kinds[i] == 'moe':   # second attention and two dense FFNs
       d, d_dots = ffn_elements(m, 'dense', tp, b)
       attn, attn_dots, ffn, ffn_dots = 2 * attn, 2 * attn_dots, ffn + 2 * d, ffn_dots + 2 * d_dots
     layers.append((attn + ffn, attn_dots + ffn_dots))

@@ -3,12 +3,16 @@
 Per MoE layer (L) the step returns expert loads and, at log steps only (the train step's
 diagnostics variant), router entropy, score margins, real experts per token, the gradient-norm ratio R = |dL_balance/d router| / |dL_lm/d router| (direct gradients of the
 layer's own losses), and per block the max residual activation. At log steps the expert weights'
-pairwise cosine similarity is added (rising similarity = experts homogenising).
+pairwise cosine similarity is added (rising similarity = experts homogenising), and expert health:
+each expert's output norm (on a probe of the batch's tokens), the norm of its parameter update, and
+the routing churn (fraction of the batch's tokens whose set of experts the step's update changed).
 """
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 ROUTER_STATS = ('entropy', 'top1_margin', 'topk_margin', 'active_experts_per_token')
+HEALTH = ('routing_churn', 'expert_out_norm', 'expert_update_norm')   # per layer [L] or [L, E]
 
 
 def gradient_norm_ratio(grad_router_LDE, router_grads: dict, balance_coef_L, z_loss_weight: float):
@@ -43,6 +47,44 @@ def expert_similarity(moe_params) -> dict:
           'expert_cos_max': jnp.nanmax(off_LEE, axis=(1, 2))}
 
 
+PROBE_TOKENS = 256   # tokens the expert output norms are measured on (every expert, densely)
+
+
+def expert_output_norm(x_TD, expert_TK, w_gate_EDF, w_up_EDF, w_down_EFD, probe: int = PROBE_TOKENS):
+  """Mean |FFN_e(x)| over the probe tokens routed to expert e (NaN for an expert none went to)."""
+  E = w_gate_EDF.shape[0]
+  x_PD = x_TD[:probe].astype(jnp.float32)
+  f32 = lambda w: w.astype(jnp.float32)
+  h_PEF = jax.nn.silu(jnp.einsum('pd,edf->pef', x_PD, f32(w_gate_EDF))) * jnp.einsum('pd,edf->pef', x_PD, f32(w_up_EDF))
+  norm_PE = jnp.linalg.norm(jnp.einsum('pef,efd->ped', h_PEF, f32(w_down_EFD)), axis=-1)
+  chosen_PE = jax.nn.one_hot(expert_TK[:probe], E, dtype=jnp.float32).sum(1)
+  count_E = chosen_PE.sum(0)
+  return jnp.where(count_E > 0, (norm_PE * chosen_PE).sum(0) / jnp.maximum(count_E, 1.0), jnp.nan)
+
+
+def expert_update_norm(old_moe, new_moe):
+  """|W_new - W_old| per expert, over its gate, up and down matrices: {'w_gate': [L, E, ...], ...}."""
+  sq = [jnp.sum(jnp.square(new_moe[k].astype(jnp.float32) - old_moe[k].astype(jnp.float32)),
+                axis=tuple(range(2, new_moe[k].ndim))) for k in ('w_gate', 'w_up', 'w_down')]
+  return jnp.sqrt(sum(sq))
+
+
+def routing_churn(route_fn, x_LTD, old, new):
+  """Fraction of the same tokens whose set of experts changed between two router states.
+  route_fn(x_TD, router_DE, bias_E) -> expert_TK; old, new: (router_LDE, bias_LE)."""
+  def one(x_TD, w_old, b_old, w_new, b_new):
+    E = b_old.shape[-1] + 1   # + 1: the 'no expert' id of threshold routing
+    a_TE = jax.nn.one_hot(route_fn(x_TD, w_old, b_old), E).sum(1)
+    b_TE = jax.nn.one_hot(route_fn(x_TD, w_new, b_new), E).sum(1)
+    return jnp.mean(jnp.any(a_TE[:, :-1] != b_TE[:, :-1], axis=-1).astype(jnp.float32))
+  return jax.vmap(one)(x_LTD, *old, *new)
+
+
+def bias_oscillation(bias_SLE) -> float:
+  """Variance of each expert's bias over the logged steps S, mean over experts and layers."""
+  return float(np.mean(np.var(np.asarray(bias_SLE, np.float64), axis=0)))
+
+
 def maxvio_L(load_LE) -> np.ndarray:
   """(max load - mean load) / mean load per layer (Wang et al., arXiv 2408.15664)."""
   mean_L = load_LE.mean(-1)
@@ -64,6 +106,16 @@ def summarize(out: dict, window_load_LE, num_real: int) -> tuple[dict, dict]:
     bias_LE = np.asarray(out['router_bias'])[:, :num_real]
     record.update({'moe/bias_mean': float(bias_LE.mean()), 'moe/bias_std': float(bias_LE.std()),
                    'moe/bias_max': float(np.abs(bias_LE).max())})
+    layers['router_bias'] = bias_LE   # per expert, for the oscillation of the bias over time
+    if 'router_momentum' in out:
+      record['moe/bias_momentum_abs'] = float(np.abs(np.asarray(out['router_momentum'])).mean())
+    for k in HEALTH:
+      if k in out:
+        layers[k] = np.asarray(out[k])
+        record[f'moe/{k}'] = float(np.nanmean(layers[k]))
+    if 'expert_update_norm' in layers:   # the busiest expert's update against the mean one
+      u_LE = layers['expert_update_norm']
+      record['moe/expert_update_norm_max_ratio'] = float((u_LE.max(-1) / np.maximum(u_LE.mean(-1), 1e-30)).max())
     for k in ROUTER_STATS + ('grad_norm_ratio', 'grad_norm_ratio_unit', 'balance_coef',
                              'expert_cos_mean', 'expert_cos_max'):
       if k in out:

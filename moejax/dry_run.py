@@ -78,7 +78,7 @@ def dry_run(config, num_devices: int | None = None) -> str:
   m = ModelConfig.from_config(config.model)
   t = config.train
   total, active = count(model_specs(m)), device_memory.active_params(config.model)
-  L, dense = m.num_layers, m.num_dense_layers
+  L, dense = m.num_layers, m.num_layers - m.num_moe_layers
   experts = (f'{m.num_experts} routed experts top-{m.top_k} + {m.num_shared_experts} shared, '
              f'expert FFN {m.expert_ffn_dim}' if L > dense else 'no MoE layers')
   tokens = t.batch_size * t.seq_len

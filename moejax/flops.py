@@ -37,7 +37,7 @@ def forward_flops_per_token(cfg, seq_len: int, active_experts_per_token: float |
   moe_ffn = 2 * (D * cfg.router.num_routed + 3 * D * (cfg.expert_ffn_dim * routed + cfg.shared_ffn_dim))
   total = 2 * D * cfg.vocab_size   # the head
   for i, name in enumerate(cfg.layer_attentions):
-    kind = 'dense' if i < cfg.num_dense_layers else 'moe'
+    kind = cfg.layer_kinds[i]
     layout = block_layout(cfg, kind)   # its attentions and extra dense MLPs (moejax.blocks)
     total += len(layout.attentions) * ATTENTIONS[name].flops_per_token(cfg.attn, seq_len)
     total += len(layout.mlps) * dense_ffn + (dense_ffn if kind == 'dense' else moe_ffn)

@@ -27,7 +27,7 @@ from moejax.errors import ConfigError
 from moejax.model_config import ModelConfig
 from moejax.params import init_params, is_spec
 
-DEPTH_FIELDS = ('num_layers', 'num_dense_layers')
+DEPTH_FIELDS = ('num_layers', 'num_dense_layers', 'dense_layers')
 KINDS = (('dense_blocks', 'dense'), ('moe_blocks', 'moe'))
 
 
@@ -63,15 +63,23 @@ def _with(d: dict, dotted: str, value) -> dict:
   return d
 
 
+def _prefix_only(m, where: str):
+  mc = ModelConfig.from_config(m)
+  if mc.layer_kinds != tuple(sorted(mc.layer_kinds)):   # 'dense' < 'moe': dense ones first
+    raise ConfigError(f'model.dense_layers: growing needs the dense layers first ({where} has '
+                      f'{mc.dense_layers!r})')
+
+
 def unstack(stacks, names: list[str]) -> list:
-  """A kind's params (one stack, or one per position of the pattern's unit) -> per-layer trees."""
-  stacks = model.unit_stacks(stacks, names)
-  U = len(stacks)
+  """A kind's params (one stack, or one per position of the pattern's unit) -> per-layer trees
+  (dense layers first: the kind's groups are the positions of its attention pattern's unit)."""
+  U = len(repeating_unit(names))
+  stacks = (stacks,) if U == 1 else tuple(stacks)
   return [jax.tree.map(lambda a: a[l // U], stacks[l % U]) for l in range(len(names))]
 
 
 def restack(layers: list, names: list[str]):
-  """Per-layer trees -> the layout `model.group_specs` declares for `names`."""
+  """Per-layer trees -> the layout `model.group_specs` declares for `names` (dense layers first)."""
   U = len(repeating_unit(names))
   return model.kind_layout([jax.tree.map(lambda *a: jnp.stack(a), *layers[j::U]) for j in range(U)])
 
@@ -156,6 +164,8 @@ def grown_start(config):
     return None
   src, restored, step = load_source(workdir)
   where = f'the source run {workdir}'
+  _prefix_only(src, where)
+  _prefix_only(config.model, 'the new model')
   check_compatible(src, config.model, where)
   dst = config.model
   start = jax.device_get({'params': grow_params(restored['params'], src, dst),

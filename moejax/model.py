@@ -15,9 +15,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax import moe, precision, router, transfer
+from moejax import diagnostics as diagnostics_lib, moe, precision, router, transfer
 from moejax.attention import ATTENTIONS, repeating_unit
 from moejax.blocks import block_layout
 from moejax.layers import dense, rms_norm, swiglu
@@ -30,7 +31,8 @@ FLOAT32_PARAMS = ('norm', 'router')
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=(
-    'load_E', 'balance_loss', 'z_loss', 'dropped', 'router_stats', 'router_grads'), meta_fields=())
+    'load_E', 'balance_loss', 'z_loss', 'dropped', 'router_stats', 'router_grads', 'bias_target',
+    'health'), meta_fields=())
 @dataclass
 class MoEAux:
   """What an MoE layer returns besides its output (stacked [L, ...] over layers by the scan)."""
@@ -40,6 +42,8 @@ class MoEAux:
   dropped: Any             # assignments the dispatch dropped (capacity dispatches only)
   router_stats: Any = None  # diagnostics only: {entropy, margins, real experts per token}
   router_grads: Any = None  # diagnostics only: {balance[, z]}: d loss / d router, unit weight
+  bias_target: Any = None  # quantile / threshold controllers only: the bias this batch asks for
+  health: Any = None       # diagnostics only: {router_x (the router's input), expert_out_norm}
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=(
@@ -103,15 +107,49 @@ def block_specs(cfg: ModelConfig, ffn: str, attention: str):
 
 def kind_attentions(cfg: ModelConfig, ffn: str) -> tuple[str, ...]:
   """The attention type of each block of one FFN kind, in layer order."""
-  names = cfg.layer_attentions
-  return names[:cfg.num_dense_layers] if ffn == 'dense' else names[cfg.num_dense_layers:]
+  return tuple(a for a, k in zip(cfg.layer_attentions, cfg.layer_kinds) if k == ffn)
+
+
+@dataclass(frozen=True)
+class Group:
+  """One scan stack: the layers at one position of a segment's repeating (attention, kind) unit."""
+  segment: int
+  position: int
+  attention: str
+  kind: str
+  layers: tuple[int, ...]        # layer indices, in order
+  kind_index: tuple[int, ...]    # their indices among the layers of their kind
+
+
+def segments(cfg: ModelConfig) -> list[range]:
+  """The leading dense layers, then the rest (each scanned over its own repeating unit)."""
+  kinds = cfg.layer_kinds
+  k = next((i for i, kind in enumerate(kinds) if kind != 'dense'), len(kinds))
+  return [r for r in (range(0, k), range(k, len(kinds))) if len(r)]
+
+
+def groups(cfg: ModelConfig) -> tuple[Group, ...]:
+  """Every scan stack, segment by segment and position by position."""
+  pairs = list(zip(cfg.layer_attentions, cfg.layer_kinds))
+  kind_index = [sum(1 for _, k in pairs[:i] if k == pairs[i][1]) for i in range(len(pairs))]
+  out = []
+  for s, seg in enumerate(segments(cfg)):
+    unit = repeating_unit(pairs[seg.start:seg.stop])
+    for j, (attention, kind) in enumerate(unit):
+      layers = tuple(seg[j::len(unit)])
+      out.append(Group(s, j, attention, kind, layers, tuple(kind_index[i] for i in layers)))
+  return tuple(out)
+
+
+def kind_groups(cfg: ModelConfig, ffn: str) -> tuple[Group, ...]:
+  return tuple(g for g in groups(cfg) if g.kind == ffn)
 
 
 def model_specs(cfg: ModelConfig):
   D, V = cfg.d_model, cfg.vocab_size
   specs = {'embed': ParamSpec((V, D), ('vocab', 'embed'), scale=1.0),
            'final_norm': ParamSpec((D,), ('embed',), init='ones')}
-  if cfg.num_dense_layers:
+  if cfg.num_moe_layers < cfg.num_layers:
     specs['dense_blocks'] = group_specs(cfg, 'dense')
   if cfg.num_moe_layers:
     specs['moe_blocks'] = group_specs(cfg, 'moe')
@@ -121,59 +159,77 @@ def model_specs(cfg: ModelConfig):
 
 
 def group_specs(cfg: ModelConfig, ffn: str):
-  """Blocks of one FFN kind: one stack per position of the attention pattern's repeating unit."""
-  names = kind_attentions(cfg, ffn)
-  unit = repeating_unit(names)
-  return kind_layout([stacked(block_specs(cfg, ffn, a), len(names[j::len(unit)])) for j, a in enumerate(unit)])
+  """Blocks of one FFN kind: one stack per scan group of that kind."""
+  return kind_layout([stacked(block_specs(cfg, ffn, g.attention), len(g.layers)) for g in kind_groups(cfg, ffn)])
 
 
-# A kind's blocks are stored as one stack when its pattern unit has one position (every block of
-# the kind has the same attention), else as a list of stacks; these two are the only places that
-# know it (a single stack keeps the parameter paths, hence the initialisation, of uniform models).
+# A kind's blocks are stored as one stack when it has one scan group (e.g. every block of the kind
+# has the same attention), else as a list of stacks; these two are the only places that know it
+# (a single stack keeps the parameter paths, hence the initialisation, of uniform models).
 
-def unit_stacks(stacks, names) -> tuple:
-  """A kind's params (or anything shaped like them) as one stack per position of the unit."""
-  return (stacks,) if len(repeating_unit(names)) == 1 else tuple(stacks)
+def kind_stacks(stacks, cfg: ModelConfig, ffn: str) -> tuple:
+  """A kind's params (or anything shaped like them) as one stack per group of the kind."""
+  return (stacks,) if len(kind_groups(cfg, ffn)) == 1 else tuple(stacks)
 
 
-def kind_layout(per_position):
-  """The inverse of unit_stacks: one stack per unit position -> the kind's stored layout."""
-  per_position = list(per_position)
-  return per_position[0] if len(per_position) == 1 else per_position
+def kind_layout(per_group):
+  """The inverse of kind_stacks: one stack per group -> the kind's stored layout."""
+  per_group = list(per_group)
+  return per_group[0] if len(per_group) == 1 else per_group
 
 
 def moe_layer_leaf(moe_blocks, path: tuple, cfg: ModelConfig):
-  """One leaf of every MoE layer (params or grads), stacked in layer order [L, ...], whether the
-  attention pattern stacks the blocks as one scan stack or one per position of its unit."""
-  names = kind_attentions(cfg, 'moe')
-  stacks = unit_stacks(moe_blocks, names)
-  return in_layer_order([functools.reduce(lambda t, k: t[k], path, s) for s in stacks])
+  """One leaf of every MoE layer (params or grads), stacked in MoE-layer order [L, ...], whatever
+  the scan groups."""
+  stacks = kind_stacks(moe_blocks, cfg, 'moe')
+  leaves = [functools.reduce(lambda t, k: t[k], path, s) for s in stacks]
+  return reorder(leaves, [g.kind_index for g in kind_groups(cfg, 'moe')])
 
 
 # ----------------------------------------------------------------------------- the layer scan
 
-def in_layer_order(per_position: list):
-  """Outputs [n_j, ...] per unit position j -> [n, ...] in layer order (layer i at position i % U)."""
-  U = len(per_position)
-  if U == 1:
-    return per_position[0]
-  n = sum(jax.tree.leaves(o)[0].shape[0] for o in per_position)
-  return jax.tree.map(lambda *o: jnp.stack([o[i % U][i // U] for i in range(n)]), *per_position)
+def reorder(per_group: list, indices: list):
+  """Outputs [n_g, ...] per group, whose rows are items `indices[g]` -> [n, ...] in item order."""
+  if len(per_group) == 1:
+    return per_group[0]
+  perm = np.argsort(np.concatenate([np.asarray(i) for i in indices]), kind='stable')
+  return jax.tree.map(lambda *o: jnp.concatenate(o)[perm], *per_group)
 
 
-def scan_layers(block, x, xs_per_position: tuple, names, unroll=1):
-  """Runs block(attention_name, x, xs_j) -> (x, out) over the layers of one kind: the pattern's
-  repeating unit scanned over its whole repetitions, then the remaining layers. `xs_per_position`
-  holds, per unit position, the stacked inputs of its layers (params, router bias, caches...).
-  Returns x and the outputs, per unit position, stacked like the inputs."""
-  unit = repeating_unit(names)
-  U, n = len(unit), len(names)
+def rows(a, index: tuple):
+  """Rows `index` (an arithmetic progression) of a stacked array, as a slice."""
+  step = index[1] - index[0] if len(index) > 1 else 1
+  return a[index[0]:index[-1] + 1:step]
+
+
+def run_layers(cfg: ModelConfig, block, x, xs_by_kind: dict, unroll=1):
+  """Runs block(group, x, xs) -> (x, out) over every layer in order: each segment's repeating unit
+  scanned over its whole repetitions, then its remaining layers. `xs_by_kind[kind]` holds, per
+  group of that kind, the stacked inputs of its layers (params, router bias, caches...). Returns
+  x and {kind: per-group outputs stacked like the inputs}."""
+  outs = {k: [None] * len(kind_groups(cfg, k)) for k in ('dense', 'moe')}
+  slot = {}
+  for g in groups(cfg):
+    slot[g] = sum(1 for h in groups(cfg) if h.kind == g.kind and (h.segment, h.position) < (g.segment, g.position))
+  for s in range(len(segments(cfg))):
+    unit = [g for g in groups(cfg) if g.segment == s]
+    xs_unit = tuple(xs_by_kind[g.kind][slot[g]] for g in unit)
+    x, seg_outs = scan_layers(block, x, xs_unit, unit, sum(len(g.layers) for g in unit), unroll)
+    for g, o in zip(unit, seg_outs):
+      outs[g.kind][slot[g]] = o
+  return x, {k: v for k, v in outs.items() if v}
+
+
+def scan_layers(block, x, xs_per_position: tuple, unit, n: int, unroll=1):
+  """Runs block(unit[j], x, xs_j) over n layers, layer i at unit position i % U: the unit scanned
+  over its whole repetitions, then the remaining layers."""
+  U = len(unit)
   reps = n // U
 
   def unit_step(x, xs_unit):
     outs = []
-    for name, xs_j in zip(unit, xs_unit):
-      x, out = block(name, x, xs_j)
+    for g, xs_j in zip(unit, xs_unit):
+      x, out = block(g, x, xs_j)
       outs.append(out)
     return x, outs
 
@@ -231,7 +287,8 @@ def moe_ffn(p, bias_E, x_BTD, cfg: ModelConfig, mesh, batch_axes, diagnostics: b
   y_TD, dropped = moe.routed_experts(x_TD, routing, p['w_gate'], p['w_up'], p['w_down'], cfg.dispatch,
                                      mesh, batch_axes)
   y_TD = y_TD * routed_variance_scale(cfg)
-  if cfg.router.num_zero_experts:   # identity experts: the token itself, weighted, at no expert FLOPs
+  if cfg.router.num_zero_experts and cfg.router.zero_expert_kind == 'identity':
+    # identity experts: the token itself, weighted, at no expert FLOPs (null experts add nothing)
     zero_weight_T = jnp.sum(jnp.where(routing.expert_TK >= cfg.num_experts, routing.weight_TK, 0.0), -1)
     y_TD = y_TD + x_TD * zero_weight_T[:, None].astype(x_TD.dtype)
   y_BTD = y_TD.reshape(B, T, D)
@@ -244,6 +301,10 @@ def moe_ffn(p, bias_E, x_BTD, cfg: ModelConfig, mesh, batch_axes, diagnostics: b
   if diagnostics:
     aux.router_stats = router.routing_stats(routing, cfg.router)   # the scores this layer routed by
     aux.router_grads = router_grads(x_TD, p['router'], bias_E, cfg, T)
+    aux.health = {'router_x': x_TD, 'expert_out_norm': diagnostics_lib.expert_output_norm(
+        x_TD, routing.expert_TK, p['w_gate'], p['w_up'], p['w_down'])}
+  if cfg.router.needs_bias_target:
+    aux.bias_target = router.bias_target(routing, bias_E, cfg.router)
   return y_BTD, aux
 
 
@@ -330,21 +391,21 @@ def forward(params, router_bias_LE, tokens_BT, cfg: ModelConfig, mesh, batch_axe
   # replicating them.
   embed_VD = jax.lax.with_sharding_constraint(params['embed'], NamedSharding(mesh, P(P.UNCONSTRAINED, None)))
   x_BTD = jax.lax.with_sharding_constraint(embed_VD[tokens_BT], act)
-  moe_aux, block_aux = None, []
+  xs_by_kind = {}
   if 'dense_blocks' in params:
-    names = kind_attentions(cfg, 'dense')
-    x_BTD, outs = scan_layers(dense_block, x_BTD, unit_stacks(params['dense_blocks'], names), names,
-                              cfg.scan_unroll)
-    block_aux.append(in_layer_order(outs))
+    xs_by_kind['dense'] = kind_stacks(params['dense_blocks'], cfg, 'dense')
   if 'moe_blocks' in params:
-    names = kind_attentions(cfg, 'moe')
-    U = len(repeating_unit(names))
-    xs = tuple(zip(unit_stacks(params['moe_blocks'], names),
-                   (router_bias_LE[j::U] for j in range(U))))
-    x_BTD, outs = scan_layers(moe_block, x_BTD, xs, names, cfg.scan_unroll)
-    moe_aux, blocks = in_layer_order(outs)
-    block_aux.append(blocks)
-  block_aux = jax.tree.map(lambda *xs: jnp.concatenate(xs), *block_aux)
+    xs_by_kind['moe'] = tuple(zip(kind_stacks(params['moe_blocks'], cfg, 'moe'),
+                                  (rows(router_bias_LE, g.kind_index) for g in kind_groups(cfg, 'moe'))))
+  block = lambda g, x, xs: dense_block(g.attention, x, xs) if g.kind == 'dense' else moe_block(g.attention, x, xs)
+  x_BTD, outs = run_layers(cfg, block, x_BTD, xs_by_kind, cfg.scan_unroll)
+  moe_aux, per_group = None, []
+  if 'moe' in outs:
+    moe_aux = reorder([o[0] for o in outs['moe']], [g.kind_index for g in kind_groups(cfg, 'moe')])
+  for kind in ('dense', 'moe'):
+    if kind in outs:
+      per_group += [(o[1] if kind == 'moe' else o, g.layers) for o, g in zip(outs[kind], kind_groups(cfg, kind))]
+  block_aux = reorder([o for o, _ in per_group], [l for _, l in per_group])
   return logits_from(params, x_BTD, cfg), (moe_aux, block_aux)
 
 

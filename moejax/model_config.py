@@ -63,6 +63,7 @@ class ModelConfig:
   loss: LossConfig
   shared_expert_ffn_dim: int = 0   # the shared experts' fused SwiGLU width; 0 = num_shared * expert_ffn_dim
   shared_expert_gate: bool = False  # Qwen2-MoE: shared output times sigmoid(x . w_gate)
+  dense_layers: str = ''           # comma list of layer indices with a dense FFN, besides the first k
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'dense_ffn_dim', 'expert_ffn_dim'):
@@ -74,6 +75,10 @@ class ModelConfig:
           'model.shared_expert_ffn_dim', f'must be an integer >= 0 (0 = num_shared_experts x expert_ffn_dim)')
     check(not self.shared_expert_gate or self.num_shared_experts, 'model.shared_expert_gate',
           'needs model.num_shared_experts > 0')
+    check(isinstance(self.dense_layers, str), 'model.dense_layers', 'must be a comma list of layer indices')
+    idx = [p.strip() for p in self.dense_layers.split(',') if p.strip()]
+    check(all(p.isdigit() and int(p) < self.num_layers for p in idx), 'model.dense_layers',
+          f'{self.dense_layers!r}: every entry must be a layer index in [0, {self.num_layers})')
     check_pattern(self.attention, self.attn)
     one_of(self.block, BLOCKS, 'model.block')
     one_of(self.remat, REMAT_POLICIES, 'model.remat')
@@ -91,8 +96,14 @@ class ModelConfig:
     return self.shared_expert_ffn_dim or self.num_shared_experts * self.expert_ffn_dim
 
   @property
+  def layer_kinds(self) -> tuple[str, ...]:
+    """The FFN kind of every layer: 'dense' for the first num_dense_layers and those in dense_layers."""
+    listed = {int(p) for p in self.dense_layers.split(',') if p.strip()}
+    return tuple('dense' if i < self.num_dense_layers or i in listed else 'moe' for i in range(self.num_layers))
+
+  @property
   def num_moe_layers(self) -> int:
-    return self.num_layers - self.num_dense_layers
+    return self.layer_kinds.count('moe')
 
   @classmethod
   def from_config(cls, m) -> 'ModelConfig':
@@ -110,4 +121,4 @@ class ModelConfig:
         document_mask=m.attn.document_mask, attn=AttentionConfig.from_config(m),
         router=RouterConfig.from_config(m), dispatch=DispatchConfig.from_config(m),
         loss=LossConfig(**m.loss), shared_expert_ffn_dim=m.get('shared_expert_ffn_dim', 0),
-        shared_expert_gate=m.get('shared_expert_gate', False))
+        shared_expert_gate=m.get('shared_expert_gate', False), dense_layers=m.get('dense_layers', ''))

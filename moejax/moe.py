@@ -15,16 +15,17 @@ One interface, `routed_experts`, with the implementation named by `model.dispatc
   - 'capacity_a2a': the same slots and the same dropped tokens, exchanged with `all_to_all`.
   - 'ragged_dot': dropless grouped matmul, `jax.lax.ragged_dot` over the rows sorted by expert.
   - 'gmm': the same with the Pallas megablox grouped matmul (TPU; interpreted on other backends).
+  - 'tokamax': the same with `tokamax.ragged_dot` (Mosaic GPU / Triton, Mosaic TPU; XLA on CPU).
   - 'ragged_a2a': dropless; each device sends every expert owner exactly its rows with
     `jax.lax.ragged_all_to_all` (offsets in moejax/a2a.py), then a grouped matmul. XLA:CPU lacks the
     op, so there the exchange is emulated with a padded `all_to_all` (tests only).
   - 'auto' (the default): cpu -> 'dropless'; gpu -> 'ragged_a2a' when the expert axis has more than
     one device, else 'ragged_dot'; tpu -> 'gmm'.
-Expert parallelism for 'dropless', 'capacity', 'ragged_dot' and 'gmm': tokens are all-gathered over
+Expert parallelism for 'dropless', 'capacity', 'ragged_dot', 'gmm' and 'tokamax': tokens are all-gathered over
 the `expert` mesh axis, each device runs its local experts on the rows routed to them, and
 `psum_scatter` returns each device its tokens' outputs. The `*_a2a` variants move only the rows.
-The fp8 policy (moejax.precision) applies to the einsum dispatches; grouped matmuls run in the
-compute dtype.
+The fp8 policy (moejax.precision) applies to every dispatch: qwix's fp8 einsum for the einsum
+dispatches, qwix's fp8 ragged_dot for the grouped ones (moejax.grouped_matmul).
 """
 import functools
 import math
@@ -36,6 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from moejax import a2a, precision
+from moejax.grouped_matmul import grouped_matmul
 from moejax.errors import check, one_of
 
 
@@ -51,8 +53,6 @@ class DispatchConfig:
   def __post_init__(self):
     one_of(self.name, DISPATCH_NAMES, 'model.dispatch')
     check(self.capacity_factor > 0, 'model.capacity_factor', f'must be positive, got {self.capacity_factor}')
-    check(not (self.fp8 and self.name in GROUPED_DISPATCHES), 'model.dispatch',
-          f'{self.name!r} has no fp8 path; use dropless, capacity or capacity_a2a with precision fp8')
 
   @classmethod
   def from_config(cls, m) -> 'DispatchConfig':
@@ -101,49 +101,96 @@ def _combine(out_RD, row_A, weight_TK):
   return jnp.einsum('tkd,tk->td', out_TKD, weight_TK.astype(out_TKD.dtype))
 
 
-def _capacity_ffn(C: int, x_TD, weight_TK, local_A, valid_A, rank_A, w_gate_EDF, w_up_EDF,
-                  w_down_EFD, einsum=jnp.einsum):
-  """Runs each local expert on its first C assignments; returns (y_TD, dropped assignments)."""
-  T, K = weight_TK.shape
-  E = w_gate_EDF.shape[0]
-  kept_A = valid_A & (rank_A < C)
-  row_A = jnp.where(kept_A, local_A * C + rank_A, E * C)
-  x_ECD = _gather_rows(x_TD, row_A, E * C, K).reshape(E, C, -1)
-  out_ECD = _swiglu(x_ECD, w_gate_EDF, w_up_EDF, w_down_EFD, einsum)
-  dropped = jnp.sum(valid_A & ~kept_A).astype(jnp.float32)
-  return _combine(out_ECD.reshape(E * C, -1), row_A, weight_TK), dropped
+def _take(x_ND, idx_M):
+  """Rows idx_M of x_ND, zeros where idx_M is out of range (a sentinel for 'no row')."""
+  return jnp.take(x_ND, idx_M, axis=0, mode='fill', fill_value=0)
 
 
-def _block_ffn(Z: int, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, w_gate_EDF, w_up_EDF,
-               w_down_EFD, einsum=jnp.einsum):
-  """Any load: each expert's rows padded to blocks of Z rows, each block with its expert's weights.
-
-  Rows are bounded by T*K + E*(Z-1) whatever the imbalance, at the price of gathering one weight
-  copy per block; the dropless fallback when the busiest expert outgrows every capacity bucket."""
-  T, K = weight_TK.shape
-  E = w_gate_EDF.shape[0]
+def _dropless_rows(layout, local_A, valid_A, rank_A, count_E, num_experts: int):
+  """Where a dropless layout puts each assignment: (row_A, groups N, rows per group Z, expert of each
+  group, or None when group n is expert n). row_A = N*Z marks an assignment with no row (not local)."""
+  kind, Z = layout
+  E = num_experts
+  A = local_A.shape[0]
+  if kind == 'capacity':   # group e = expert e, Z = C slots (the layout holds the busiest expert)
+    return jnp.where(valid_A, local_A * Z + rank_A, E * Z), E, Z, None
   padded_E = (count_E + Z - 1) // Z * Z
   end_E = jnp.cumsum(padded_E)
-  R = (T * K + E * (Z - 1) + Z - 1) // Z * Z
-  N = R // Z
-  row_A = jnp.where(valid_A, (end_E - padded_E)[local_A] + rank_A, R)
-  block_expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(N) * Z, side='right'), E - 1)
-  x_NZD = _gather_rows(x_TD, row_A, R, K).reshape(N, Z, -1)
-  out_NZD = _swiglu(x_NZD, w_gate_EDF[block_expert_N],
-                    w_up_EDF[block_expert_N], w_down_EFD[block_expert_N], einsum)
-  return _combine(out_NZD.reshape(R, -1), row_A, weight_TK), jnp.zeros((), jnp.float32)
+  N = (A + E * (Z - 1) + Z - 1) // Z
+  row_A = jnp.where(valid_A, (end_E - padded_E)[local_A] + rank_A, N * Z)
+  expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(N) * Z, side='right'), E - 1)
+  return row_A, N, Z, expert_N
+
+
+def _row_assignments(row_A, num_rows: int):
+  """The inverse of row_A: the assignment in each row (A = none)."""
+  A = row_A.shape[0]
+  return jnp.full((num_rows + 1,), A, jnp.int32).at[row_A].set(
+      jnp.arange(A, dtype=jnp.int32), mode='drop')[:num_rows]
+
+
+def _dropless_fwd_rows(layout, einsum, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd):
+  """Forward of one layout. Returns y_TD and the residuals in assignment space (o_AD, g_AF, u_AF), whose
+  shapes do not depend on the layout, so `lax.switch` branches share them."""
+  T, K = weight_TK.shape
+  E = wg.shape[0]
+  row_A, N, Z, expert_N = _dropless_rows(layout, local_A, valid_A, rank_A, count_E, E)
+  if expert_N is not None:   # one weight copy per block (the fallback for heavy imbalance)
+    wg, wu, wd = wg[expert_N], wu[expert_N], wd[expert_N]
+  a_R = _row_assignments(row_A, N * Z)
+  x_NZD = _take(x_TD, a_R // K).reshape(N, Z, -1)   # a_R = A -> token T: out of range -> zeros
+  g_NZF = einsum('nzd,ndf->nzf', x_NZD, wg)
+  u_NZF = einsum('nzd,ndf->nzf', x_NZD, wu)
+  o_NZD = einsum('nzf,nfd->nzd', jax.nn.silu(g_NZF) * u_NZF, wd)
+  o_AD = _take(o_NZD.reshape(N * Z, -1), row_A)
+  g_AF, u_AF = (_take(a.reshape(N * Z, -1), row_A) for a in (g_NZF, u_NZF))
+  y_TD = jnp.einsum('tkd,tk->td', o_AD.reshape(T, K, -1), weight_TK.astype(o_AD.dtype))
+  return y_TD, (o_AD, g_AF, u_AF)
+
+
+def _dropless_bwd_rows(layout, einsum, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd,
+                       res, dy_TD):
+  """Backward of one layout from the forward's residuals: the six matmuls of a SwiGLU's backward, no
+  forward recompute; rows move by gathers only (no scatter-add)."""
+  T, K = weight_TK.shape
+  E = wg.shape[0]
+  o_AD, g_AF, u_AF = res
+  row_A, N, Z, expert_N = _dropless_rows(layout, local_A, valid_A, rank_A, count_E, E)
+  if expert_N is not None:
+    wg_, wu_, wd_ = wg[expert_N], wu[expert_N], wd[expert_N]
+  else:
+    wg_, wu_, wd_ = wg, wu, wd
+  dweight_TK = jnp.einsum('tkd,td->tk', o_AD.reshape(T, K, -1), dy_TD).astype(weight_TK.dtype)
+  do_AD = (weight_TK.astype(dy_TD.dtype)[:, :, None] * dy_TD[:, None, :]).reshape(T * K, -1)
+  a_R = _row_assignments(row_A, N * Z)
+  x_NZD = _take(x_TD, a_R // K).reshape(N, Z, -1)
+  do_NZD, g_NZF, u_NZF = (_take(a, a_R).reshape(N, Z, -1) for a in (do_AD, g_AF, u_AF))
+  sg_NZF = jax.nn.silu(g_NZF)
+  dwd = einsum('nzf,nzd->nfd', sg_NZF * u_NZF, do_NZD)
+  dh_NZF = einsum('nzd,nfd->nzf', do_NZD, wd_)
+  du_NZF = dh_NZF * sg_NZF
+  sig_NZF = jax.nn.sigmoid(g_NZF)
+  dg_NZF = dh_NZF * u_NZF * sig_NZF * (1 + g_NZF * (1 - sig_NZF))
+  dwg = einsum('nzd,nzf->ndf', x_NZD, dg_NZF)
+  dwu = einsum('nzd,nzf->ndf', x_NZD, du_NZF)
+  dx_NZD = einsum('nzf,ndf->nzd', dg_NZF, wg_) + einsum('nzf,ndf->nzd', du_NZF, wu_)
+  dx_TD = _take(dx_NZD.reshape(N * Z, -1), row_A).reshape(T, K, -1).sum(1).astype(x_TD.dtype)
+  if expert_N is not None:   # each block's weight gradient back to its expert
+    dwg, dwu, dwd = (jax.ops.segment_sum(d, expert_N, num_segments=E) for d in (dwg, dwu, dwd))
+  return dx_TD, dweight_TK, dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)
 
 
 def _layout_ffn(layout, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd,
                 einsum=jnp.einsum):
-  kind, size = layout
-  if kind == 'capacity':
-    return _capacity_ffn(size, x_TD, weight_TK, local_A, valid_A, rank_A, wg, wu, wd, einsum)
-  return _block_ffn(size, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd, einsum)
+  """One dropless layout's forward: (y_TD, dropped = 0)."""
+  y_TD, _ = _dropless_fwd_rows(layout, einsum, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
+                               wg, wu, wd)
+  return y_TD, jnp.zeros((), jnp.float32)
 
 
 # Dropless capacities, as multiples of the mean rows per expert; past the last, blocks take over.
-DROPLESS_BUCKETS = (1.0, 1.25, 1.5, 2.0)   # past 2x, blocks were measured as cheap
+# Up to 5x (MaxVio 4) an [E, C] layout is cheaper than blocks, which gather a weight copy per block.
+DROPLESS_BUCKETS = (1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
 
 
 def dropless_layouts(num_tokens: int, top_k: int, num_experts: int, num_local: int) -> tuple:
@@ -157,29 +204,35 @@ def dropless_layouts(num_tokens: int, top_k: int, num_experts: int, num_local: i
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _switch_ffn(layouts, einsum, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
                 w_gate_EDF, w_up_EDF, w_down_EFD):
-  branches = [functools.partial(_layout_ffn, layout, einsum=einsum) for layout in layouts]
-  return jax.lax.switch(branch, branches, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
-                        w_gate_EDF, w_up_EDF, w_down_EFD)
+  return _switch_fwd(layouts, einsum, branch, x_TD, weight_TK, local_A, valid_A, rank_A, count_E,
+                     w_gate_EDF, w_up_EDF, w_down_EFD)[0]
 
 
 def _switch_fwd(layouts, einsum, branch, *args):
-  return _switch_ffn(layouts, einsum, branch, *args), (branch, args)
+  # Each branch returns its residuals in assignment space (shapes common to all branches), so the
+  # backward runs only the chosen branch's backward, with no forward recompute.
+  branches = [functools.partial(_dropless_fwd_rows, layout, einsum) for layout in layouts]
+  y_TD, res = jax.lax.switch(branch, branches, *args)
+  return (y_TD, jnp.zeros((), jnp.float32)), (branch, args, res)
 
 
-def _switch_bwd(layouts, einsum, res, cotangent):
-  # Recompute the chosen branch in the backward pass: differentiating through `lax.switch` directly
-  # would keep every branch's residuals alive (zero-filled), which costs more than the recompute.
-  branch, (x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd) = res
-
-  def branch_vjp(layout, x_TD, weight_TK, wg, wu, wd):
-    fn = lambda x, w, g, u, d: _layout_ffn(layout, x, w, local_A, valid_A, rank_A, count_E, g, u, d,
-                                           einsum)
-    return jax.vjp(fn, x_TD, weight_TK, wg, wu, wd)[1](cotangent)
-
-  grads = jax.lax.switch(branch, [functools.partial(branch_vjp, l) for l in layouts],
-                         x_TD, weight_TK, wg, wu, wd)
-  dx, dweight, dwg, dwu, dwd = grads
+def _switch_bwd(layouts, einsum, saved, cotangent):
+  branch, args, res = saved
+  dy_TD = cotangent[0]
+  if einsum is jnp.einsum:
+    branches = [functools.partial(_dropless_bwd_rows, layout, einsum) for layout in layouts]
+  else:   # a quantising einsum (fp8) has its own backward: recompute the branch and differentiate it
+    branches = [functools.partial(_recompute_bwd, layout, einsum) for layout in layouts]
+  dx, dweight, dwg, dwu, dwd = jax.lax.switch(branch, branches, *args, res, dy_TD)
   return None, dx, dweight, None, None, None, None, dwg, dwu, dwd
+
+
+def _recompute_bwd(layout, einsum, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd,
+                   res, dy_TD):
+  del res
+  fn = lambda x, w, g, u, d: _dropless_fwd_rows(layout, einsum, x, w, local_A, valid_A, rank_A, count_E,
+                                                g, u, d)[0]
+  return jax.vjp(fn, x_TD, weight_TK, wg, wu, wd)[1](dy_TD)
 
 
 _switch_ffn.defvjp(_switch_fwd, _switch_bwd)
@@ -242,26 +295,6 @@ def capacity_experts(x_TD, expert_TK, weight_TK, w_gate_JDF, w_up_JDF, w_down_JF
 
 # ----------------------------------------------------------------------------- grouped matmuls
 
-def _ragged_dot(x_RD, w_LDF, group_sizes_L):
-  return jax.lax.ragged_dot(x_RD, w_LDF, group_sizes_L)
-
-
-def _tile(n: int) -> int:
-  return math.gcd(n, 128)
-
-
-def _megablox_gmm(x_RD, w_LDF, group_sizes_L):
-  """Pallas megablox `gmm` (TPU kernel; run by the Pallas interpreter elsewhere)."""
-  from jax.experimental.pallas.ops.tpu.megablox import gmm
-  R, D = x_RD.shape
-  tiling = (_tile(R), _tile(D), _tile(w_LDF.shape[2]))
-  return gmm(x_RD, w_LDF, group_sizes_L.astype(jnp.int32), x_RD.dtype, tiling,
-             interpret=jax.devices()[0].platform != 'tpu')
-
-
-GROUPED_MATMULS = {'ragged_dot': _ragged_dot, 'gmm': _megablox_gmm}
-
-
 def _grouped_swiglu(x_RD, w_gate_LDF, w_up_LDF, w_down_LFD, group_sizes_L, matmul):
   """SwiGLU of rows sorted by expert (group l = the next group_sizes_L[l] rows); rows past the groups
   give zeros (gmm leaves them unwritten, so they are masked after every matmul)."""
@@ -276,8 +309,8 @@ def _round_up(n: int, m: int) -> int:
 
 
 def grouped_experts(matmul: str):
-  """Dropless local experts with the grouped matmul `matmul` (GROUPED_MATMULS): local assignments
-  sorted by expert, one grouped matmul per projection (no fp8 path: group.einsum is not used)."""
+  """Dropless local experts with the grouped matmul `matmul` (moejax.grouped_matmul): local assignments
+  sorted by expert, one grouped matmul per projection (fp8: qwix's, moejax.grouped_matmul)."""
   def experts(x_TD, expert_TK, weight_TK, w_gate_JDF, w_up_JDF, w_down_JFD, offset, group: ExpertGroup):
     T, K = expert_TK.shape
     J = w_gate_JDF.shape[0]
@@ -285,7 +318,7 @@ def grouped_experts(matmul: str):
     R = _round_up(T * K, 8)
     row_A = jnp.where(valid_A, (jnp.cumsum(count_J) - count_J)[local_A] + rank_A, R)
     out_RD = _grouped_swiglu(_gather_rows(x_TD, row_A, R, K), w_gate_JDF, w_up_JDF, w_down_JFD, count_J,
-                             GROUPED_MATMULS[matmul])
+                             grouped_matmul(matmul, group.cfg.fp8))
     return _combine(out_RD, row_A, weight_TK), jnp.zeros((), jnp.float32)
   return experts
 
@@ -338,7 +371,7 @@ def _ragged_exchange():
 
 def ragged_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, group: ExpertGroup):
   """Dropless: rows sorted by global expert go to their owners with `ragged_all_to_all`, are regrouped
-  by local expert for a grouped matmul, and come back the same way (no fp8 path).
+  by local expert for a grouped matmul, and come back the same way.
 
   The receive buffer holds S*A rows, the most one device can get (every token of the group on its
   experts), so nothing is dropped whatever the imbalance."""
@@ -361,7 +394,8 @@ def ragged_a2a(x_TD, expert_TK, weight_TK, wg, wu, wd, group: ExpertGroup):
   x_RD = exchange(x_AD, jnp.zeros((R, D), x_AD.dtype), input_offsets, send_sizes, output_offsets,
                   recv_sizes)
   order_R = jnp.argsort(a2a.received_row_experts(recv_counts_SJ, R), stable=True)
-  out_RD = _grouped_swiglu(x_RD[order_R], wg, wu, wd, recv_counts_SJ.sum(0), GROUPED_MATMULS[matmul])
+  out_RD = _grouped_swiglu(x_RD[order_R], wg, wu, wd, recv_counts_SJ.sum(0),
+                           grouped_matmul(matmul, group.cfg.fp8))
   out_RD = jnp.zeros_like(out_RD).at[order_R].set(out_RD)
   back_offsets = jax.lax.all_to_all(input_offsets, ep, 0, 0, tiled=True)
   y_AD = exchange(out_RD, jnp.zeros((A, D), out_RD.dtype), recv_offsets, recv_sizes, back_offsets,
@@ -375,19 +409,20 @@ DISPATCHES = {
     'capacity_a2a': capacity_a2a,
     'ragged_dot': gathered(grouped_experts('ragged_dot')),
     'gmm': gathered(grouped_experts('gmm')),
+    'tokamax': gathered(grouped_experts('tokamax')),
     'ragged_a2a': ragged_a2a,
 }
 DISPATCH_NAMES = ('auto', *DISPATCHES)
-GROUPED_DISPATCHES = ('ragged_dot', 'gmm', 'ragged_a2a')   # grouped matmuls: no fp8 path
+GROUPED_DISPATCHES = ('ragged_dot', 'gmm', 'tokamax', 'ragged_a2a')   # the grouped-matmul dispatches
 
 
 def resolve_dispatch(name: str, platform: str, expert_axis_size: int, fp8: bool = False) -> str:
   """'auto' -> the implementation for the backend (see the module docstring); other names as given.
-
-  The grouped matmuls have no fp8 path, so under the fp8 policy 'auto' keeps the einsum 'dropless'."""
+  `fp8` no longer changes the choice (every dispatch has an fp8 path); kept for the callers."""
+  del fp8
   if name != 'auto':
     return name
-  if fp8 or platform == 'cpu':
+  if platform == 'cpu':
     return 'dropless'
   if platform == 'tpu':
     return 'gmm'

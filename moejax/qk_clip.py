@@ -8,9 +8,9 @@ is NaN, and NaN never clips) and NSA refuses QK-clip. Heads that stayed under ta
 """
 import jax.numpy as jnp
 
-from moejax.attention import ATTENTIONS, repeating_unit
+from moejax.attention import ATTENTIONS
 from moejax.blocks import block_layout
-from moejax.model import kind_attentions, kind_layout, unit_stacks
+from moejax.model import kind_groups, kind_layout, kind_stacks, rows
 
 
 def clip_factors(logit_max_H, tau: float):
@@ -21,13 +21,11 @@ def clip_factors(logit_max_H, tau: float):
 def _clip_group(stacks, ffn: str, gamma_LH, cfg):
   """Blocks of one kind (one stack, or one per position of the pattern's repeating unit); every
   attention of a block (ScMoE has two) takes the block's logit max."""
-  names = kind_attentions(cfg, ffn)
-  unit = repeating_unit(names)
   out = []
-  for j, (name, stack) in enumerate(zip(unit, unit_stacks(stacks, names))):
+  for g, stack in zip(kind_groups(cfg, ffn), kind_stacks(stacks, cfg, ffn)):
     stack = dict(stack)
     for key in block_layout(cfg, ffn).attentions:
-      stack[key] = ATTENTIONS[name].qk_clip(stack[key], gamma_LH[j::len(unit)], cfg.attn)
+      stack[key] = ATTENTIONS[g.attention].qk_clip(stack[key], rows(gamma_LH, g.layers), cfg.attn)
     out.append(stack)
   return kind_layout(out)
 
@@ -35,10 +33,8 @@ def _clip_group(stacks, ffn: str, gamma_LH, cfg):
 def qk_clip(params: dict, logit_max_LH, cfg, tau: float) -> dict:
   """Params with every over-threshold head's query/key projections rescaled (see module doc)."""
   gamma_LH = clip_factors(logit_max_LH, tau)
-  nd = cfg.num_dense_layers
-  params = dict(params)
-  if 'dense_blocks' in params:
-    params['dense_blocks'] = _clip_group(params['dense_blocks'], 'dense', gamma_LH[:nd], cfg)
-  if 'moe_blocks' in params:
-    params['moe_blocks'] = _clip_group(params['moe_blocks'], 'moe', gamma_LH[nd:], cfg)
+  params = dict(params)   # gamma_LH is over all layers; each group takes its layers' rows
+  for ffn in ('dense', 'moe'):
+    if f'{ffn}_blocks' in params:
+      params[f'{ffn}_blocks'] = _clip_group(params[f'{ffn}_blocks'], ffn, gamma_LH, cfg)
   return params

@@ -1,7 +1,8 @@
 """Plots and a summary of a run: `python -m moejax.report --workdir=<dir>` (or moejax.tools.report).
 
 Writes into <workdir>/report/: expert_load.png (expert load fractions over steps, one heatmap per
-MoE layer), balance.png (MaxVio per batch and over each log window, dead experts), stability.png
+MoE layer), expert_health.png (routing churn, and per expert and layer over steps its update norm,
+output norm and router bias), balance.png (MaxVio per batch and over each log window, dead experts), stability.png
 (max attention logit and max residual activation, the early signs of logit and activation blow-up),
 loss.png (train and held-out loss), and summary.md (with a table of every evaluation: loss and bits
 per byte of each eval source, downstream task metrics and CORE).
@@ -63,6 +64,48 @@ def plot_balance(train: list[dict], path: str):
   return True
 
 
+def plot_expert_health(layers: list[dict], path: str):
+  """Per MoE layer over steps: routing churn, and heatmaps of each expert's update norm, output norm
+  and router bias (each relative to the layer's mean at that step, the bias as it is)."""
+  rows = [r for r in layers if 'expert_update_norm' in r]
+  if not rows:
+    return False
+  steps = [r['step'] for r in rows]
+  f = lambda k: np.asarray([[[np.nan if v is None else v for v in e] for e in r[k]] for r in rows], np.float64)
+  maps = [('expert_update_norm', 'update norm / mean'), ('expert_out_norm', 'output norm / mean')]
+  L = len(rows[0]['expert_update_norm'])
+  fig, axes = plt.subplots(L + 1, 3, figsize=(14, 2.4 * (L + 1)), squeeze=False)
+  churn_SL = np.asarray([r['routing_churn'] for r in rows], np.float64)
+  for l in range(L):
+    axes[0, 0].plot(steps, churn_SL[:, l], label=f'MoE layer {l}')
+  axes[0, 0].set(ylabel='routing churn', xlabel='step')
+  axes[0, 0].legend(fontsize=7)
+  for ax in axes[0, 1:]:
+    ax.axis('off')
+  extent = (steps[0], steps[-1], -0.5, None)
+  for j, (key, label) in enumerate(maps):
+    v_SLE = f(key)
+    rel_SLE = v_SLE / np.nanmean(v_SLE, axis=-1, keepdims=True)
+    for l in range(L):
+      im = axes[l + 1, j].imshow(rel_SLE[:, l].T, aspect='auto', origin='lower', cmap='magma', vmin=0, vmax=2,
+                                 extent=(*extent[:3], v_SLE.shape[-1] - 0.5))
+      axes[l + 1, j].set_ylabel(f'MoE layer {l}\nexpert')
+      fig.colorbar(im, ax=axes[l + 1, j], label=label)
+  bias_rows = [r for r in rows if 'router_bias' in r]
+  if bias_rows:
+    bias_SLE = np.asarray([r['router_bias'] for r in bias_rows], np.float64)
+    for l in range(L):
+      im = axes[l + 1, 2].imshow(bias_SLE[:, l].T, aspect='auto', origin='lower', cmap='coolwarm',
+                                 extent=(*extent[:3], bias_SLE.shape[-1] - 0.5))
+      fig.colorbar(im, ax=axes[l + 1, 2], label='router bias')
+  for ax in axes[-1]:
+    ax.set_xlabel('step')
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return True
+
+
 def plot_stability(train: list[dict], path: str):
   series = [(k, label) for k, label in (('attn/logit_max', 'max attention logit'),
                                         ('resid/max_abs', 'max |residual|')) if any(k in r for r in train)]
@@ -100,12 +143,13 @@ def summary(workdir: str, train: list[dict], evals: list[dict], alerts: list[str
                  f'{evals[0]["eval/loss"]:.3f} -> {evals[-1]["eval/loss"]:.3f} |')
   for key in ('loss', 'tokens_per_sec', 'mfu', 'moe/maxvio', 'moe/maxvio_global', 'moe/dead_experts',
               'moe/entropy', 'moe/active_experts_per_token', 'moe/grad_norm_ratio',
-              'moe/expert_cos_max', 'attn/logit_max', 'resid/max_abs'):
+              'moe/expert_cos_max', 'moe/routing_churn', 'moe/expert_update_norm_max_ratio',
+              'attn/logit_max', 'resid/max_abs'):
     if key in last:
       lines.append(f'| {key} (step {last["step"]}) | {last[key]:.4g} |')
   lines += eval_table(evals)
   lines += ['', f'Alerts: {len(alerts)}'] + [f'- {a}' for a in alerts[:20]]
-  lines += ['', '![expert load](expert_load.png)', '![balance](balance.png)',
+  lines += ['', '![expert load](expert_load.png)', '![expert health](expert_health.png)', '![balance](balance.png)',
             '![stability](stability.png)', '![loss](loss.png)']
   return '\n'.join(lines) + '\n'
 
@@ -145,6 +189,7 @@ def report(workdir: str) -> tuple[str, str]:
   out = os.path.join(workdir, 'report')
   os.makedirs(out, exist_ok=True)
   plot_expert_load(read_jsonl(os.path.join(workdir, 'loads.jsonl')), os.path.join(out, 'expert_load.png'))
+  plot_expert_health(read_jsonl(os.path.join(workdir, 'loads.jsonl')), os.path.join(out, 'expert_health.png'))
   plot_balance(train, os.path.join(out, 'balance.png'))
   plot_stability(train, os.path.join(out, 'stability.png'))
   plot_loss(train, evals, os.path.join(out, 'loss.png'))

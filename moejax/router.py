@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from moejax import balancers
 from moejax.errors import check, non_negative, one_of
 
 
@@ -44,6 +45,15 @@ class RouterConfig:
   n_group: int = 1             # > 1: group-limited routing (DeepSeek-V2/V3), experts in n_group groups
   topk_group: int = 1          # ... of which a token may use the topk_group best
   group_score: str = 'top2_sum'  # a group's score: sum of its top-2 selection scores (V3) or 'max' (V2)
+  force_balance: bool = False  # replace the top-k choice by a balanced assignment (benchmarks)
+  balancer: str = 'bias'       # the bias update of top-k routing: 'bias' | 'quantile' | 'smebu' (moejax.balancers)
+  quantile_ema: float = 0.0    # quantile: weight kept on the old bias at each step
+  smebu_kappa: float = 2.0     # smebu: tanh(kappa * relative load error)
+  smebu_momentum: float = 0.9  # smebu: momentum of the bias velocity
+  routing: str = 'topk'        # 'topk' (token choice) or 'threshold' (expert-threshold routing)
+  threshold_ema: float = 0.9   # threshold: weight kept on the old threshold at each step
+  threshold_max_k: int = 0     # threshold: most experts a token may use (0: 2 * top_k)
+  zero_expert_kind: str = 'identity'  # zero-computation experts return the token ('identity') or 0 ('null')
 
   def __post_init__(self):
     check(isinstance(self.num_experts, int) and self.num_experts >= 1, 'model.num_experts',
@@ -59,6 +69,25 @@ class RouterConfig:
     one_of(self.bias_update_schedule, ('constant', 'linear'), 'model.router.bias_update_schedule')
     one_of(self.balance_scope, ('sequence', 'global'), 'model.loss.balance_scope')
     one_of(self.group_score, ('top2_sum', 'max'), 'model.router.group_score')
+    one_of(self.balancer, ('bias', 'quantile', 'smebu'), 'model.router.balancer')
+    one_of(self.routing, ('topk', 'threshold'), 'model.router.routing')
+    one_of(self.zero_expert_kind, ('identity', 'null'), 'model.router.zero_expert_kind')
+    for name in ('quantile_ema', 'smebu_momentum', 'threshold_ema'):
+      check(0.0 <= getattr(self, name) < 1.0, f'model.router.{name}', f'must be in [0, 1), got {getattr(self, name)}')
+    check(self.smebu_kappa > 0, 'model.router.smebu_kappa', f'must be positive, got {self.smebu_kappa}')
+    if self.balancer != 'bias' or self.routing != 'topk':
+      what = f'balancer {self.balancer!r}' if self.balancer != 'bias' else "routing 'threshold'"
+      check(self.n_group == 1, 'model.router.n_group', f'group-limited routing with {what}')
+    if self.balancer == 'smebu':
+      check(not self.num_zero_experts, 'model.router.balancer',
+            "'smebu' centres its updates, which would cancel the steering of zero-computation experts")
+    if self.routing == 'threshold':
+      check(self.balancer == 'bias', 'model.router.balancer',
+            f"threshold routing sets its own thresholds; {self.balancer!r} does not apply")
+      check(not self.num_zero_experts, 'model.router.routing', 'threshold routing with zero-computation experts')
+      check(isinstance(self.threshold_max_k, int) and self.top_k <= self.max_experts <= self.num_routed,
+            'model.router.threshold_max_k',
+            f'{self.threshold_max_k} must be 0 or between model.top_k and model.num_experts')
     check(isinstance(self.n_group, int) and self.n_group >= 1 and self.num_routed % self.n_group == 0,
           'model.router.n_group', f'{self.n_group} must be >= 1 and divide the {self.num_routed} routed experts')
     if self.n_group > 1:
@@ -79,6 +108,18 @@ class RouterConfig:
     """Routing pool: real + zero-computation experts."""
     return self.num_experts + self.num_zero_experts
 
+  @property
+  def max_experts(self) -> int:
+    """Experts a token may use: top_k, or with threshold routing threshold_max_k (0: 2 * top_k)."""
+    if self.routing != 'threshold':
+      return self.top_k
+    return self.threshold_max_k or min(2 * self.top_k, self.num_routed)
+
+  @property
+  def needs_bias_target(self) -> bool:
+    """Whether the bias update reads this step's scores (not only its loads)."""
+    return self.balancer == 'quantile' or self.routing == 'threshold'
+
   @classmethod
   def from_config(cls, m) -> 'RouterConfig':
     return cls(num_experts=m.num_experts, top_k=m.top_k, bias_update_rate=m.bias_update_rate,
@@ -88,6 +129,7 @@ class RouterConfig:
 @dataclass(frozen=True)
 class Routing:
   expert_TK: jax.Array     # int32 chosen experts; ids >= num_experts are zero-computation experts
+                           # (threshold routing: slots no expert passed hold num_routed, weight 0)
   weight_TK: jax.Array     # float32 combine weights
   load_E: jax.Array        # float32 assignments per expert (real then zero experts)
   balance_loss: jax.Array
@@ -148,12 +190,27 @@ def limit_groups(selection_TE, cfg: RouterConfig):
   return jnp.where(keep_TG[:, :, None], s_TGE, -jnp.inf).reshape(T, E)
 
 
+def balanced_experts(T: int, K: int, E: int):
+  """A balanced assignment in place of the router's choice (MaxText `use_random_routing`, Megatron
+  `moe_router_force_load_balancing`): assignment a = t*K + k of a fixed shuffle of the tokens goes to
+  expert a mod E, so each expert gets T*K/E assignments (+-1) and a token's K experts differ (K <= E).
+  The combine weights stay the router's scores of those experts, so the router still gets gradients."""
+  perm_T = jax.random.permutation(jax.random.key(0), T)
+  return ((perm_T[:, None] * K + jnp.arange(K)) % E).astype(jnp.int32)
+
+
 def route(x_TD, router_DE, bias_E, cfg: RouterConfig, seq_len: int) -> Routing:
   """Top-k routing in float32. `seq_len` groups tokens into sequences for the sequence-wise loss."""
   K = cfg.top_k
   logits_TE, scores_TE, selection_TE = router_scores(x_TD, router_DE, bias_E, cfg)
-  _, expert_TK = jax.lax.top_k(limit_groups(selection_TE, cfg), K)
+  top_TK, expert_TK = jax.lax.top_k(limit_groups(selection_TE, cfg), cfg.max_experts)
+  if cfg.force_balance:
+    expert_TK = balanced_experts(x_TD.shape[0], K, scores_TE.shape[-1])
   weight_TK = jnp.take_along_axis(scores_TE, expert_TK, axis=-1)
+  if cfg.routing == 'threshold':   # every expert whose score passes its threshold (bias = -threshold)
+    passed_TK = top_TK > 0
+    weight_TK = jnp.where(passed_TK, weight_TK, 0.0)
+    expert_TK = jnp.where(passed_TK, expert_TK, cfg.num_routed)   # not dispatched, no load
   if cfg.norm_topk:
     weight_TK = weight_TK / (weight_TK.sum(-1, keepdims=True) + 1e-20)
   weight_TK = weight_TK * cfg.routed_scaling
@@ -175,6 +232,33 @@ def routing_stats(routing: Routing, cfg: RouterConfig) -> dict:
 def stats(x_TD, router_DE, bias_E, cfg: RouterConfig) -> dict:
   """Router diagnostics of one layer's tokens, routing them first."""
   return routing_stats(route(x_TD, router_DE, bias_E, cfg, seq_len=x_TD.shape[0]), cfg)
+
+
+def bias_target(routing: Routing, bias_E, cfg: RouterConfig):
+  """What the score-reading updates move this layer's bias towards (moejax.balancers)."""
+  if cfg.routing == 'threshold':
+    return balancers.threshold_bias_target(routing.scores_TE, cfg.top_k)
+  target_E = target_load(routing.load_E[None], cfg.num_experts, cfg.target_active_experts or cfg.top_k,
+                         cfg.top_k)[0]
+  new_E = balancers.quantile_bias_target(routing.selection_TE, bias_E, target_E, cfg.top_k)
+  return jnp.where(jnp.arange(cfg.num_routed) < cfg.num_experts, new_E, bias_E)   # zero experts fixed
+
+
+def update_state(router_state: dict, moe_aux, cfg: RouterConfig, step, total_steps: int) -> dict:
+  """The train step's router update: {'router_bias'[, 'router_momentum']} after this step.
+  `moe_aux` carries the layers' loads (and, for quantile and threshold, their bias targets)."""
+  bias_LE = router_state['router_bias']
+  if cfg.routing == 'threshold':
+    return {'router_bias': balancers.smoothed(bias_LE, moe_aux.bias_target, cfg.threshold_ema, step)}
+  if cfg.balancer == 'quantile':
+    return {'router_bias': balancers.smoothed(bias_LE, moe_aux.bias_target, cfg.quantile_ema, step)}
+  if cfg.balancer == 'smebu':
+    target_LE = target_load(moe_aux.load_E, cfg.num_experts, cfg.top_k, cfg.top_k)
+    bias, momentum = balancers.smebu_update(
+        bias_LE, router_state['router_momentum'], moe_aux.load_E, target_LE, bias_rate(cfg, step, total_steps),
+        cfg.smebu_kappa, cfg.smebu_momentum, cfg.num_experts)
+    return {'router_bias': bias, 'router_momentum': momentum}
+  return {'router_bias': update_bias(bias_LE, moe_aux.load_E, cfg, step, total_steps)}
 
 
 def target_load(load_LE, num_real: int, target_active: float | None, top_k: int):

@@ -84,6 +84,9 @@ def build_setup(config, mesh) -> Setup:
       'router_bias': jax.ShapeDtypeStruct((L, mc.router.num_routed), jnp.float32),
       'balance_coef': jax.ShapeDtypeStruct((L,), jnp.float32),
   }
+  if mc.router.balancer == 'smebu':   # the bias velocity of the momentum-damped update
+    state_shardings['router_momentum'] = rep
+    abstract_state['router_momentum'] = jax.ShapeDtypeStruct((L, mc.router.num_routed), jnp.float32)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_shardings)
   batch_sharding = sharding.named(mesh, ('batch', None), rules)
@@ -100,8 +103,11 @@ def init_state(s: Setup):
     params = init_params(specs, key) if start is None else start['params']
     router_bias = (jnp.zeros(s.abstract_state['router_bias'].shape, jnp.float32) if start is None
                    else start['router_bias'])
-    return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': s.tx.init(params),
-            'router_bias': router_bias,
-            'balance_coef': jnp.full(s.abstract_state['balance_coef'].shape,
-                                     s.model.loss.balance_weight, jnp.float32)}
+    state = {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': s.tx.init(params),
+             'router_bias': router_bias,
+             'balance_coef': jnp.full(s.abstract_state['balance_coef'].shape,
+                                      s.model.loss.balance_weight, jnp.float32)}
+    if 'router_momentum' in s.abstract_state:
+      state['router_momentum'] = jnp.zeros(s.abstract_state['router_momentum'].shape, jnp.float32)
+    return state
   return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(s.config.seed), start)

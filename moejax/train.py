@@ -63,7 +63,10 @@ def make_train_step(s: Setup, diagnostics: bool):
             model.moe_layer_leaf(grads['moe_blocks'], ('ffn', 'router'), cfg), aux.moe.router_grads,
             state['balance_coef'], cfg.loss.z_weight)
       new_state.update(update_router(cfg, state, aux.moe, ratios, s.config.train.steps))
-    return new_state, step_metrics(s, state, new_state, loss, aux, grads, ratios)
+    out = step_metrics(s, state, new_state, loss, aux, grads, ratios)
+    if aux.moe is not None and aux.moe.health is not None:
+      out.update(expert_health(cfg, state, new_state, aux.moe.health))
+    return new_state, out
 
   return jax.jit(train_step, in_shardings=(s.state_shardings, s.batch_sharding),
                  out_shardings=(s.state_shardings, sharding.replicated(s.mesh)), donate_argnums=0)
@@ -81,12 +84,24 @@ def apply_gradients(s: Setup, state, grads, aux):
 def update_router(cfg, state, moe_aux, ratios, total_steps: int) -> dict:
   """What the train step updates outside the optimizer: the loss-free router bias from this step's
   global loads, and (with `loss.balance_gnr_target`) each layer's balance coefficient."""
-  new = {'router_bias': router.update_bias(state['router_bias'], moe_aux.load_E, cfg.router,
-                                           state['step'], total_steps)}
+  new = router.update_state(state, moe_aux, cfg.router, state['step'], total_steps)
   if cfg.loss.balance_gnr_target:
     new['balance_coef'] = diagnostics_lib.adapt_balance_coef(
         state['balance_coef'], ratios[0], cfg.loss.balance_gnr_target, cfg.loss.balance_weight)
   return new
+
+
+def expert_health(cfg, state, new_state, health: dict) -> dict:
+  """Log steps: per-expert output and update norms, and the routing churn of this step's update."""
+  leaf = lambda params, k: model.moe_layer_leaf(params['moe_blocks'], ('ffn', k), cfg)
+  names = ('w_gate', 'w_up', 'w_down')
+  old_moe, new_moe = ({k: leaf(p, k) for k in names} for p in (state['params'], new_state['params']))
+  route = lambda x_TD, w_DE, b_E: router.route(x_TD, w_DE, b_E, cfg.router, x_TD.shape[0]).expert_TK
+  churn_L = diagnostics_lib.routing_churn(
+      route, health['router_x'], (leaf(state['params'], 'router'), state['router_bias']),
+      (leaf(new_state['params'], 'router'), new_state['router_bias']))
+  return {'routing_churn': churn_L, 'expert_out_norm': health['expert_out_norm'],
+          'expert_update_norm': diagnostics_lib.expert_update_norm(old_moe, new_moe)}
 
 
 def step_metrics(s: Setup, state, new_state, loss, aux, grads, ratios) -> dict:
@@ -104,6 +119,8 @@ def step_metrics(s: Setup, state, new_state, loss, aux, grads, ratios) -> dict:
   if m is None:
     return out
   tokens = s.config.train.batch_size * s.config.train.seq_len
+  if 'router_momentum' in state:
+    out['router_momentum'] = state['router_momentum']
   out.update({'load_LE': m.load_E, 'router_bias': state['router_bias'],
               'balance_coef': state['balance_coef'],
               'moe/balance_loss': m.balance_loss.mean(), 'moe/z_loss': m.z_loss.mean(),

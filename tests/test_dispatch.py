@@ -15,7 +15,7 @@ from reference import (T, TOL, lib_value_and_grad, make_moe_inputs, ref_capacity
 from moejax import a2a, moe
 from moejax import router as router_lib
 
-DROPLESS = ('dropless', 'ragged_dot', 'gmm', 'ragged_a2a')
+DROPLESS = ('dropless', 'ragged_dot', 'gmm', 'tokamax', 'ragged_a2a')
 CAPACITY = ('capacity', 'capacity_a2a')
 
 
@@ -32,7 +32,7 @@ def test_every_dispatch_is_either_dropless_or_capacity_here():
 
 @pytest.mark.parametrize('platform,expert,fp8,expected', [
     ('cpu', 1, False, 'dropless'), ('cpu', 8, False, 'dropless'),
-    ('gpu', 1, False, 'ragged_dot'), ('gpu', 4, False, 'ragged_a2a'), ('gpu', 4, True, 'dropless'),
+    ('gpu', 1, False, 'ragged_dot'), ('gpu', 4, False, 'ragged_a2a'), ('gpu', 4, True, 'ragged_a2a'),
     ('tpu', 1, False, 'gmm'), ('tpu', 8, False, 'gmm')])
 def test_auto_dispatch_picks_the_platform_implementation(platform, expert, fp8, expected):
   assert moe.resolve_dispatch('auto', platform, expert, fp8) == expected
@@ -49,6 +49,7 @@ def _skewed_bias(cfg):
 # Cases chosen so that each implementation meets its hard case once: the a2a variants under expert
 # parallelism (and one device receiving the whole group when skewed), gmm through the interpreter.
 DROPLESS_CASES = [('ragged_dot', 'single', False), ('ragged_dot', 'expert8', True), ('gmm', 'single', True),
+                  ('tokamax', 'single', True),
                   ('ragged_a2a', 'data2_expert4', False), ('ragged_a2a', 'expert8', True)]
 _DROPLESS_REFS = {}
 

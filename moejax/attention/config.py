@@ -2,6 +2,7 @@
 checking its own fields (one-line ConfigError naming the config key)."""
 from dataclasses import dataclass
 
+from moejax.attention.fused import FUSED, IMPLEMENTATIONS
 from moejax.errors import check, non_negative, one_of, positive_int
 
 
@@ -78,6 +79,7 @@ class AttentionConfig:
   softcap: float = 0.0
   sinks: bool = False
   window: int = 32
+  implementation: str = 'xla'   # softmax types' training forward (moejax.attention.fused.IMPLEMENTATIONS)
   init_std: float = 0.02
   norm_eps: float = 1e-6
   variance_alignment: bool = False
@@ -94,6 +96,11 @@ class AttentionConfig:
           f'model.attn.num_heads ({self.num_heads}) is not divisible by {self.num_kv_heads}')
     check(self.head_dim % 2 == 0, 'model.attn.head_dim', 'rotary dims must be even')
     non_negative(self.softcap, 'model.attn.softcap')
+    one_of(self.implementation, IMPLEMENTATIONS, 'model.attn.implementation')
+    check(not (self.sinks and self.implementation in FUSED), 'model.attn.implementation',
+          f'{self.implementation!r} has no attention sinks; use xla or auto (auto keeps xla with sinks)')
+    check(not (self.softcap and self.implementation == 'dot_product_attention'), 'model.attn.implementation',
+          "'dot_product_attention' has no soft cap; use tokamax, xla or auto")
     one_of(self.rope_layout, ('halves', 'pairs'), 'model.attn.rope_layout')
     one_of(self.qk_norm_scope, ('head', 'projection'), 'model.attn.qk_norm_scope')
     check(self.qk_norm_scope == 'head' or self.qk_norm, 'model.attn.qk_norm_scope',
@@ -122,5 +129,6 @@ class AttentionConfig:
                num_kv_heads=a.num_kv_heads, head_dim=a.head_dim, rope_theta=a.rope_theta,
                **{k: a[k] for k in YARN_AND_LAYOUT if k in a},   # absent from older runs' configs
                qk_norm=a.qk_norm, softcap=a.softcap, sinks=a.sinks, window=a.window,
+               implementation=a.get('implementation', 'xla'),   # absent from older runs' configs
                init_std=m.init_std, norm_eps=m.norm_eps, variance_alignment=m.variance_alignment,
                mla=MLAConfig(**m.mla), nsa=NSAConfig(**m.nsa), kda=KDAConfig(**m.kda))

@@ -1,13 +1,19 @@
 """Softmax attention types: GQA (MHA when every query head has its own kv head), SWA, MLA.
 
+The training forward of each runs the implementation `model.attn.implementation` names
+(moejax.attention.fused: 'xla', the reference with the scores materialised, or a fused kernel);
+decoding (one query per row) always runs the XLA path.
+
 Axis letters: B batch, T positions, D model, H query heads, G key-value heads, N head dim,
 R rope dim, C latent rank.
 """
+from moejax.attention import fused
 from moejax.attention.core import (Attention, cache_write, causal_softmax_attention,
                                    decode_softmax_attention, ring_attention, ring_cache,
                                    scale_heads, sliding_window_attention, softmax_probs)
 from moejax.layers import dense, rms_norm, rope, yarn_mscale
 from moejax.params import ParamSpec
+import jax
 import jax.numpy as jnp
 
 
@@ -75,17 +81,30 @@ def gqa_out(p, o_BTGHN):
   return dense(o_BTGHN.reshape(B, T, -1, N), p['wo'], n_in=2)
 
 
+def attend(cfg, q_BTGHN, k_BSGN, v_BSGM, segment_ids_BT=None, window=None, softcap=0.0, sink_GH=None):
+  """Causal attention (to the `window` latest keys when given) by `cfg.implementation`:
+  o_BTGHM and logit_max_H."""
+  impl = fused.resolve(getattr(cfg, 'implementation', 'xla'), jax.default_backend(), softcap,
+                       sink_GH is not None)
+  if impl == 'xla':
+    if window is None:
+      return causal_softmax_attention(q_BTGHN, k_BSGN, v_BSGM, segment_ids_BT, softcap, sink_GH)
+    return sliding_window_attention(q_BTGHN, k_BSGN, v_BSGM, window, segment_ids_BT, softcap, sink_GH)
+  if sink_GH is not None:
+    raise ValueError(f'model.attn.implementation {impl!r} has no attention sinks; use xla')
+  return fused.fused_attention(impl, q_BTGHN, k_BSGN, v_BSGM, segment_ids_BT, window, softcap)
+
+
 def gqa_apply(p, x_BTD, cfg, segment_ids_BT=None):
   G = p['wk'].shape[1]
-  o, logit_max_H = causal_softmax_attention(*gqa_qkv(p, x_BTD, cfg), segment_ids_BT,
-                                            **_softmax_options(p, cfg, G))
+  o, logit_max_H = attend(cfg, *gqa_qkv(p, x_BTD, cfg), segment_ids_BT, **_softmax_options(p, cfg, G))
   return gqa_out(p, o), logit_max_H
 
 
 def swa_apply(p, x_BTD, cfg, segment_ids_BT=None):
   G = p['wk'].shape[1]
-  o, logit_max_H = sliding_window_attention(*gqa_qkv(p, x_BTD, cfg), cfg.window, segment_ids_BT,
-                                            **_softmax_options(p, cfg, G))
+  o, logit_max_H = attend(cfg, *gqa_qkv(p, x_BTD, cfg), segment_ids_BT, cfg.window,
+                          **_softmax_options(p, cfg, G))
   return gqa_out(p, o), logit_max_H
 
 
@@ -160,8 +179,8 @@ def mla_apply(p, x_BTD, cfg, segment_ids_BT=None):
       [kv_BTHK[..., :Nn], jnp.broadcast_to(k_rope_BT1R, (*k_rope_BT1R.shape[:2], H, k_rope_BT1R.shape[-1]))],
       axis=-1)
   v_BTHM = kv_BTHK[..., Nn:]
-  o, logit_max_H = causal_softmax_attention(q_BTHK[:, :, :, None], k_BTHK, v_BTHM,  # G = H groups
-                                            segment_ids_BT, softcap=cfg.softcap)  # of one head
+  o, logit_max_H = attend(cfg, q_BTHK[:, :, :, None], k_BTHK, v_BTHM,   # G = H groups of one head
+                          segment_ids_BT, softcap=cfg.softcap)
   return dense(o[:, :, :, 0], p['wo'], n_in=2), logit_max_H
 
 

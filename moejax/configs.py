@@ -125,6 +125,16 @@ def base_config() -> ml_collections.ConfigDict:
   l.z_weight = 0.0             # router z-loss (ST-MoE)
   l.hidden_z_weight = 0.0      # hidden-state z-loss on the residual stream (LongCat-Flash), e.g. 1e-6
 
+  # Multi-token prediction (DeepSeek-V3 sec. 2.2; moejax.mtp): module k predicts token t+k+1 from the
+  # previous depth's hidden state and the embedding of token t+k, through one block of the last
+  # layer's kind; the loss adds loss_weight x the mean of the depths' cross-entropies.
+  mt = m.mtp = ml_collections.ConfigDict()
+  mt.depth = 0                 # D modules; 0 = off
+  mt.loss_weight = 0.3         # lambda (DeepSeek-V3: 0.3, then 0.1 for the rest of training)
+  mt.schedule = 'constant'     # 'constant', 'linear' (loss_weight -> final_weight over training) or
+  mt.final_weight = 0.1        # 'step' (loss_weight until switch_frac of train.steps, then final_weight)
+  mt.switch_frac = 0.7
+
   t = c.train = ml_collections.ConfigDict()
   t.steps = 200
   t.batch_size = 16

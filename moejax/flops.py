@@ -35,13 +35,17 @@ def forward_flops_per_token(cfg, seq_len: int, active_experts_per_token: float |
   dense_ffn = 2 * 3 * D * cfg.dense_ffn_dim
   routed = cfg.top_k if active_experts_per_token is None else active_experts_per_token
   moe_ffn = 2 * (D * cfg.router.num_routed + 3 * D * (cfg.expert_ffn_dim * routed + cfg.shared_ffn_dim))
-  total = 2 * D * cfg.vocab_size   # the head
-  for i, name in enumerate(cfg.layer_attentions):
-    kind = cfg.layer_kinds[i]
+  head = 2 * D * cfg.vocab_size
+
+  def block(name, kind):
     layout = block_layout(cfg, kind)   # its attentions and extra dense MLPs (moejax.blocks)
-    total += len(layout.attentions) * ATTENTIONS[name].flops_per_token(cfg.attn, seq_len)
-    total += len(layout.mlps) * dense_ffn + (dense_ffn if kind == 'dense' else moe_ffn)
-  return total
+    return (len(layout.attentions) * ATTENTIONS[name].flops_per_token(cfg.attn, seq_len)
+            + len(layout.mlps) * dense_ffn + (dense_ffn if kind == 'dense' else moe_ffn))
+
+  total = head + sum(block(name, kind) for name, kind in zip(cfg.layer_attentions, cfg.layer_kinds))
+  # each MTP module (moejax.mtp): its 2D -> D projection, one block of the last layer's kind, the head
+  mtp_module = 2 * 2 * D * D + block(cfg.layer_attentions[-1], cfg.layer_kinds[-1]) + head
+  return total + cfg.mtp.depth * mtp_module
 
 
 def train_flops_per_token(cfg, seq_len: int, active_experts_per_token: float | None = None) -> float:

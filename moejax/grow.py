@@ -6,11 +6,11 @@ repeated; G_stack in Du et al. 2024, 'Stacking Your Transformers').
 of its latest checkpoint. The rule, for each block kind (dense, MoE) separately and in layer order:
 layer i of the new model copies layer i mod n of the source's n layers of that kind, so 2 MoE
 layers -> 4 gives [l0, l1, l0, l1] (the whole stack repeated) and 3 -> 4 gives [l0, l1, l2, l0].
-The router bias rows follow their MoE layers; embedding, final norm and head are copied; the
-optimizer state, step and balance coefficients start fresh. Only the depth may change
-(`model.num_layers`, `model.num_dense_layers`): any other field that changes a parameter's shape is
-a ConfigError naming it, and under an attention pattern every new layer must copy a layer of its
-own attention type. Resuming from the workdir's own checkpoint ignores `init.grow_from`.
+The router bias rows follow their MoE layers; embedding, final norm, head and MTP modules are
+copied; the optimizer state, step, balance coefficients and MTP router bias start fresh. Only the
+depth may change (`model.num_layers`, `model.num_dense_layers`): any other field that changes a
+parameter's shape is a ConfigError naming it, and under an attention pattern every new layer must
+copy a layer of its own attention type. Resuming from the workdir's own checkpoint ignores `init.grow_from`.
 """
 import copy
 import json
@@ -90,6 +90,8 @@ def _shape_signature(m) -> dict:
   mc = ModelConfig.from_config(m)
   specs = model.model_specs(mc)
   sig = {k: v.shape for k, v in specs.items() if is_spec(v)}
+  if 'mtp_blocks' in specs:   # copied as they are (their routers' bias starts afresh)
+    sig['mtp_blocks'] = jax.tree.map(lambda s: s.shape, specs['mtp_blocks'], is_leaf=is_spec)
   for key, ffn in KINDS:
     for name in sorted(set(parse_pattern(m.attention))):
       block = model.block_specs(mc, ffn, name)

@@ -103,3 +103,10 @@ def swiglu(p, x, einsum=jnp.einsum):
   """SwiGLU feed-forward: (silu(x W_gate) * x W_up) W_down over the last dim of x."""
   h = jax.nn.silu(dense(x, p['w_gate'], einsum=einsum)) * dense(x, p['w_up'], einsum=einsum)
   return dense(h, p['w_down'], einsum=einsum)
+
+
+def cross_entropy(logits_BTV, targets_BT, mask_BT):
+  """Mean cross-entropy of the targets over the unmasked positions (float32 logits)."""
+  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
+  nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  return jnp.sum(nll_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)

@@ -6,7 +6,8 @@ time does not grow with depth. With a per-layer attention pattern (moejax.attent
 blocks are scanned over the pattern's repeating unit: their params are a list with one stack per
 position in the unit (a plain stack when every block of the kind has the same attention), and the
 layers past the last whole unit run after the scan (`scan_layers`, shared with moejax.decode).
-Block bodies come from the block table (moejax.blocks). Axis letters: B batch, T sequence,
+Block bodies come from the block table (moejax.blocks); with `model.mtp.depth` the loss adds the
+multi-token prediction modules (moejax.mtp), which run the same block code. Axis letters: B batch, T sequence,
 D model, V vocab, E experts, L layers, F FFN, H heads.
 """
 import functools
@@ -18,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from moejax import diagnostics as diagnostics_lib, moe, precision, router, transfer
+from moejax import diagnostics as diagnostics_lib, moe, mtp, precision, router, transfer
 from moejax.attention import ATTENTIONS, repeating_unit
 from moejax.blocks import block_layout
-from moejax.layers import dense, rms_norm, swiglu
+from moejax.layers import cross_entropy, dense, rms_norm, swiglu
 from moejax.model_config import REMAT_POLICIES, ModelConfig  # noqa: F401
 from moejax.params import ParamSpec, stacked
 from moejax.sharding import BATCH_AXES
@@ -56,13 +57,14 @@ class BlockAux:
   hidden_z_loss: Any = None
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=('lm_loss', 'moe', 'blocks'),
+@functools.partial(jax.tree_util.register_dataclass, data_fields=('lm_loss', 'moe', 'blocks', 'mtp'),
                    meta_fields=())
 @dataclass
 class Aux:
   lm_loss: Any
   moe: MoEAux | None       # None without MoE layers
   blocks: BlockAux
+  mtp: Any = None          # moejax.mtp.MTPAux with model.mtp.depth > 0
 
 
 # ----------------------------------------------------------------------------- parameters
@@ -155,6 +157,8 @@ def model_specs(cfg: ModelConfig):
     specs['moe_blocks'] = group_specs(cfg, 'moe')
   if not cfg.tie_embeddings:
     specs['head'] = ParamSpec((D, V), ('embed', 'vocab'), scale=D ** -0.5)
+  if cfg.mtp.depth:
+    specs['mtp_blocks'] = mtp.mtp_specs(cfg, block_specs(cfg, cfg.layer_kinds[-1], cfg.layer_attentions[-1]))
   return specs
 
 
@@ -344,16 +348,10 @@ def logits_from(params, x_BTD, cfg: ModelConfig):
   return logits
 
 
-def forward(params, router_bias_LE, tokens_BT, cfg: ModelConfig, mesh, batch_axes=BATCH_AXES,
-            segment_ids_BT=None, diagnostics: bool = False):
-  """Returns logits_BTV (float32) and (MoEAux stacked over MoE layers or None, BlockAux stacked over
-  all layers). With `cfg.document_mask`, attention stays within `segment_ids_BT`'s documents.
-
-  Activations between blocks are split over `batch_axes` (those the mesh has) and whole over the
-  rest; weights are used as sharded and the compiler gathers them (fsdp) or splits the matmuls
-  (tensor)."""
-  params = cast_params(params, cfg)
-  batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+def block_functions(cfg: ModelConfig, mesh, batch_axes, segment_ids_BT=None, diagnostics: bool = False):
+  """(dense_block, moe_block): one block of each FFN kind, `(attention, x_BTD, xs) -> (x_BTD, aux)`
+  with xs its params (dense) or (params, router bias_E) (MoE) and aux BlockAux or (MoEAux, BlockAux);
+  rematerialised per `cfg.remat`. The decoder's layers and the MTP modules (moejax.mtp) run these."""
   act = NamedSharding(mesh, P(batch_axes))
   policy = REMAT_POLICIES[cfg.remat]
   mlp_einsum = precision.einsum_for(precision.fp8_mlp(cfg))
@@ -385,12 +383,23 @@ def forward(params, router_bias_LE, tokens_BT, cfg: ModelConfig, mesh, batch_axe
   if policy is not None:
     dense_block = jax.checkpoint(dense_block, policy=policy, static_argnums=(0,))
     moe_block = jax.checkpoint(moe_block, policy=policy, static_argnums=(0,))
+  return dense_block, moe_block
 
-  # Look up whole rows (gather the table over fsdp first, ZeRO-3 style): rows split over D would
-  # leave activations split over D, which the compiler can re-split over the batch only by
-  # replicating them.
+
+def embed_tokens(params, tokens_BT, mesh, batch_axes):
+  """Looks up whole rows (gathers the table over fsdp first, ZeRO-3 style): rows split over D would
+  leave activations split over D, which the compiler can re-split over the batch only by
+  replicating them."""
   embed_VD = jax.lax.with_sharding_constraint(params['embed'], NamedSharding(mesh, P(P.UNCONSTRAINED, None)))
-  x_BTD = jax.lax.with_sharding_constraint(embed_VD[tokens_BT], act)
+  return jax.lax.with_sharding_constraint(embed_VD[tokens_BT], NamedSharding(mesh, P(batch_axes)))
+
+
+def decoder(params, router_bias_LE, tokens_BT, cfg: ModelConfig, mesh, batch_axes, blocks):
+  """Embedding and every layer (`params` in the compute dtype, `blocks` from block_functions).
+  Returns the last block's output x_BTD (before the final norm) and (MoEAux stacked over MoE layers
+  or None, BlockAux stacked over all layers)."""
+  dense_block, moe_block = blocks
+  x_BTD = embed_tokens(params, tokens_BT, mesh, batch_axes)
   xs_by_kind = {}
   if 'dense_blocks' in params:
     xs_by_kind['dense'] = kind_stacks(params['dense_blocks'], cfg, 'dense')
@@ -406,21 +415,57 @@ def forward(params, router_bias_LE, tokens_BT, cfg: ModelConfig, mesh, batch_axe
     if kind in outs:
       per_group += [(o[1] if kind == 'moe' else o, g.layers) for o, g in zip(outs[kind], kind_groups(cfg, kind))]
   block_aux = reorder([o for o, _ in per_group], [l for _, l in per_group])
-  return logits_from(params, x_BTD, cfg), (moe_aux, block_aux)
+  return x_BTD, (moe_aux, block_aux)
+
+
+def forward(params, router_bias_LE, tokens_BT, cfg: ModelConfig, mesh, batch_axes=BATCH_AXES,
+            segment_ids_BT=None, diagnostics: bool = False):
+  """Returns logits_BTV (float32) and (MoEAux stacked over MoE layers or None, BlockAux stacked over
+  all layers). With `cfg.document_mask`, attention stays within `segment_ids_BT`'s documents.
+
+  Activations between blocks are split over `batch_axes` (those the mesh has) and whole over the
+  rest; weights are used as sharded and the compiler gathers them (fsdp) or splits the matmuls
+  (tensor)."""
+  params = cast_params(params, cfg)
+  batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  blocks = block_functions(cfg, mesh, batch_axes, segment_ids_BT, diagnostics)
+  x_BTD, aux = decoder(params, router_bias_LE, tokens_BT, cfg, mesh, batch_axes, blocks)
+  return logits_from(params, x_BTD, cfg), aux
+
+
+def mtp_aux(params, x_BTD, batch, mtp_bias_KE, cfg: ModelConfig, mesh, batch_axes):
+  """The MTP modules' losses and auxiliaries (moejax.mtp) on the decoder's output x_BTD; their
+  blocks are the last layer's kind and attention, without diagnostics."""
+  dense_block, moe_block = block_functions(cfg, mesh, batch_axes, batch.get('segment_ids'))
+  attention, kind = cfg.layer_attentions[-1], cfg.layer_kinds[-1]
+
+  def run_block(x_BTD, p, bias_E):
+    if kind == 'dense':
+      x_BTD, blocks = dense_block(attention, x_BTD, p)
+      return x_BTD, None, blocks
+    x_BTD, (moe, blocks) = moe_block(attention, x_BTD, (p, bias_E))
+    return x_BTD, moe, blocks
+
+  if kind == 'moe' and mtp_bias_KE is None:
+    mtp_bias_KE = jnp.zeros((cfg.mtp.depth, cfg.router.num_routed), jnp.float32)
+  return mtp.mtp_losses(params, x_BTD, batch, mtp_bias_KE, cfg,
+                        lambda tokens_BT: embed_tokens(params, tokens_BT, mesh, batch_axes), run_block,
+                        lambda h_BTD, norm_D: logits_from({**params, 'final_norm': norm_D}, h_BTD, cfg))
 
 
 def loss_fn(params, router_bias_LE, batch, cfg: ModelConfig, mesh, balance_coef_L=None,
-            batch_axes=BATCH_AXES, diagnostics: bool = False):
-  """Mean next-token cross-entropy over unmasked targets, plus the weighted auxiliary losses.
-  Returns (loss, Aux).
+            batch_axes=BATCH_AXES, diagnostics: bool = False, mtp_weight=None, mtp_bias_KE=None):
+  """Mean next-token cross-entropy over unmasked targets, plus the weighted auxiliary losses and,
+  with `cfg.mtp.depth`, the MTP loss (moejax.mtp). Returns (loss, Aux).
 
-  `balance_coef_L` (per MoE layer) replaces `loss.balance_weight` when the coefficient adapts."""
-  logits_BTV, (moe_aux, block_aux) = forward(params, router_bias_LE, batch['inputs'], cfg, mesh,
-                                             batch_axes, batch.get('segment_ids'), diagnostics)
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, batch['targets'][..., None], axis=-1)[..., 0]
-  mask_BT = batch['loss_mask']
-  lm_loss = jnp.sum(nll_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)
+  `balance_coef_L` (per MoE layer) replaces `loss.balance_weight` when the coefficient adapts;
+  `mtp_weight` (lambda at this step) replaces `mtp.loss_weight`; `mtp_bias_KE`: the MTP MoE blocks'
+  router bias (zeros when None)."""
+  params = cast_params(params, cfg)
+  batch_axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  blocks = block_functions(cfg, mesh, batch_axes, batch.get('segment_ids'), diagnostics)
+  x_BTD, (moe_aux, block_aux) = decoder(params, router_bias_LE, batch['inputs'], cfg, mesh, batch_axes, blocks)
+  lm_loss = cross_entropy(logits_from(params, x_BTD, cfg), batch['targets'], batch['loss_mask'])
   loss = lm_loss
   if moe_aux is not None:
     coef_L = cfg.loss.balance_weight if balance_coef_L is None else balance_coef_L
@@ -428,4 +473,11 @@ def loss_fn(params, router_bias_LE, batch, cfg: ModelConfig, mesh, balance_coef_
     loss = loss + cfg.loss.z_weight * moe_aux.z_loss.mean()
   if cfg.loss.hidden_z_weight:
     loss = loss + cfg.loss.hidden_z_weight * block_aux.hidden_z_loss.mean()
-  return loss, Aux(lm_loss, moe_aux, block_aux)
+  extra = None
+  if cfg.mtp.depth:
+    extra = mtp_aux(params, x_BTD, batch, mtp_bias_KE, cfg, mesh, batch_axes)
+    loss = loss + (cfg.mtp.loss_weight if mtp_weight is None else mtp_weight) * jnp.mean(extra.loss_K)
+    if extra.moe is not None:
+      loss = loss + cfg.loss.balance_weight * extra.moe.balance_loss.mean()
+      loss = loss + cfg.loss.z_weight * extra.moe.z_loss.mean()
+  return loss, Aux(lm_loss, moe_aux, block_aux, extra)

@@ -35,6 +35,34 @@ class LossConfig:
       non_negative(getattr(self, name), f'model.loss.{name}')
 
 
+MTP_SCHEDULES = ('constant', 'linear', 'step')
+
+
+@dataclass(frozen=True)
+class MTPConfig:
+  """`model.mtp`: multi-token prediction (DeepSeek-V3, arXiv 2412.19437 sec. 2.2), moejax.mtp.
+  The loss weight follows `schedule` from `loss_weight` to `final_weight`: 'linear' over training,
+  'step' (DeepSeek-V3: 0.3, then 0.1) switching at `switch_frac` of train.steps."""
+  depth: int = 0                 # D sequential modules; 0 = off
+  loss_weight: float = 0.3       # lambda at step 0
+  schedule: str = 'constant'
+  final_weight: float = 0.1
+  switch_frac: float = 0.7
+
+  def __post_init__(self):
+    check(isinstance(self.depth, int) and not isinstance(self.depth, bool) and self.depth >= 0,
+          'model.mtp.depth', f'must be an integer >= 0 (0 = off), got {self.depth!r}')
+    non_negative(self.loss_weight, 'model.mtp.loss_weight')
+    non_negative(self.final_weight, 'model.mtp.final_weight')
+    one_of(self.schedule, MTP_SCHEDULES, 'model.mtp.schedule')
+    check(isinstance(self.switch_frac, (int, float)) and 0 < self.switch_frac <= 1, 'model.mtp.switch_frac',
+          f'must be in (0, 1], got {self.switch_frac!r}')
+
+  @classmethod
+  def from_config(cls, m) -> 'MTPConfig':
+    return cls(**m) if m is not None else cls()
+
+
 @dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
@@ -64,6 +92,7 @@ class ModelConfig:
   shared_expert_ffn_dim: int = 0   # the shared experts' fused SwiGLU width; 0 = num_shared * expert_ffn_dim
   shared_expert_gate: bool = False  # Qwen2-MoE: shared output times sigmoid(x . w_gate)
   dense_layers: str = ''           # comma list of layer indices with a dense FFN, besides the first k
+  mtp: MTPConfig = MTPConfig()
 
   def __post_init__(self):
     for name in ('vocab_size', 'd_model', 'num_layers', 'dense_ffn_dim', 'expert_ffn_dim'):
@@ -105,6 +134,11 @@ class ModelConfig:
   def num_moe_layers(self) -> int:
     return self.layer_kinds.count('moe')
 
+  @property
+  def mtp_moe_layers(self) -> int:
+    """MoE blocks among the MTP modules (each module's block is of the last layer's kind)."""
+    return self.mtp.depth if self.layer_kinds[-1] == 'moe' else 0
+
   @classmethod
   def from_config(cls, m) -> 'ModelConfig':
     """Checks every field of `config.model` (ConfigError naming the key) and builds the dataclasses."""
@@ -121,4 +155,5 @@ class ModelConfig:
         document_mask=m.attn.document_mask, attn=AttentionConfig.from_config(m),
         router=RouterConfig.from_config(m), dispatch=DispatchConfig.from_config(m),
         loss=LossConfig(**m.loss), shared_expert_ffn_dim=m.get('shared_expert_ffn_dim', 0),
-        shared_expert_gate=m.get('shared_expert_gate', False), dense_layers=m.get('dense_layers', ''))
+        shared_expert_gate=m.get('shared_expert_gate', False), dense_layers=m.get('dense_layers', ''),
+        mtp=MTPConfig.from_config(m.get('mtp')))

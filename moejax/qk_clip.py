@@ -30,11 +30,18 @@ def _clip_group(stacks, ffn: str, gamma_LH, cfg):
   return kind_layout(out)
 
 
-def qk_clip(params: dict, logit_max_LH, cfg, tau: float) -> dict:
-  """Params with every over-threshold head's query/key projections rescaled (see module doc)."""
+def qk_clip(params: dict, logit_max_LH, cfg, tau: float, mtp_logit_max_KH=None) -> dict:
+  """Params with every over-threshold head's query/key projections rescaled (see module doc);
+  `mtp_logit_max_KH`: the MTP modules' blocks' (moejax.mtp), one stack of the last layer's kind."""
   gamma_LH = clip_factors(logit_max_LH, tau)
   params = dict(params)   # gamma_LH is over all layers; each group takes its layers' rows
   for ffn in ('dense', 'moe'):
     if f'{ffn}_blocks' in params:
       params[f'{ffn}_blocks'] = _clip_group(params[f'{ffn}_blocks'], ffn, gamma_LH, cfg)
+  if mtp_logit_max_KH is not None:
+    gamma_KH, modules = clip_factors(mtp_logit_max_KH, tau), dict(params['mtp_blocks'])
+    block = dict(modules['block'])
+    for key in block_layout(cfg, cfg.layer_kinds[-1]).attentions:
+      block[key] = ATTENTIONS[cfg.layer_attentions[-1]].qk_clip(block[key], gamma_KH, cfg.attn)
+    params['mtp_blocks'] = {**modules, 'block': block}
   return params

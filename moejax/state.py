@@ -1,9 +1,10 @@
 """The sharded train state: built from the config (or its abstract shape for restoring).
 
-State = {step, params, opt_state, router_bias, balance_coef}; the router bias and the balance
-coefficients per MoE layer are updated by the train step, not by the optimizer. Shardings come from
-the parameters' logical axes and `config.sharding`; the optimizer state takes the shardings of the
-parameters it mirrors. Building the state reads no data (moejax.data.ensure prepares it for training).
+State = {step, params, opt_state, router_bias, balance_coef} (+ router_momentum with SMEBU, and
+mtp_router_bias[, mtp_router_momentum] for MoE blocks among the MTP modules); the router bias and
+the balance coefficients per MoE layer are updated by the train step, not by the optimizer.
+Shardings come from the parameters' logical axes and `config.sharding`; the optimizer state takes
+the shardings of the parameters it mirrors. Building the state reads no data (moejax.data.ensure prepares it for training).
 """
 from dataclasses import dataclass
 
@@ -87,10 +88,20 @@ def build_setup(config, mesh) -> Setup:
   if mc.router.balancer == 'smebu':   # the bias velocity of the momentum-damped update
     state_shardings['router_momentum'] = rep
     abstract_state['router_momentum'] = jax.ShapeDtypeStruct((L, mc.router.num_routed), jnp.float32)
+  for key in mtp_router_keys(mc):     # the MTP modules' MoE blocks: their own bias (moejax.mtp)
+    state_shardings[key] = rep
+    abstract_state[key] = jax.ShapeDtypeStruct((mc.mtp_moe_layers, mc.router.num_routed), jnp.float32)
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_shardings)
   batch_sharding = sharding.named(mesh, ('batch', None), rules)
   return Setup(config, mc, mesh, tx, state_shardings, batch_sharding, abstract_state)
+
+
+def mtp_router_keys(mc: ModelConfig) -> tuple[str, ...]:
+  """The state entries of the MTP modules' MoE blocks' routing (none without them)."""
+  if not mc.mtp_moe_layers:
+    return ()
+  return ('mtp_router_bias',) + (('mtp_router_momentum',) if mc.router.balancer == 'smebu' else ())
 
 
 def init_state(s: Setup):
@@ -107,7 +118,8 @@ def init_state(s: Setup):
              'router_bias': router_bias,
              'balance_coef': jnp.full(s.abstract_state['balance_coef'].shape,
                                       s.model.loss.balance_weight, jnp.float32)}
-    if 'router_momentum' in s.abstract_state:
-      state['router_momentum'] = jnp.zeros(s.abstract_state['router_momentum'].shape, jnp.float32)
+    for key in ('router_momentum',) + mtp_router_keys(s.model):
+      if key in s.abstract_state:
+        state[key] = jnp.zeros(s.abstract_state[key].shape, jnp.float32)
     return state
   return jax.jit(init, out_shardings=s.state_shardings)(jax.random.key(s.config.seed), start)

@@ -19,8 +19,8 @@ import numpy as np
 import optax
 
 from moejax import (checkpoint, cli, diagnostics as diagnostics_lib, distributed, flops,
-                    evals, guard, metrics as metrics_lib, model, optim, qk_clip, router, sample, sharding,
-                    transfer)
+                    evals, guard, metrics as metrics_lib, model, mtp, optim, qk_clip, router, sample,
+                    sharding, transfer)
 from moejax.data import fingerprint, pipeline, shards
 from moejax.data.ensure import ensure_data
 from moejax.data.prepare import PrepareError
@@ -54,7 +54,8 @@ def make_train_step(s: Setup, diagnostics: bool):
   def train_step(state, batch):
     (loss, aux), grads = jax.value_and_grad(model.loss_fn, has_aux=True)(
         state['params'], state['router_bias'], batch, cfg, s.mesh, state['balance_coef'], batch_axes,
-        diagnostics)
+        diagnostics, mtp.loss_weight(cfg.mtp, state['step'], s.config.train.steps),
+        state.get('mtp_router_bias'))
     new_state = apply_gradients(s, state, grads, aux)
     ratios = None
     if aux.moe is not None:
@@ -63,6 +64,8 @@ def make_train_step(s: Setup, diagnostics: bool):
             model.moe_layer_leaf(grads['moe_blocks'], ('ffn', 'router'), cfg), aux.moe.router_grads,
             state['balance_coef'], cfg.loss.z_weight)
       new_state.update(update_router(cfg, state, aux.moe, ratios, s.config.train.steps))
+    if aux.mtp is not None and aux.mtp.moe is not None:
+      new_state.update(update_mtp_router(cfg, state, aux.mtp.moe, s.config.train.steps))
     out = step_metrics(s, state, new_state, loss, aux, grads, ratios)
     if aux.moe is not None and aux.moe.health is not None:
       out.update(expert_health(cfg, state, new_state, aux.moe.health))
@@ -77,7 +80,8 @@ def apply_gradients(s: Setup, state, grads, aux):
   updates, opt_state = s.tx.update(grads, state['opt_state'], state['params'])
   params = optax.apply_updates(state['params'], updates)
   if s.config.optim.qk_clip:
-    params = qk_clip.qk_clip(params, aux.blocks.attn_logit_max, s.model, s.config.optim.qk_clip)
+    params = qk_clip.qk_clip(params, aux.blocks.attn_logit_max, s.model, s.config.optim.qk_clip,
+                             None if aux.mtp is None else aux.mtp.blocks.attn_logit_max)
   return {**state, 'step': state['step'] + 1, 'params': params, 'opt_state': opt_state}
 
 
@@ -89,6 +93,14 @@ def update_router(cfg, state, moe_aux, ratios, total_steps: int) -> dict:
     new['balance_coef'] = diagnostics_lib.adapt_balance_coef(
         state['balance_coef'], ratios[0], cfg.loss.balance_gnr_target, cfg.loss.balance_weight)
   return new
+
+
+def update_mtp_router(cfg, state, mtp_moe_aux, total_steps: int) -> dict:
+  """The MTP modules' MoE blocks' bias: the decoder's controller, on their own loads."""
+  keys = {'router_bias': 'mtp_router_bias', 'router_momentum': 'mtp_router_momentum'}
+  own = {k: state[v] for k, v in keys.items() if v in state}
+  new = router.update_state(own, mtp_moe_aux, cfg.router, state['step'], total_steps)
+  return {keys[k]: v for k, v in new.items()}
 
 
 def expert_health(cfg, state, new_state, health: dict) -> dict:
@@ -115,6 +127,9 @@ def step_metrics(s: Setup, state, new_state, loss, aux, grads, ratios) -> dict:
          'resid_max': aux.blocks.resid_max, 'attn_logit_max': aux.blocks.attn_logit_max}
   if cfg.loss.hidden_z_weight:
     out['moe/hidden_z_loss'] = aux.blocks.hidden_z_loss.mean()
+  if aux.mtp is not None:
+    out.update(mtp.loss_metrics(aux.mtp.loss_K))
+    out['mtp_weight'] = mtp.loss_weight(cfg.mtp, state['step'], s.config.train.steps)
   m = aux.moe
   if m is None:
     return out

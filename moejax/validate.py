@@ -85,6 +85,9 @@ def validate(config, num_devices: int, check_data: bool = True):
   _check(not (config.optim.qk_clip and refusing), 'optim.qk_clip',
          f'not supported by attention {", ".join(refusing)} (rescaling its projections would not '
          'rescale its logits)')
+  _check(mc.mtp.depth < config.train.seq_len, 'model.mtp.depth',
+         f'{mc.mtp.depth} must be smaller than train.seq_len ({config.train.seq_len}): depth k needs '
+         'the token k + 1 positions ahead')
   axes = logical_axes(model_specs(mc))
   optim.validate_optim(config.optim, axes, config.train.steps)
   transfer.optim_config(config.optim, mc, axes)

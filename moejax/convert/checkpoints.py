@@ -21,7 +21,7 @@ import numpy as np
 
 from moejax import checkpoint
 from moejax.configs import base_config
-from moejax.convert import hf_config, weights
+from moejax.convert import hf_config, mtp as convert_mtp, weights
 from moejax.convert.hf_config import ConvertError
 from moejax.convert.safetensors_io import Tensors, write
 
@@ -30,6 +30,13 @@ HF_CONFIG = 'hf_config.json'   # the imported config.json, kept in the workdir f
 
 def _layers(cfg, kind: str) -> range:
   return range(cfg.num_dense_layers) if kind == 'dense_blocks' else range(cfg.num_dense_layers, cfg.num_layers)
+
+
+def _block_maps(hf_type: str, cfg, kind: str) -> tuple[dict, dict, range]:
+  """(per-layer map, per-expert map, HF layer indices) of one stacked group of params."""
+  if kind == 'mtp_blocks':
+    return convert_mtp.maps(hf_type, cfg)
+  return (*weights.block_leaves(hf_type, cfg, 'dense' if kind == 'dense_blocks' else 'moe'), _layers(cfg, kind))
 
 
 def _leaf_paths(abstract_params) -> list[tuple[tuple, object]]:
@@ -43,6 +50,8 @@ def _assemble(hf_type: str, cfg, tensors: Tensors, path: tuple, shape: tuple, us
     used.add(name)
     try:
       return weights.to_moejax(tensors.get(name), layout, shape).astype(np.float32)
+    except ConvertError:   # already names the tensor (a ValueError too)
+      raise
     except ValueError as e:
       raise ConvertError(f'tensor {name}: {e}') from None
 
@@ -50,9 +59,9 @@ def _assemble(hf_type: str, cfg, tensors: Tensors, path: tuple, shape: tuple, us
     name, layout = weights.top_level(cfg)[path]
     return read(name, layout, shape)
   kind, rest = path[0], path[1:]
-  layer_map, expert_map = weights.block_leaves(hf_type, cfg, 'dense' if kind == 'dense_blocks' else 'moe')
+  layer_map, expert_map, layers = _block_maps(hf_type, cfg, kind)
   out = np.empty(shape, np.float32)
-  for j, i in enumerate(_layers(cfg, kind)):
+  for j, i in enumerate(layers):
     if rest in layer_map:
       name, layout = layer_map[rest]
       out[j] = read(name.format(i=i), layout, shape[1:])
@@ -86,11 +95,12 @@ def import_hf(hf_dir: str, workdir: str, devices=None) -> dict:
     raise ConvertError(f'{workdir}: already holds checkpoints; import into a new workdir')
   hf = json.loads((d / 'config.json').read_text())
   settings = hf_config.to_moejax(hf)
+  tensors = Tensors(str(d))
+  settings.update(convert_mtp.settings(hf, tensors))   # the MTP modules the files hold
   config = base_config()
   hf_config.apply(config, settings)
   config.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'expert': 1, 'tensor': 1})
   cfg = ModelConfig.from_config(config.model)
-  tensors = Tensors(str(d))
   s = setup(config, devices=devices or jax.devices()[:1])
   final = Path(workdir).absolute()
   tmp = final.parent / f'.{final.name}.importing'
@@ -132,13 +142,13 @@ def _stream_params(hf: dict, cfg, tensors: Tensors, s, step_dir: Path) -> dict:
     for j, i in enumerate(_layers(cfg, 'moe_blocks')):
       used.add(bias_name.format(i=i))
       bias[j] = tensors.get(bias_name.format(i=i)).astype(np.float32)
+  mtp_state = convert_mtp.import_state(hf['model_type'], cfg, tensors, used)
   extra = sorted(set(tensors.names()) - used)
   if extra:
-    raise ConvertError(f'tensor {extra[0]} ({len(extra)} unused in all): no moejax parameter takes it'
-                       + (' (multi-token prediction layers are not imported yet)'
-                          if extra[0].startswith(f'model.layers.{cfg.num_layers}.') else ''))
+    raise ConvertError(f'tensor {extra[0]} ({len(extra)} unused in all): no moejax parameter takes it')
   sh = s.state_shardings
   partial.save(str(step_dir), {
+      **{k: jax.device_put(v, sh[k]) for k, v in mtp_state.items()},
       'step': jax.device_put(np.zeros((), np.int32), sh['step']),
       'router_bias': jax.device_put(bias, sh['router_bias']),
       'balance_coef': jax.device_put(np.full((L,), cfg.loss.balance_weight, np.float32), sh['balance_coef'])})
@@ -193,8 +203,8 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
     raise ConvertError(f'{workdir}: no {HF_CONFIG}; export writes runs imported from a Hugging Face model')
   base = json.loads(base_path.read_text())
   config, _, state = sample.load(workdir, step)
-  hf = hf_config.to_hf(config, base)
   cfg = ModelConfig.from_config(config.model)
+  hf = convert_mtp.hf_config(hf_config.to_hf(config, base), cfg)
   hf_type, dtype = base['model_type'], _hf_dtype(base)
   params = jax.device_get(state['params'])
   bias = np.asarray(jax.device_get(state['router_bias']))
@@ -210,8 +220,8 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
         yield name, weights.to_hf(leaf, layout).astype(dtype)
         continue
       kind, rest = path[0], path[1:]
-      layer_map, expert_map = weights.block_leaves(hf_type, cfg, 'dense' if kind == 'dense_blocks' else 'moe')
-      for j, i in enumerate(_layers(cfg, kind)):
+      layer_map, expert_map, layers = _block_maps(hf_type, cfg, kind)
+      for j, i in enumerate(layers):
         if rest in layer_map:
           name, layout = layer_map[rest]
           yield name.format(i=i), weights.to_hf(leaf[j], layout).astype(dtype)
@@ -223,6 +233,7 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
     if name:
       for j, i in enumerate(_layers(cfg, 'moe_blocks')):
         yield name.format(i=i), bias[j].astype(dtype)
+    yield from convert_mtp.export_tensors(hf_type, cfg, params, jax.device_get(state.get('mtp_router_bias')), dtype)
 
   out = Path(hf_dir)
   tmp = out.parent / f'.{out.name}.exporting'

@@ -14,7 +14,8 @@ The training loss adds lambda x the mean over depths of the modules' cross-entro
 `model.mtp.loss_weight` under its schedule). MoE blocks among the modules route with a selection bias
 of their own (`mtp_router_bias` [D, E] in the train state), updated after each step by the same
 controller as the decoder's, from the modules' own loads; their balance and z-losses are added with
-the decoder's fixed weights (`loss.balance_weight`, `loss.z_weight`).
+the decoder's fixed weights (`loss.balance_weight`, `loss.z_weight`; an adapting balance coefficient
+and the hidden z-loss cover the decoder's layers only). QK-clip covers the modules' attentions too.
 Axis letters: B batch, T sequence, D model, V vocab, E routed experts, K depth.
 """
 import functools

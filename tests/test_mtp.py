@@ -98,11 +98,16 @@ def test_mtp_losses_and_grads_equal_naive_loop_over_depths(last):
   cfg = mtp_cfg(last)
   p, batch, h, bias = problem(cfg)
   weights = jnp.asarray([0.3, 0.7])
-  ref = jax.jit(jax.value_and_grad(lambda p, h: weights @ ref_mtp_losses(p, h, batch, bias, cfg), argnums=(0, 1)))
-  lib = jax.jit(jax.value_and_grad(lambda p, h: weights @ lib_mtp_losses(p, h, batch, bias, cfg), argnums=(0, 1)))
-  np.testing.assert_allclose(jax.jit(lambda p, h: lib_mtp_losses(p, h, batch, bias, cfg))(p, h),
-                             jax.jit(lambda p, h: ref_mtp_losses(p, h, batch, bias, cfg))(p, h), **TOL)
-  (v_ref, (gp_ref, gh_ref)), (v, (gp, gh)) = ref(p, h), lib(p, h)
+
+  def value_and_grads(losses):   # (weighted sum, each depth's loss), grads w.r.t. (params, h)
+    def weighted(p, h):
+      loss_K = losses(p, h, batch, bias, cfg)
+      return weights @ loss_K, loss_K
+    return jax.jit(jax.value_and_grad(weighted, argnums=(0, 1), has_aux=True))(p, h)
+
+  (v_ref, ref_K), (gp_ref, gh_ref) = value_and_grads(ref_mtp_losses)
+  (v, loss_K), (gp, gh) = value_and_grads(lib_mtp_losses)
+  np.testing.assert_allclose(loss_K, ref_K, **TOL)
   np.testing.assert_allclose(v, v_ref, **TOL)
   np.testing.assert_allclose(gh, gh_ref, **TOL)
   assert float(jnp.abs(gh).max()) > 0

@@ -72,6 +72,7 @@ VARIANTS = {
     'sign rule (64 experts)': with_experts(64, sign_rule),
     'sign rule (64 experts, seed 1)': with_experts(64, with_seed(1, sign_rule)),
     'quantile (64 experts)': with_experts(64, quantile),
+    'quantile (64 experts, seed 1)': with_experts(64, with_seed(1, quantile)),
     'smebu (64 experts)': with_experts(64, smebu),
     'smebu (64 experts, seed 1)': with_experts(64, with_seed(1, smebu)),
 }

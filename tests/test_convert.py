@@ -191,6 +191,65 @@ def test_a_sharded_directory_imports_like_one_file_and_export_shards_past_the_si
   assert np.abs(np.load(tmp_path / 'logits.npy') - np.load(src / 'logits.npy')).max() < 1e-4
 
 
+def _scratch_run(w: Path, **model):
+  """A workdir as moejax.train leaves it (config.json + a full step 0) for a tiny MLA model from
+  scratch, with a random router bias (so a misplaced bias shows)."""
+  import importlib.util
+  from moejax import checkpoint
+  from moejax.state import init_state, setup
+  spec = importlib.util.spec_from_file_location('smoke', runs.REPO / 'experiments' / 'smoke.py')
+  smoke = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(smoke)
+  config = smoke.get_config()
+  config.model.attention, config.model.vocab_size = 'mla', 128
+  config.model.mla.update(kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+  config.model.update(model)
+  s = setup(config, devices=jax.devices()[:1])
+  state = init_state(s)
+  state['router_bias'] = jnp.asarray(np.random.default_rng(0).normal(0, 0.1, state['router_bias'].shape), jnp.float32)
+  w.mkdir()
+  (w / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  mngr = checkpoint.manager(str(w), 2, False)
+  checkpoint.save(mngr, 0, state, {})
+  mngr.wait_until_finished()
+  return config
+
+
+def test_a_run_trained_from_scratch_exports_as_deepseek_v3_and_imports_back_to_the_same_logits(tmp_path):
+  _scratch_run(tmp_path / 'w', num_layers=3, num_dense_layers=1, num_shared_experts=1)
+  ids = tmp_path / 'ids.npy'
+  np.save(ids, np.random.default_rng(1).integers(0, 128, (2, 12)))
+  checkpoints.export_hf(str(tmp_path / 'w'), str(tmp_path / 'hf'))
+  hf = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert hf['architectures'] == ['DeepseekV3ForCausalLM'] and hf['first_k_dense_replace'] == 1
+  assert 'model.layers.2.mlp.gate.e_score_correction_bias' in tensors(tmp_path / 'hf')
+  checkpoints.import_hf(str(tmp_path / 'hf'), str(tmp_path / 'again'))
+  for w in ('w', 'again'):
+    checkpoints.logits(str(tmp_path / w), str(ids), str(tmp_path / f'{w}.npy'))
+  np.testing.assert_array_equal(np.load(tmp_path / 'again.npy'), np.load(tmp_path / 'w.npy'))
+  checkpoints.export_hf(str(tmp_path / 'again'), str(tmp_path / 'hf2'))
+  a, b = tensors(tmp_path / 'hf'), tensors(tmp_path / 'hf2')
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_export_refuses_runs_no_hugging_face_architecture_expresses():
+  config = base_config()
+  with pytest.raises(ConvertError, match="exports as DeepSeek-V3, which needs attention 'mla'"):
+    hf_config.from_moejax(config)   # base_config: GQA with sigmoid routing
+  hf = _hf('qwen3_moe_mlp_only')
+  for key, value in [('sinks', True), ('softcap', 30.0)]:
+    run = base_config()
+    hf_config.apply(run, hf_config.to_moejax(hf))
+    run.model.attn[key] = value
+    with pytest.raises(ConvertError, match=re.escape(f'model.attn.{key}: the run has {value!r}')):
+      hf_config.to_hf(run, hf)
+  run = base_config()
+  hf_config.apply(run, hf_config.to_moejax(hf))
+  run.model.router.update(num_zero_experts=2, target_active_experts=1.5)
+  with pytest.raises(ConvertError, match='model.router.num_zero_experts'):
+    hf_config.to_hf(run, hf)
+
+
 def _bad_copy(tmp_path, damage) -> Path:
   d = tmp_path / 'bad'
   shutil.copytree(FIXTURES / 'mixtral', d)

@@ -230,9 +230,12 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
   from moejax import sample
   from moejax.model_config import ModelConfig
   base_path = Path(workdir) / HF_CONFIG
-  if not base_path.is_file():
-    raise ConvertError(f'{workdir}: no {HF_CONFIG}; export writes runs imported from a Hugging Face model')
-  base = json.loads(base_path.read_text())
+  if not (Path(workdir) / 'config.json').is_file():
+    raise ConvertError(f'{workdir}: no config.json (not a moejax workdir)')
+  if base_path.is_file():   # imported: write its own config back
+    base = json.loads(base_path.read_text())
+  else:                     # trained from scratch: the architecture that expresses it
+    base = hf_config.from_moejax(ml_collections.ConfigDict(json.loads((Path(workdir) / 'config.json').read_text())))
   config, _, state = sample.load(workdir, step)
   hf = hf_config.to_hf(config, base)
   cfg = ModelConfig.from_config(config.model)

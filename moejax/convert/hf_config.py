@@ -5,6 +5,7 @@ keys, e.g. {'model.d_model': 2048, 'model.router.n_group': 8}) or raises Convert
 feature moejax cannot express. `to_hf(config, family, base)` writes the HF config back: the imported
 model's own config.json (`base`, kept in the workdir) with the shapes moejax trained.
 """
+from moejax.configs import base_config
 from moejax.errors import ConfigError
 
 
@@ -202,24 +203,84 @@ def apply(config, settings: dict):
     d[leaf] = value
 
 
-def to_hf(config, base: dict) -> dict:
-  """The HF config of a moejax run: the imported config.json, once the run's settings are checked
-  to be the architecture it describes (the layer pattern by the kind of each layer)."""
+def _get(config, key: str):
+  node = config
+  for p in key.split('.'):
+    node = node[p]
+  return node
+
+
+PATTERN = ('model.num_dense_layers', 'model.dense_layers')   # checked as the kind of each layer
+TRAINING_ONLY = ('model.bias_update_rate',)   # set by import, free to change while training
+MLA_UNUSED = ('model.attn.num_kv_heads', 'model.attn.head_dim', 'model.attn.qk_norm', 'model.attn.qk_norm_scope',
+              'model.attn.qkv_bias')
+# settings that change the forward pass besides those to_moejax sets: the run must have the value
+# the architecture implies (base_config's, where to_moejax leaves it); moejax-only features among them
+FORWARD = ('model.attention', 'model.attn.qk_norm', 'model.attn.qk_norm_scope', 'model.attn.qkv_bias',
+           'model.attn.softcap', 'model.attn.sinks', 'model.attn.yarn_factor', 'model.num_shared_experts',
+           'model.shared_expert_ffn_dim', 'model.shared_expert_gate', 'model.block', 'model.base_width',
+           'model.variance_alignment', 'model.router.num_zero_experts', 'model.router.routing')
+
+
+def _checked_keys(config, want: dict) -> list[str]:
+  skip = set(PATTERN + TRAINING_ONLY) | (set(MLA_UNUSED) if want['model.attention'] == 'mla' else set())
+  if not _get(config, 'model.attn.qk_norm') and not want.get('model.attn.qk_norm'):
+    skip.add('model.attn.qk_norm_scope')
+  return [k for k in dict.fromkeys(list(want) + list(FORWARD)) if k not in skip]
+
+
+def _layer_kinds(config) -> tuple[str, ...]:
   from moejax.model_config import ModelConfig
-  kinds = ModelConfig.from_config(config.model).layer_kinds
+  return ModelConfig.from_config(config.model).layer_kinds
+
+
+def to_hf(config, base: dict) -> dict:
+  """The HF config of a moejax run: `base` (the imported config.json, or from_moejax's), once the
+  run is checked to be the architecture it describes: every setting it maps to and every other
+  one that changes the forward pass, and the kind of each layer."""
+  kinds = _layer_kinds(config)
   routers = {f'model.layers.{i}.mlp.gate.weight' for i, k in enumerate(kinds) if k == 'moe'}
   want = to_moejax(base, routers)
   dense = [i for i, k in enumerate(kinds) if k == 'dense']
   if dense != dense_layers(base, routers):
-    raise ConvertError(f'model.num_dense_layers / model.dense_layers: the run has dense layers {dense}, the '
-                       f'imported config.json {dense_layers(base, routers)}; export writes the imported architecture only')
-  for key, value in want.items():
-    if key in ('model.num_dense_layers', 'model.dense_layers'):
-      continue
-    node = config
-    for p in key.split('.'):
-      node = node[p]
-    if node != value and not isinstance(value, float):
-      raise ConvertError(f'{key}: the run has {node!r}, the imported config.json says {value!r}; '
-                         'export writes the imported architecture only')
+    raise ConvertError(f'model.num_dense_layers / model.dense_layers: the run has dense layers {dense}, '
+                       f'{base["model_type"]} {dense_layers(base, routers)}; export writes that architecture only')
+  defaults = base_config()
+  for key in _checked_keys(config, want):
+    value = want[key] if key in want else _get(defaults, key)
+    if _get(config, key) != value:
+      raise ConvertError(f'{key}: the run has {_get(config, key)!r}, the Hugging Face {base["model_type"]} '
+                         f'architecture {value!r}; export writes that architecture only')
   return dict(base)
+
+
+def from_moejax(config) -> dict:
+  """The HF config of a run trained from scratch: DeepSeek-V3's, the architecture of moejax's MLA
+  with sigmoid routing and its selection bias (to_hf then checks the rest of the run against it)."""
+  m = config.model
+  if m.attention != 'mla' or m.router.score != 'sigmoid':
+    raise ConvertError(f'model.attention {m.attention!r} / model.router.score {m.router.score!r}: a run trained '
+                       "from scratch exports as DeepSeek-V3, which needs attention 'mla' and score 'sigmoid'")
+  a, mla, r = m.attn, m.mla, m.router
+  rope = {'rope_type': 'default', 'rope_theta': a.rope_theta}
+  max_len = config.train.seq_len
+  if a.yarn_factor:
+    rope = {**rope, 'rope_type': 'yarn', 'factor': a.yarn_factor, 'original_max_position_embeddings':
+            a.yarn_original_max_len, 'beta_fast': a.yarn_beta_fast, 'beta_slow': a.yarn_beta_slow,
+            'mscale': a.yarn_mscale, 'mscale_all_dim': a.yarn_mscale_all_dim, 'truncate': a.yarn_truncate}
+    max_len = int(a.yarn_original_max_len * a.yarn_factor)
+  dense = [i for i, k in enumerate(_layer_kinds(config)) if k == 'dense']
+  return {
+      'architectures': ['DeepseekV3ForCausalLM'], 'model_type': 'deepseek_v3', 'dtype': 'float32',
+      'vocab_size': m.vocab_size, 'hidden_size': m.d_model, 'num_hidden_layers': m.num_layers,
+      'intermediate_size': m.dense_ffn_dim, 'moe_intermediate_size': m.expert_ffn_dim,
+      'num_attention_heads': a.num_heads, 'num_key_value_heads': a.num_heads, 'hidden_act': 'silu',
+      'q_lora_rank': mla.q_lora_rank or None, 'kv_lora_rank': mla.kv_lora_rank,
+      'qk_nope_head_dim': mla.qk_nope_head_dim, 'qk_rope_head_dim': mla.qk_rope_head_dim,
+      'v_head_dim': mla.v_head_dim, 'head_dim': mla.qk_rope_head_dim,
+      'n_routed_experts': m.num_experts, 'num_experts_per_tok': m.top_k, 'n_shared_experts': m.num_shared_experts,
+      'routed_scaling_factor': r.routed_scaling, 'norm_topk_prob': r.norm_topk, 'n_group': r.n_group,
+      'topk_group': r.topk_group, 'scoring_func': 'sigmoid', 'topk_method': 'noaux_tc',
+      'first_k_dense_replace': len(dense), 'rms_norm_eps': m.norm_eps, 'tie_word_embeddings': m.tie_embeddings,
+      'rope_interleave': a.rope_layout == 'pairs', 'rope_parameters': rope, 'max_position_embeddings': max_len,
+      'attention_bias': False, 'num_nextn_predict_layers': 0}

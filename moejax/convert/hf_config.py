@@ -1,9 +1,11 @@
 """Hugging Face config.json <-> moejax `config.model`, per architecture family.
 
 `to_moejax(hf)` returns the `model.*` settings that describe the HF model (a flat dict of dotted
-keys, e.g. {'model.d_model': 2048, 'model.router.n_group': 8}) or raises ConvertError naming the
-feature moejax cannot express. `to_hf(config, family, base)` writes the HF config back: the imported
-model's own config.json (`base`, kept in the workdir) with the shapes moejax trained.
+keys, e.g. {'model.d_model': 2048, 'model.router.n_group': 8}; its dense layers, in any pattern,
+as model.num_dense_layers + model.dense_layers) or raises ConvertError naming the feature moejax
+cannot express. `to_hf(config, base)` writes the HF config back: `base`, the imported model's own
+config.json (kept in the workdir), or for a run trained from scratch `from_moejax(config)`, once
+the run is checked to be that architecture.
 """
 from moejax.configs import base_config
 from moejax.errors import ConfigError

@@ -26,6 +26,9 @@ from moejax.convert.hf_config import ConvertError
 from moejax.convert.safetensors_io import Tensors, write
 
 HF_CONFIG = 'hf_config.json'   # the imported config.json, kept in the workdir for export
+# tensors with no element that no parameter takes (transformers' zero-width shared experts when
+# n_shared_experts is 0): {name: shape}, written back by export
+HF_EMPTY = 'hf_empty_tensors.json'
 
 
 def _moe_layers(cfg) -> list[int]:
@@ -112,6 +115,8 @@ def import_hf(hf_dir: str, workdir: str, devices=None) -> dict:
   step_dir = tmp / 'checkpoints' / '0'
   try:
     count = _stream_params(hf, cfg, tensors, s, step_dir)
+    if count['empty']:
+      (tmp / HF_EMPTY).write_text(json.dumps(count['empty'], indent=2) + '\n')
     _write_workdir(tmp, final, config, settings, hf, str(d), step_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +178,8 @@ def _stream_params(hf: dict, cfg, tensors: Tensors, s, step_dir: Path) -> dict:
     for j, i in enumerate(_moe_layers(cfg)):
       used.add(bias_name.format(i=i))
       bias[j] = tensors.get(bias_name.format(i=i)).astype(np.float32)
-  extra = sorted(set(tensors.names()) - used)
+  empty = {n: list(tensors.get(n).shape) for n in sorted(set(tensors.names()) - used) if not tensors.get(n).size}
+  extra = sorted(set(tensors.names()) - used - set(empty))
   if extra:
     raise ConvertError(f'tensor {extra[0]} ({len(extra)} unused in all): no moejax parameter takes it'
                        + (' (multi-token prediction layers are not imported yet)'
@@ -184,7 +190,7 @@ def _stream_params(hf: dict, cfg, tensors: Tensors, s, step_dir: Path) -> dict:
       'router_bias': jax.device_put(bias, sh['router_bias']),
       'balance_coef': jax.device_put(np.full((L,), cfg.loss.balance_weight, np.float32), sh['balance_coef'])})
   partial.finalize(str(step_dir))
-  return {'params': params, 'tensors': len(used)}
+  return {'params': params, 'tensors': len(used) + len(empty), 'empty': empty}
 
 
 def _experiment_py(settings: dict, hf: dict, hf_dir: str) -> str:
@@ -263,6 +269,9 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
           template, layout = expert_map[rest]
           for e in range(leaf.shape[1]):
             yield template.format(i=i, e=e), weights.to_hf(leaf[j, e], layout).astype(dtype)
+    empty_path = Path(workdir) / HF_EMPTY
+    for name, shape in (json.loads(empty_path.read_text()) if empty_path.is_file() else {}).items():
+      yield name, np.zeros(shape, dtype)
     name = weights.router_bias_name(hf_type)
     if name:
       for j, i in enumerate(_moe_layers(cfg)):

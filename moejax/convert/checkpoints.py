@@ -178,8 +178,9 @@ def _stream_params(hf: dict, cfg, tensors: Tensors, s, step_dir: Path) -> dict:
     for j, i in enumerate(_moe_layers(cfg)):
       used.add(bias_name.format(i=i))
       bias[j] = tensors.get(bias_name.format(i=i)).astype(np.float32)
-  empty = {n: list(tensors.get(n).shape) for n in sorted(set(tensors.names()) - used) if not tensors.get(n).size}
-  extra = sorted(set(tensors.names()) - used - set(empty))
+  unused = sorted(set(tensors.names()) - used)
+  empty = {n: list(tensors.shape(n)) for n in unused if not np.prod(tensors.shape(n))}
+  extra = [n for n in unused if n not in empty]
   if extra:
     raise ConvertError(f'tensor {extra[0]} ({len(extra)} unused in all): no moejax parameter takes it'
                        + (' (multi-token prediction layers are not imported yet)'

@@ -85,6 +85,8 @@ class RouterConfig:
       check(self.balancer == 'bias', 'model.router.balancer',
             f"threshold routing sets its own thresholds; {self.balancer!r} does not apply")
       check(not self.num_zero_experts, 'model.router.routing', 'threshold routing with zero-computation experts')
+      check(not self.force_balance, 'model.router.force_balance',
+            'a balanced top-k assignment has no meaning with threshold routing (a variable number of experts)')
       check(isinstance(self.threshold_max_k, int) and self.top_k <= self.max_experts <= self.num_routed,
             'model.router.threshold_max_k',
             f'{self.threshold_max_k} must be 0 or between model.top_k and model.num_experts')

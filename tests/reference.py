@@ -2,6 +2,7 @@
 query, one token at a time; Python loops and full masks), never for speed, and sharing no code with
 the library beyond parameter names. Test files import them from here, never from each other.
 """
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,6 +18,7 @@ from moejax.model_config import ModelConfig
 T_SEQ, T_BATCH = 8, 2          # tokens are T_BATCH sequences of T_SEQ
 T = T_SEQ * T_BATCH            # 16 tokens: divisible by 8 shards
 TOL = dict(rtol=2e-5, atol=2e-6)
+LOOSE_TOL = dict(rtol=5e-5, atol=5e-6)   # gradients: reductions in another order on some CPUs
 
 
 def ref_scores(x_TD, router_DE, rcfg):
@@ -358,3 +360,27 @@ def attention_problem(attention, T, batch=2, seed=0, shapes=SMALL_ATTENTION, **o
   kx, kr = jax.random.split(jax.random.key(seed + 1))
   return (a, p, jax.random.normal(kx, (batch, T, a.d_model)),
           jax.random.normal(kr, (batch, T, a.d_model)))
+
+
+# --- softmax attention against the naive reference ---
+
+DOC_SEGMENTS = np.array([[1] * 5 + [2] * 4 + [3] * 3, [1] * 12], np.int32)   # 3 documents, and 1 (T = 12)
+
+
+def grad_and_output(fn, p, x, r):
+  """jit: the gradients of sum(y * r) w.r.t. (p, x), and fn(p, x) (y, or a tuple starting with y)."""
+  def f(p, x):
+    out = fn(p, x)
+    return jnp.sum((out[0] if isinstance(out, tuple) else out) * r), out
+  return jax.jit(jax.grad(f, (0, 1), has_aux=True))(p, x)
+
+
+def assert_softmax_matches_reference(a_lib, a_ref, attention, p, x, r, segments=None):
+  """ATTENTIONS[attention] with config a_lib against ref_softmax with a_ref: output, gradient, max logit."""
+  g_lib, (y_lib, m_lib) = grad_and_output(lambda p, x: ATTENTIONS[attention].apply(p, x, a_lib, segments), p, x, r)
+  g_ref, (y_ref, m_ref) = grad_and_output(lambda p, x: ref_softmax(p, x, a_ref, attention, segments), p, x, r)
+  assert float(jnp.std(y_ref)) > 1e-2
+  chex.assert_trees_all_close(y_lib, y_ref, **TOL)
+  chex.assert_trees_all_close(g_lib, g_ref, **LOOSE_TOL)
+  assert m_lib.shape == (a_lib.num_heads,)
+  chex.assert_trees_all_close(m_lib, m_ref, **TOL)

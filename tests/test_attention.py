@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import make_test_mesh, numpy_init_params, tiny_model_config, tiny_model_dict, update_model
-from reference import (ATTENTION_REFERENCES, SMALL_ATTENTION, attention_problem, ref_head, ref_mask,
-                       ref_nsa, ref_rope, ref_softmax)
+from reference import (ATTENTION_REFERENCES, DOC_SEGMENTS, LOOSE_TOL, SMALL_ATTENTION, TOL,
+                       assert_softmax_matches_reference, attention_problem, grad_and_output, ref_head,
+                       ref_mask, ref_nsa, ref_rope, ref_softmax)
 
 from moejax import configs, flops, model, params, qk_clip, sharding
 from moejax.attention import ATTENTIONS, OPTIONS, kda, nsa, rope
@@ -24,23 +25,14 @@ from moejax.errors import ConfigError
 from moejax.layers import rms_norm, swiglu
 from moejax.model_config import ModelConfig
 
-TOL = dict(rtol=2e-5, atol=2e-6)
-# Longer recurrences, and gradients summing O(10) terms: float32 rounding reaches a few 1e-6.
-LOOSE_TOL = dict(rtol=5e-5, atol=5e-6)
+# TOL, LOOSE_TOL (tests/reference.py): longer recurrences and gradients summing O(10) terms reach a few
+# 1e-6 of float32 rounding.
 TINY = {}   # attention_problem shapes: conftest's tiny model as it is (4 heads, 2 kv heads, d 32)
 
 
 def small_model_config(**overrides) -> ModelConfig:
   """The tiny model with the small attention shapes of tests/reference.py, then `overrides`."""
   return ModelConfig.from_config(update_model(update_model(tiny_model_dict(), SMALL_ATTENTION), overrides))
-
-
-def grad_and_output(fn, p, x, r):
-  """jit: the gradients of sum(y * r) w.r.t. (p, x), and fn(p, x) (y, or a tuple starting with y)."""
-  def f(p, x):
-    out = fn(p, x)
-    return jnp.sum((out[0] if isinstance(out, tuple) else out) * r), out
-  return jax.jit(jax.grad(f, (0, 1), has_aux=True))(p, x)
 
 
 def with_kda_chunk(a, chunk):
@@ -103,8 +95,7 @@ def test_attention_output_at_t_has_exactly_zero_gradient_wrt_inputs_after_t(case
 
 # ----------------------------------------------------------------------------- softmax options
 
-# Row 0: documents of 5, 4 and 3 tokens; row 1: a single document.
-SEGMENTS = np.array([[1] * 5 + [2] * 4 + [3] * 3, [1] * 12], np.int32)
+# DOC_SEGMENTS: row 0 documents of 5, 4 and 3 tokens; row 1 a single document.
 OPTION_CASES = {
     'gqa_segments': ('gqa', {}, True),
     'gqa_qknorm_sinks_softcap': ('gqa', {'attn': dict(qk_norm=True, sinks=True, softcap=2.0)}, True),
@@ -119,19 +110,12 @@ OPTION_CASES = {
 def test_softmax_attention_options_match_naive_reference_forward_grad_and_max_logit(case):
   attention, overrides, with_segments = OPTION_CASES[case]
   a, p, x, r = attention_problem(attention, 12, shapes=TINY, **overrides)
-  seg = SEGMENTS if with_segments else None
-  g_lib, (y_lib, m_lib) = grad_and_output(lambda p, x: ATTENTIONS[attention].apply(p, x, a, seg), p, x, r)
-  g_ref, (y_ref, m_ref) = grad_and_output(lambda p, x: ref_softmax(p, x, a, attention, seg), p, x, r)
-  assert float(jnp.std(y_ref)) > 1e-2
-  chex.assert_trees_all_close(y_lib, y_ref, **TOL)
-  chex.assert_trees_all_close(g_lib, g_ref, **LOOSE_TOL)
-  assert m_lib.shape == (a.num_heads,)
-  chex.assert_trees_all_close(m_lib, m_ref, **TOL)
+  assert_softmax_matches_reference(a, a, attention, p, x, r, DOC_SEGMENTS if with_segments else None)
 
 
 def test_document_mask_changes_the_output_only_after_the_first_document():
   a, p, x, _ = attention_problem('gqa', 12, shapes=TINY)
-  y_doc, _ = ATTENTIONS['gqa'].apply(p, x, a, jnp.asarray(SEGMENTS))
+  y_doc, _ = ATTENTIONS['gqa'].apply(p, x, a, jnp.asarray(DOC_SEGMENTS))
   y_all, _ = ATTENTIONS['gqa'].apply(p, x, a)
   np.testing.assert_allclose(y_doc[0, :5], y_all[0, :5], rtol=1e-5, atol=1e-6)  # first document
   assert float(jnp.max(jnp.abs(y_doc[0, 5:] - y_all[0, 5:]))) > 1e-3

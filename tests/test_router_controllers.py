@@ -172,6 +172,7 @@ def test_null_experts_add_nothing_where_identity_experts_add_the_token():
     (dict(balancer='smebu', num_zero_experts=2, target_active_experts=1.0), 'model.router.balancer'),
     (dict(routing='threshold', balancer='quantile'), 'model.router.balancer'),
     (dict(routing='threshold', threshold_max_k=1), 'model.router.threshold_max_k'),
+    (dict(routing='threshold', force_balance=True), 'model.router.force_balance'),
     (dict(quantile_ema=1.0), 'model.router.quantile_ema'),
 ])
 def test_bad_controller_settings_fail_with_one_line_naming_the_field(router, names):

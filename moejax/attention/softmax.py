@@ -84,7 +84,7 @@ def gqa_out(p, o_BTGHN):
 def attend(cfg, q_BTGHN, k_BSGN, v_BSGM, segment_ids_BT=None, window=None, softcap=0.0, sink_GH=None):
   """Causal attention (to the `window` latest keys when given) by `cfg.implementation`:
   o_BTGHM and logit_max_H."""
-  impl = fused.resolve(getattr(cfg, 'implementation', 'xla'), jax.default_backend(), softcap,
+  impl = fused.resolve(cfg.implementation, jax.default_backend(), softcap,
                        sink_GH is not None)
   if impl == 'xla':
     if window is None:

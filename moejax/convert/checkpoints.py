@@ -26,22 +26,40 @@ from moejax.convert.hf_config import ConvertError
 from moejax.convert.safetensors_io import Tensors, write
 
 HF_CONFIG = 'hf_config.json'   # the imported config.json, kept in the workdir for export
+# tensors with no element that no parameter takes (transformers' zero-width shared experts when
+# n_shared_experts is 0): {name: shape}, written back by export
+HF_EMPTY = 'hf_empty_tensors.json'
 
 
-def _layers(cfg, kind: str) -> range:
-  return range(cfg.num_dense_layers) if kind == 'dense_blocks' else range(cfg.num_dense_layers, cfg.num_layers)
+def _moe_layers(cfg) -> list[int]:
+  """The layer index of each MoE layer, in MoE-layer order (the rows of router_bias)."""
+  return [i for i, k in enumerate(cfg.layer_kinds) if k == 'moe']
 
 
-def _block_maps(hf_type: str, cfg, kind: str) -> tuple[dict, dict, range]:
-  """(per-layer map, per-expert map, HF layer indices) of one stacked group of params."""
-  if kind == 'mtp_blocks':
-    return convert_mtp.maps(hf_type, cfg)
-  return (*weights.block_leaves(hf_type, cfg, 'dense' if kind == 'dense_blocks' else 'moe'), _layers(cfg, kind))
+def _block_rows(cfg, path: tuple) -> tuple[str, tuple[int, ...], tuple]:
+  """(FFN kind, the layer index of each stacked row, the path inside one block) of a block leaf.
+  A kind's blocks are one stack, or a list of stacks (one per scan group) when its layers do not
+  repeat one unit (e.g. dense layers in the middle: model.kind_stacks)."""
+  from moejax import model
+  kind = 'dense' if path[0] == 'dense_blocks' else 'moe'
+  groups = model.kind_groups(cfg, kind)
+  if len(groups) == 1:
+    return kind, groups[0].layers, path[1:]
+  return kind, groups[path[1]].layers, path[2:]
+
+
+def _block_maps(hf_type: str, cfg, path: tuple) -> tuple[dict, dict, tuple, tuple]:
+  """(per-layer map, per-expert map, the HF layer of each stacked row, the path inside one block)
+  of a block leaf or an MTP module leaf."""
+  if path[0] == 'mtp_blocks':
+    return (*convert_mtp.maps(hf_type, cfg), path[1:])
+  kind, layers, rest = _block_rows(cfg, path)
+  return (*weights.block_leaves(hf_type, cfg, kind), layers, rest)
 
 
 def _leaf_paths(abstract_params) -> list[tuple[tuple, object]]:
   flat = jax.tree_util.tree_flatten_with_path(abstract_params)[0]
-  return [(tuple(k.key for k in path), leaf) for path, leaf in flat]
+  return [(tuple(k.key if hasattr(k, 'key') else k.idx for k in path), leaf) for path, leaf in flat]
 
 
 def _assemble(hf_type: str, cfg, tensors: Tensors, path: tuple, shape: tuple, used: set) -> np.ndarray:
@@ -58,8 +76,7 @@ def _assemble(hf_type: str, cfg, tensors: Tensors, path: tuple, shape: tuple, us
   if len(path) == 1:
     name, layout = weights.top_level(cfg)[path]
     return read(name, layout, shape)
-  kind, rest = path[0], path[1:]
-  layer_map, expert_map, layers = _block_maps(hf_type, cfg, kind)
+  layer_map, expert_map, layers, rest = _block_maps(hf_type, cfg, path)
   out = np.empty(shape, np.float32)
   for j, i in enumerate(layers):
     if rest in layer_map:
@@ -94,8 +111,9 @@ def import_hf(hf_dir: str, workdir: str, devices=None) -> dict:
   if (Path(workdir) / 'checkpoints').exists() and any((Path(workdir) / 'checkpoints').iterdir()):
     raise ConvertError(f'{workdir}: already holds checkpoints; import into a new workdir')
   hf = json.loads((d / 'config.json').read_text())
-  settings = hf_config.to_moejax(hf)
+  hf_config.family(hf)
   tensors = Tensors(str(d))
+  settings = hf_config.to_moejax(hf, set(tensors.names()))
   settings.update(convert_mtp.settings(hf, tensors))   # the MTP modules the files hold
   config = base_config()
   hf_config.apply(config, settings)
@@ -108,6 +126,8 @@ def import_hf(hf_dir: str, workdir: str, devices=None) -> dict:
   step_dir = tmp / 'checkpoints' / '0'
   try:
     count = _stream_params(hf, cfg, tensors, s, step_dir)
+    if count['empty']:
+      (tmp / HF_EMPTY).write_text(json.dumps(count['empty'], indent=2) + '\n')
     _write_workdir(tmp, final, config, settings, hf, str(d), step_dir)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
@@ -121,29 +141,58 @@ def _nest(path: tuple, leaf) -> dict:
   return leaf
 
 
+def _in_list(path: tuple) -> bool:
+  """Whether a block leaf belongs to one of a list of stacks (path: kind, stack index, ...)."""
+  return len(path) > 2 and isinstance(path[1], int)
+
+
+def _save_units(abstract_params) -> list[list[tuple[tuple, object]]]:
+  """The leaves in the order they are saved, in units saved together: one leaf, or where a kind's
+  blocks are a list of stacks, the same leaf of every stack (a partial save cannot add items to a
+  list it has written)."""
+  units = {}
+  for path, leaf in _leaf_paths(abstract_params):
+    units.setdefault((path[0],) + path[2:] if _in_list(path) else path, []).append((path, leaf))
+  return list(units.values())
+
+
+def _unit_tree(unit: list[tuple[tuple, object]]) -> dict:
+  """The params subtree of one save unit, given as (path, array) pairs."""
+  path = unit[0][0]
+  if _in_list(path):
+    return {path[0]: [_nest(p[2:], a) for p, a in sorted(unit, key=lambda item: item[0][1])]}
+  (path, a), = unit
+  return _nest(path, a)
+
+
 def _stream_params(hf: dict, cfg, tensors: Tensors, s, step_dir: Path) -> dict:
   """Writes step 0 leaf by leaf: each parameter is assembled from its HF tensors, placed on its
   sharding and saved (an orbax partial save) before the next is read, so host memory holds about
-  one leaf. No optimizer state is written: the data state says PARAMS_ONLY, and restoring with the
-  optimizer (checkpoint.restore(..., tx=)) makes a fresh one."""
+  one leaf (a leaf stacked over the layers of its kind). No optimizer state is written: the data
+  state says PARAMS_ONLY, and restoring with the optimizer (checkpoint.restore(..., tx=)) makes a
+  fresh one."""
   from orbax.checkpoint.experimental.v1._src.partial import saving as partial
   used, params = set(), 0
-  for path, leaf in _leaf_paths(s.abstract_state['params']):
-    host = _assemble(hf['model_type'], cfg, tensors, path, leaf.shape, used)
-    placed = jax.device_put(host, leaf.sharding)
-    del host
-    partial.save(str(step_dir), {'params': _nest(path, placed)})
-    params += int(np.prod(leaf.shape))
+  for unit in _save_units(s.abstract_state['params']):
+    placed = []
+    for path, leaf in unit:
+      host = _assemble(hf['model_type'], cfg, tensors, path, leaf.shape, used)
+      placed.append((path, jax.device_put(host, leaf.sharding)))
+      del host
+      params += int(np.prod(leaf.shape))
+    partial.save(str(step_dir), {'params': _unit_tree(placed)})
     del placed
   L, E = cfg.num_moe_layers, cfg.router.num_routed
   bias = np.zeros((L, E), np.float32)
   bias_name = weights.router_bias_name(hf['model_type'])
   if bias_name and L:
-    for j, i in enumerate(_layers(cfg, 'moe_blocks')):
+    for j, i in enumerate(_moe_layers(cfg)):
       used.add(bias_name.format(i=i))
       bias[j] = tensors.get(bias_name.format(i=i)).astype(np.float32)
   mtp_state = convert_mtp.import_state(hf['model_type'], cfg, tensors, used)
-  extra = sorted(set(tensors.names()) - used)
+  unused = sorted(set(tensors.names()) - used)
+  empty = {n: list(tensors.shape(n)) for n in unused if not np.prod(tensors.shape(n))}
+  extra = [n for n in unused if n not in empty]
   if extra:
     raise ConvertError(f'tensor {extra[0]} ({len(extra)} unused in all): no moejax parameter takes it')
   sh = s.state_shardings
@@ -153,7 +202,7 @@ def _stream_params(hf: dict, cfg, tensors: Tensors, s, step_dir: Path) -> dict:
       'router_bias': jax.device_put(bias, sh['router_bias']),
       'balance_coef': jax.device_put(np.full((L,), cfg.loss.balance_weight, np.float32), sh['balance_coef'])})
   partial.finalize(str(step_dir))
-  return {'params': params, 'tensors': len(used)}
+  return {'params': params, 'tensors': len(used) + len(empty), 'empty': empty}
 
 
 def _experiment_py(settings: dict, hf: dict, hf_dir: str) -> str:
@@ -199,9 +248,12 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
   from moejax import sample
   from moejax.model_config import ModelConfig
   base_path = Path(workdir) / HF_CONFIG
-  if not base_path.is_file():
-    raise ConvertError(f'{workdir}: no {HF_CONFIG}; export writes runs imported from a Hugging Face model')
-  base = json.loads(base_path.read_text())
+  if not (Path(workdir) / 'config.json').is_file():
+    raise ConvertError(f'{workdir}: no config.json (not a moejax workdir)')
+  if base_path.is_file():   # imported: write its own config back
+    base = json.loads(base_path.read_text())
+  else:                     # trained from scratch: the architecture that expresses it
+    base = hf_config.from_moejax(ml_collections.ConfigDict(json.loads((Path(workdir) / 'config.json').read_text())))
   config, _, state = sample.load(workdir, step)
   cfg = ModelConfig.from_config(config.model)
   hf = convert_mtp.hf_config(hf_config.to_hf(config, base), cfg)
@@ -219,8 +271,7 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
         name, layout = weights.top_level(cfg)[path]
         yield name, weights.to_hf(leaf, layout).astype(dtype)
         continue
-      kind, rest = path[0], path[1:]
-      layer_map, expert_map, layers = _block_maps(hf_type, cfg, kind)
+      layer_map, expert_map, layers, rest = _block_maps(hf_type, cfg, path)
       for j, i in enumerate(layers):
         if rest in layer_map:
           name, layout = layer_map[rest]
@@ -229,9 +280,12 @@ def export_hf(workdir: str, hf_dir: str, step: int | None = None) -> dict:
           template, layout = expert_map[rest]
           for e in range(leaf.shape[1]):
             yield template.format(i=i, e=e), weights.to_hf(leaf[j, e], layout).astype(dtype)
+    empty_path = Path(workdir) / HF_EMPTY
+    for name, shape in (json.loads(empty_path.read_text()) if empty_path.is_file() else {}).items():
+      yield name, np.zeros(shape, dtype)
     name = weights.router_bias_name(hf_type)
     if name:
-      for j, i in enumerate(_layers(cfg, 'moe_blocks')):
+      for j, i in enumerate(_moe_layers(cfg)):
         yield name.format(i=i), bias[j].astype(dtype)
     yield from convert_mtp.export_tensors(hf_type, cfg, params, jax.device_get(state.get('mtp_router_bias')), dtype)
 

@@ -71,6 +71,10 @@ class Tensors:
   def names(self) -> list[str]:
     return sorted(self.where)
 
+  def shape(self, name: str) -> tuple[int, ...]:
+    """From the file's header, without reading the tensor."""
+    return tuple(self.files[self.where[name]][1][name]['shape'])
+
   def get(self, name: str) -> np.ndarray:
     if name not in self.where:
       raise ConvertError(f'tensor {name}: missing from the safetensors files')

@@ -190,7 +190,7 @@ def _layout_ffn(layout, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, 
 
 # Dropless capacities, as multiples of the mean rows per expert; past the last, blocks take over.
 # Up to 5x (MaxVio 4) an [E, C] layout is cheaper than blocks, which gather a weight copy per block.
-DROPLESS_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0)
+DROPLESS_BUCKETS = (1.0, 1.125, 1.25, 1.375, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0)
 
 
 def dropless_layouts(num_tokens: int, top_k: int, num_experts: int, num_local: int) -> tuple:

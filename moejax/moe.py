@@ -190,7 +190,7 @@ def _layout_ffn(layout, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, 
 
 # Dropless capacities, as multiples of the mean rows per expert; past the last, blocks take over.
 # Up to 5x (MaxVio 4) an [E, C] layout is cheaper than blocks, which gather a weight copy per block.
-DROPLESS_BUCKETS = (1.0, 1.25, 1.5, 2.0, 3.0, 5.0)
+DROPLESS_BUCKETS = (1.0, 1.125, 1.25, 1.375, 1.5, 1.75, 2.0, 2.5, 3.0, 4.0, 5.0)
 
 
 def dropless_layouts(num_tokens: int, top_k: int, num_experts: int, num_local: int) -> tuple:
@@ -448,6 +448,9 @@ def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: Dispatc
   name = resolve_dispatch(cfg.name, mesh.devices.flat[0].platform, S, cfg.fp8)
   tp = 'tensor' if 'tensor' in mesh.axis_names else None
   group = ExpertGroup(ep_axis if S > 1 else None, S, cfg, precision.einsum_for(cfg.fp8))
+  args = (x_TD, routing.expert_TK, routing.weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+  if mesh.size == 1:   # no shard_map: its transpose would all-reduce the weight gradients over size-1 axes
+    return DISPATCHES[name](*args, group)
 
   def local(*args):
     y_TD, dropped = DISPATCHES[name](*args, group)
@@ -460,4 +463,4 @@ def routed_experts(x_TD, routing, w_gate_EDF, w_up_EDF, w_down_EFD, cfg: Dispatc
   w_in, w_out = P(ep_axis, None, tp), P(ep_axis, tp, None)
   fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out),
                      out_specs=(tok, P()), check_vma=False)
-  return fn(x_TD, routing.expert_TK, routing.weight_TK, w_gate_EDF, w_up_EDF, w_down_EFD)
+  return fn(*args)

@@ -121,6 +121,17 @@ def test_zero_computation_experts_are_not_dispatched_by_the_a2a_variants():
     chex.assert_trees_all_close(y, outs['dropless'][0], **TOL, custom_message=d)
 
 
+@pytest.mark.parametrize('dispatch', ['dropless', 'capacity'])
+def test_one_device_dispatch_has_no_collective_in_forward_or_backward(dispatch):
+  """On a one-device mesh (every axis of size 1) the dispatch runs outside shard_map, whose transpose
+  would all-reduce the expert weight gradients over the size-1 axes (XLA:CPU keeps that copy)."""
+  cfg = moe_cfg(dispatch=dispatch)
+  args, bias, r = make_moe_inputs(cfg, seed=6)
+  mesh = make_test_mesh({'data': 1, 'fsdp': 1, 'expert': 1, 'tensor': 1})
+  hlo = lib_value_and_grad(cfg, mesh, bias, r).lower(args).compile().as_text()
+  assert 'all-reduce' not in hlo and 'all-gather' not in hlo and 'reduce-scatter' not in hlo
+
+
 # ----------------------------------------------------------------------------- a2a arithmetic
 
 def test_ragged_plan_two_devices_by_hand():

@@ -106,7 +106,12 @@ def swiglu(p, x, einsum=jnp.einsum):
 
 
 def cross_entropy(logits_BTV, targets_BT, mask_BT):
-  """Mean cross-entropy of the targets over the unmasked positions (float32 logits)."""
-  logp_BTV = jax.nn.log_softmax(logits_BTV, axis=-1)
-  nll_BT = -jnp.take_along_axis(logp_BTV, targets_BT[..., None], axis=-1)[..., 0]
+  """Mean cross-entropy of the targets over the unmasked positions (float32 logits).
+
+  logsumexp minus the target's logit picked by a compare with iota: the backward is then elementwise,
+  where take_along_axis's would zero-fill and scatter a [B, T, V] buffer."""
+  V = logits_BTV.shape[-1]
+  is_target_BTV = jax.lax.broadcasted_iota(jnp.int32, (1, 1, V), 2) == targets_BT[..., None]
+  target_logit_BT = jnp.sum(jnp.where(is_target_BTV, logits_BTV, 0.0), axis=-1)
+  nll_BT = jax.nn.logsumexp(logits_BTV, axis=-1) - target_logit_BT
   return jnp.sum(nll_BT * mask_BT) / jnp.maximum(jnp.sum(mask_BT), 1.0)

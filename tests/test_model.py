@@ -204,3 +204,17 @@ def test_thirty_adam_steps_on_a_fixed_batch_lower_the_loss_substantially():
     losses.append(float(loss))
   assert np.all(np.isfinite(losses))
   assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_cross_entropy_matches_optax_forward_and_gradient():
+  from moejax.layers import cross_entropy
+  rng = np.random.default_rng(0)
+  logits_BTV = jnp.asarray(rng.standard_normal((2, 5, 11)) * 3, jnp.float32)
+  targets_BT = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+  mask_BT = jnp.asarray(rng.integers(0, 2, (2, 5)), jnp.float32)
+  def ref(logits):   # an independent implementation: optax's integer-label cross-entropy
+    nll_BT = optax.softmax_cross_entropy_with_integer_labels(logits, targets_BT)
+    return jnp.sum(nll_BT * mask_BT) / jnp.sum(mask_BT)
+  lib = lambda logits: cross_entropy(logits, targets_BT, mask_BT)
+  np.testing.assert_allclose(lib(logits_BTV), ref(logits_BTV), rtol=1e-6)
+  np.testing.assert_allclose(jax.grad(lib)(logits_BTV), jax.grad(ref)(logits_BTV), rtol=1e-5, atol=1e-7)

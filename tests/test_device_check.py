@@ -73,10 +73,10 @@ def test_compare_fails_an_implementation_that_is_slightly_wrong():
   x = jax.random.normal(jax.random.key(0), (8, 4))
   w = jax.random.normal(jax.random.key(1), (3, 4, 4))
   sizes, cot = jnp.asarray([3, 2, 3]), jnp.ones((8, 4))
-  right = dc.compare('grouped matmul', 'ragged_dot', gm.grouped_matmul('ragged_dot'), dc.grouped_reference,
-                     (x, w, sizes), cot)
-  wrong = dc.compare('grouped matmul', 'off', lambda x, w, g: gm.grouped_matmul('ragged_dot')(x, w, g) * 1.01,
-                     dc.grouped_reference, (x, w, sizes), cot)
+  right, wrong = dc.compare(
+      'grouped matmul', {'ragged_dot': gm.grouped_matmul('ragged_dot'),
+                         'off': lambda x, w, g: gm.grouped_matmul('ragged_dot')(x, w, g) * 1.01},
+      dc.grouped_reference, (x, w, sizes), cot)
   assert right['ok'] and right['fwd'] < 1e-6
   assert not wrong['ok'] and wrong['fwd'] > 5e-3 and wrong['grad'] > 5e-3
 
@@ -92,14 +92,14 @@ def test_throughput_shapes_validate_on_one_device(shape):
     assert (m.attn.num_heads, m.attn.num_kv_heads, m.attn.head_dim) == (32, 4, 128)
 
 
-@pytest.mark.slow   # ~1-2 min on 2 cores: the quick check runs as an acceptance check too
+@pytest.mark.slow   # ~2-4 min on 2 shared cores (compiles); the fast tests above cover the parts
 def test_tiniest_run_writes_a_report_with_measured_rows(tmp_path):
   out = tmp_path / 'd.md'
   assert dc.run(['--quick'], TINY, str(out))
   text = out.read_text()
   assert f'(`{jax.devices()[0].device_kind}`' in text
-  platform = [l for l in text.split('\n') if l.startswith('| MoE dispatch') or l.startswith('| grouped')
-              or ' attention |' in l]
+  tests = ('| MoE dispatch |', '| grouped matmul |', *(f'| {a} attention |' for a, _ in dc.ATTENTION_CASES))
+  platform = [l for l in text.split('\n') if l.startswith(tests)]
   assert len(platform) == len(dc.moe.DISPATCHES) + len(gm.IMPLEMENTATIONS) + 2 * len(dc.ATTENTION_CASES)
   assert all(l.endswith('| pass |') for l in platform)
   row = next(l for l in text.split('\n') if l.startswith(f'| {bench.SMOKE} |'))

@@ -69,28 +69,32 @@ def rel_error(got, want) -> float:
   return err / max(float(jnp.max(jnp.abs(w.astype(jnp.float32)))) for w in want)
 
 
-def compare(name: str, impl: str, fn, ref, args, cotangent, mask=None) -> dict:
-  """Forward and gradient (of sum(y * cotangent), w.r.t. every argument) of fn against ref; fn runs
-  on args in the compute dtype, ref in float32 on the same rounded values."""
+def compare(name: str, impls: dict, ref, args, cotangent, mask=None) -> list:
+  """One row per implementation in `impls` (name -> fn): its forward and gradient (of
+  sum(y * cotangent), w.r.t. every float argument) against ref's. The implementations run on args
+  in the compute dtype, ref (once) in float32 on the same rounded values."""
   dtype = compute_dtype()
   low = [a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in args]
   high = [a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a for a in low]
   floats = tuple(i for i, a in enumerate(args) if jnp.issubdtype(a.dtype, jnp.floating))
+  tol = TOL[jnp.dtype(dtype).name]
 
-  def loss(f):
-    def l(*a):
+  def grads(f, a):
+    def loss(*a):
       y = f(*a)
       y = y if mask is None else jnp.where(mask, y, 0)
       return jnp.sum(y.astype(jnp.float32) * cotangent), y
-    return jax.jit(jax.grad(l, floats, has_aux=True))
+    with jax.default_matmul_precision('highest'):
+      return jax.jit(jax.grad(loss, floats, has_aux=True))(*a)
 
-  with jax.default_matmul_precision('highest'):
-    g, y = loss(fn)(*low)
-    g_ref, y_ref = loss(ref)(*high)
-  fwd, grad = rel_error(y, y_ref), rel_error(g, g_ref)
-  tol = TOL[jnp.dtype(dtype).name]
-  return {'test': name, 'implementation': impl, 'dtype': jnp.dtype(dtype).name, 'fwd': fwd, 'grad': grad,
-          'tol': tol, 'ok': fwd <= tol and grad <= tol}
+  g_ref, y_ref = grads(ref, high)
+  rows = []
+  for impl, fn in impls.items():
+    g, y = grads(fn, low)
+    fwd, grad = rel_error(y, y_ref), rel_error(g, g_ref)
+    rows.append({'test': name, 'implementation': impl, 'dtype': jnp.dtype(dtype).name, 'fwd': fwd,
+                 'grad': grad, 'tol': tol, 'ok': fwd <= tol and grad <= tol})
+  return rows
 
 
 # --- part 1: platform tests ---
@@ -112,14 +116,13 @@ def dispatch_tests(shape) -> list:
           0.2 * jax.random.normal(ks[3], (E, D, F)), 0.2 * jax.random.normal(ks[4], (E, F, D)), expert_TK)
   cot = jax.random.normal(ks[5], (T, D))
   mesh = sharding.make_mesh({'data': 1, 'expert': 1}, jax.devices()[:1])
-  rows = []
-  for name in moe.DISPATCHES:
-    cfg = moe.DispatchConfig(name=name, capacity_factor=float(E), num_experts=E)
 
-    def fn(x, w, wg, wu, wd, e, cfg=cfg):
-      return moe.routed_experts(x, SimpleNamespace(expert_TK=e, weight_TK=w), wg, wu, wd, cfg, mesh, ())[0]
-    rows.append(compare('MoE dispatch', name, fn, dense_moe_reference, args, cot))
-  return rows
+  def dispatch(name):
+    cfg = moe.DispatchConfig(name=name, capacity_factor=float(E), num_experts=E)
+    return lambda x, w, wg, wu, wd, e: moe.routed_experts(
+        x, SimpleNamespace(expert_TK=e, weight_TK=w), wg, wu, wd, cfg, mesh, ())[0]
+  return compare('MoE dispatch', {name: dispatch(name) for name in moe.DISPATCHES}, dense_moe_reference,
+                 args, cot)
 
 
 def grouped_reference(x_RD, w_LDF, group_sizes_L):
@@ -137,10 +140,13 @@ def grouped_matmul_tests(shape) -> list:
   sizes[::2] = R // E * 2 - 1          # every other group empty, E/2 rows past the groups
   ks = jax.random.split(jax.random.key(1), 3)
   args = (jax.random.normal(ks[0], (R, D)), jax.random.normal(ks[1], (E, D, F)), jnp.asarray(sizes))
-  mask = (jnp.arange(R) < sizes.sum())[:, None]   # rows past the groups are unspecified
+  mask = (jnp.arange(R) < sizes.sum())[:, None]
   cot = jax.random.normal(ks[2], (R, F))
-  return [compare('grouped matmul', name, gm.grouped_matmul(name), grouped_reference, args, cot, mask)
-          for name in gm.IMPLEMENTATIONS]
+
+  def in_groups(mm):   # rows past the groups are unspecified, in y and in dx: callers mask both
+    return lambda x, w, g: mm(jnp.where(mask, x, 0), w, g)
+  impls = {name: in_groups(gm.grouped_matmul(name)) for name in gm.IMPLEMENTATIONS}
+  return compare('grouped matmul', impls, in_groups(grouped_reference), args, cot, mask)
 
 
 ATTENTION_CASES = (('gqa', {}), ('swa', {'window': 8}), ('mla', {}))
@@ -164,8 +170,7 @@ def attention_tests(shape) -> list:
     def run(impl):
       cfg = dataclasses.replace(a, implementation=impl)
       return lambda x, *w: ATTENTIONS[name].apply(jax.tree.unflatten(tree, w), x, cfg, segments_BT)[0]
-    for impl in fused.FUSED:
-      rows.append(compare(f'{name} attention', impl, run(impl), run('xla'), (x, *leaves), cot))
+    rows += compare(f'{name} attention', {impl: run(impl) for impl in fused.FUSED}, run('xla'), (x, *leaves), cot)
   return rows
 
 
@@ -320,8 +325,10 @@ def run(argv, plan: Plan, out: str) -> bool:
   start = time.perf_counter()
   platform_rows = (dispatch_tests(plan.dispatch_shape) + grouped_matmul_tests(plan.dispatch_shape)
                    + attention_tests(plan.attention_shape))
+  print(f'[platform tests: {time.perf_counter() - start:.0f} s]', flush=True)
   fp8 = fp8_rows(plan.quick)
   throughput = throughput_rows(plan)
+  print(f'[all parts: {time.perf_counter() - start:.0f} s]', flush=True)
   text = report(argv, plan, platform_rows, fp8, throughput, time.perf_counter() - start)
   os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
   with open(out, 'w') as f:

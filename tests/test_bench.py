@@ -16,7 +16,7 @@ from conftest import tiny_model_config
 from moejax import model
 from moejax.configs import base_config
 from moejax.params import init_params
-from moejax.tools import bench
+from moejax.tools import bench, moe_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 # The heading each section starts its table(s) under.
@@ -116,7 +116,7 @@ def test_resolve_precision():
 
 def test_balanced_rows_give_every_expert_the_same_rows_and_every_token_top_k_times():
   x_TD = jnp.arange(12 * 3, dtype=jnp.float32).reshape(12, 3)
-  x_ECD = bench.balanced_rows(x_TD, top_k=2, num_experts=4)
+  x_ECD = moe_ratio.balanced_rows(x_TD, top_k=2, num_experts=4)
   assert x_ECD.shape == (4, 6, 3)
   tokens, counts = np.unique(np.asarray(x_ECD[..., 0]) // 3, return_counts=True)
   assert list(tokens) == list(range(12)) and set(counts) == {2}
@@ -126,7 +126,7 @@ def test_floor_loss_equals_a_per_expert_loop_of_the_expert_swiglus_plus_the_shar
   m = tiny_model_config(num_experts=4, top_k=2, num_shared_experts=1)
   p = {k: v for k, v in init_params(model.moe_specs(m), jax.random.key(1)).items() if k != 'router'}
   x_BTD = jax.random.normal(jax.random.key(2), (2, 8, m.d_model))
-  x_ECD = bench.balanced_rows(x_BTD.reshape(16, -1), m.top_k, m.num_experts)
+  x_ECD = moe_ratio.balanced_rows(x_BTD.reshape(16, -1), m.top_k, m.num_experts)
 
   def ref(p, x_ECD, x_BTD):
     swiglu = lambda x, g, u, d: (jax.nn.silu(x @ g) * (x @ u)) @ d
@@ -135,8 +135,8 @@ def test_floor_loss_equals_a_per_expert_loop_of_the_expert_swiglus_plus_the_shar
     s = p['shared']
     return total + jnp.sum(swiglu(x_BTD, s['w_gate'], s['w_up'], s['w_down']) ** 2)
 
-  np.testing.assert_allclose(bench.floor_loss(p, x_ECD, x_BTD, m), ref(p, x_ECD, x_BTD), rtol=1e-5)
-  got = jax.grad(bench.floor_loss, (0, 1))(p, x_ECD, x_BTD, m)
+  np.testing.assert_allclose(moe_ratio.floor_loss(p, x_ECD, x_BTD, m), ref(p, x_ECD, x_BTD), rtol=1e-5)
+  got = jax.grad(moe_ratio.floor_loss, (0, 1))(p, x_ECD, x_BTD, m)
   want = jax.grad(ref, (0, 1))(p, x_ECD, x_BTD)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -11,7 +11,7 @@ FIND_PYTHON = for c in $(PYTHON) python3.14 python3.13 python3.12 python3 \
   "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' >/dev/null 2>&1 && { echo "$$c"; break; }; done
 
 SPEEDRUN := experiments/speedrun.py
-.PHONY: speedrun setup data train test test-slow bench bench-data bench-eval bench-convert bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention ablate-quality sweep-width
+.PHONY: speedrun setup data train test test-slow bench device-check bench-data bench-eval bench-convert bench-attention memory clean ablate-balancing ablate-optimizer ablate-precision ablate-epochs ablate-attention ablate-quality sweep-width
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt
@@ -47,7 +47,11 @@ test-slow: data
 	$(CPU_MESH) $(PY) -m pytest -q -m slow tests
 
 bench: data
-	$(PY) -m moejax.tools.bench --out=docs/perf.md
+	$(PY) -m moejax.tools.bench --force_balance --out=docs/perf.md
+
+# On a GPU or TPU host (< 8 min): platform tests, fp8 GEMMs in the HLO, throughput/MFU (docs/tools.md).
+device-check: setup
+	$(PY) -m moejax.tools.device_check --out=docs/perf_accelerator.md
 
 # Bytes per device of the 1B and 20B MoE configs on a 64-device mesh, from the shardings (seconds, no devices).
 memory: setup

@@ -145,6 +145,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.alert_maxvio = 3.0          # log an alert when the window's global MaxVio passes this (0 = off)
   t.alert_dead_experts = 1       # ... or when this many experts got no token in the window (0 = off)
   t.peak_flops_per_device = 0.0  # 0 = look up the platform's peak (moejax.flops)
+  t.profile_steps = ''          # 'A,B': a jax.profiler trace of steps A..B in WORKDIR/profile ('' = off)
   # Runs that protect themselves (moejax.guard)
   t.stop_on_collapse = True      # stop (exit 3) when a MoE layer routes nearly everything to <= top_k + 1 experts
   t.max_rewinds = 3              # non-finite loss (or a spike): rewind to the last checkpoint, skip the

@@ -27,6 +27,7 @@ from moejax.data.prepare import PrepareError
 from moejax.errors import ConfigError
 from moejax.params import logical_axes
 from moejax.state import Setup, init_state, setup
+from moejax import validate
 from moejax.validate import validate_data
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'experiments/default.py', 'Experiment config.')
@@ -178,6 +179,33 @@ class Preemption:
     self.requested = True
 
 
+class ProfileWindow:
+  """A jax.profiler trace of train steps A..B (train.profile_steps) in WORKDIR/profile, viewable in
+  xprof / TensorBoard's profile plugin. Started before step A runs; stopped once step B's results
+  are on the host, so the trace holds the device work of A..B."""
+
+  def __init__(self, spec, workdir: str):
+    self.steps = validate.profile_steps(spec)
+    self.dir = os.path.join(workdir, 'profile')
+    self.active = self.done = False
+
+  def before(self, step: int):
+    if self.steps and not (self.active or self.done) and self.steps[0] <= step <= self.steps[1]:
+      jax.profiler.start_trace(self.dir)
+      self.active, self.first = True, step
+
+  def after(self, step: int, state):
+    if self.active and step >= self.steps[1]:
+      self.stop(state)
+
+  def stop(self, state=None):
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active, self.done = False, True
+      print(f'profile of steps {self.first}-{self.steps[1]} written to {self.dir}', flush=True)
+
+
 def train(config, workdir: str, allow_data_change: bool = False):
   s = setup(config)
   ensure_data(config)
@@ -317,6 +345,7 @@ def train(config, workdir: str, allow_data_change: bool = False):
     pending = None
     return at
 
+  profile = ProfileWindow(t.get('profile_steps', ''), workdir)
   if start == 0:
     evaluate(0)
   step = start
@@ -324,7 +353,9 @@ def train(config, workdir: str, allow_data_change: bool = False):
     step += 1
     batch = to_global(next(data_iter), s.batch_sharding)
     logged = step % t.log_every == 0 or step == t.steps or preemption.requested
+    profile.before(step)
     state, out = steps[logged](state, batch)
+    profile.after(step, state)
     finite.add(step, out['nonfinite'])
     stop = preemption.requested
     trouble = flush()                # the previous log step's metrics, read while this step runs
@@ -360,6 +391,7 @@ def train(config, workdir: str, allow_data_change: bool = False):
     if stop:
       print(f'SIGTERM: saved a checkpoint at step {step}; exiting', flush=True)
       break
+  profile.stop(state)   # a run that ended inside the window
   trouble = flush(final=True)
   if trouble is not None:   # only the last window's spike can show here, after its save
     print(f'warning: {trouble.message} in the last window', flush=True)

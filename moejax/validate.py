@@ -21,6 +21,19 @@ def _positive(cfg, section: str, *names: str):
            f'must be positive, got {value!r}')
 
 
+def profile_steps(spec) -> tuple[int, int] | None:
+  """train.profile_steps 'A,B' (or 'A') -> the steps (A, B) to trace, 1 <= A <= B; '' -> None."""
+  spec = str(spec).strip()
+  if not spec:
+    return None
+  parts = spec.split(',')
+  ok = len(parts) <= 2 and all(p.strip().isdigit() for p in parts)
+  first, last = (int(parts[0]), int(parts[-1])) if ok else (0, 0)
+  _check(ok and 1 <= first <= last, 'train.profile_steps',
+         f"must be 'A,B' with 1 <= A <= B (the steps to trace), got {spec!r}")
+  return first, last
+
+
 def validate_mesh(config, num_devices: int) -> dict:
   sizes = dict(config.mesh)
   for axis, size in sizes.items():
@@ -75,6 +88,7 @@ def validate(config, num_devices: int, check_data: bool = True):
   mc = ModelConfig.from_config(config.model)   # each component checks its own fields
   _positive(config, 'train', 'steps', 'batch_size', 'seq_len', 'log_every', 'eval_every', 'eval_batches')
   _positive(config, 'checkpoint', 'every', 'max_to_keep')
+  profile_steps(config.train.get('profile_steps', ''))
   _positive(config, 'optim', 'lr', 'clip_norm')
   _check(config.optim.warmup_steps >= 0, 'optim.warmup_steps', 'must be >= 0')
   _check(config.optim.eps > 0, 'optim.eps', 'must be positive')

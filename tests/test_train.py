@@ -3,7 +3,8 @@ CPU devices with the smoke config: resuming, re-meshing, SIGTERM, metrics, learn
 sampling.
 
 Runs are shared through module-scoped fixtures to keep the whole file to ~2-3 minutes on 2 cores:
-  run_a:  8 steps on mesh data=8 expert=1, log_every=1, checkpoint.every=4 (uninterrupted)
+  run_a:  8 steps on mesh data=8 expert=1, log_every=1, checkpoint.every=4 (uninterrupted), a
+          profile of steps 3-4
   run_b4: the same command with steps=4 (its workdir is copied before each resume)
 """
 import json
@@ -32,7 +33,9 @@ def base_runs(tmp_path_factory):
   """run_a and run_b4, started together: on 2 cores their (mostly single-threaded) compiles overlap."""
   dirs = {name: tmp_path_factory.mktemp(name) for name in ('run_a', 'run_b4')}
   steps = {'run_a': 8, 'run_b4': 4}
-  procs = {name: subprocess.Popen(_cmd('moejax.train', d, SMOKE, *BASE_FLAGS, f'--config.train.steps={steps[name]}'),
+  extra = {'run_a': ['--config.train.profile_steps=3,4'], 'run_b4': []}
+  procs = {name: subprocess.Popen(_cmd('moejax.train', d, SMOKE, *BASE_FLAGS, f'--config.train.steps={steps[name]}',
+                                       *extra[name]),
                                   cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
            for name, d in dirs.items()}
   for name, proc in procs.items():
@@ -231,6 +234,22 @@ def test_metrics_jsonl_loads_jsonl_and_tensorboard_written(run_a):
   assert list(tb.rglob('events.out.tfevents.*'))
   tags = _tb_scalar_tags(tb)
   assert {'loss', 'eval/loss', 'lr', 'moe/maxvio'} <= tags, tags
+
+
+def test_profile_steps_write_a_trace_of_the_train_step(run_a, run_b4):
+  traces = list((run_a / 'profile').rglob('*.xplane.pb'))
+  assert len(traces) == 1, traces
+  assert b'train_step' in traces[0].read_bytes()   # the jitted step's executions are in the trace
+  assert not (run_b4 / 'profile').exists()
+
+
+@pytest.mark.parametrize('spec', ['4,3', '0,2', 'a,b', '1,2,3'])
+def test_bad_profile_steps_fail_in_one_line_naming_the_field(spec):
+  from moejax import validate
+  with pytest.raises(validate.ConfigError, match='train.profile_steps'):
+    validate.profile_steps(spec)
+  assert validate.profile_steps('2,5') == (2, 5) and validate.profile_steps('3') == (3, 3)
+  assert validate.profile_steps('') is None
 
 
 # ----------------------------------------------------------------------------- learning

@@ -1,7 +1,10 @@
 """Benchmarks behind `make bench`: throughput and MFU, MoE layer efficiency, step-time scaling with
 sequence length and depth, compile time, a 1B-class step, and the memory table (docs/perf.md).
 
-`python -m moejax.tools.bench --out=docs/perf.md [--sections=throughput,scaling,...] [--quick]`
+`python -m moejax.tools.bench --out=docs/perf.md [--sections=throughput,scaling,...] [--quick]
+[--synthetic] [--force_balance]` also writes the rows of the throughput and MoE-ratio tables to the
+report's name with .json (a list of dicts: section, experts, dispatch, force_balance, and
+tokens_per_s or ratio and floor_ratio).
 
 All figures in one report come from one run on one device of one machine (the first of
 `jax.devices()`, so the same command runs on CPU, GPU or TPU); compare them as ratios, not across
@@ -9,6 +12,7 @@ machines. `--quick` runs every section on the smoke model with a few steps: a ch
 report builds (tests/test_bench.py), not figures to quote.
 """
 import datetime
+import json
 import importlib.util
 import os
 import platform
@@ -22,15 +26,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moejax import flops, model, moe, precision, sharding
+from moejax import flops, model, moe, precision
 from moejax.data import pipeline
-from moejax.layers import swiglu
-from moejax.params import count, init_params
+from moejax.params import count
 from moejax.state import init_state, setup
 from moejax.train import make_train_step, to_global
 from moejax.data.ensure import ensure_data
 from moejax.model_config import ModelConfig
 from moejax.tools import memory, provenance
+from moejax.tools.moe_ratio import moe_layer_ratio, time_fn  # noqa: F401 (time_fn: for bench_eval)
 
 SECTIONS = ('throughput', 'scaling', 'compile', 'moe_ratio', 'mfu_1b', 'memory')
 
@@ -107,18 +111,35 @@ def peak_rss_bytes() -> int:
   return r if platform.system() == 'Darwin' else r * 1024
 
 
-def run_steps(config, steps: int, warmup: int) -> dict:
-  """Compiles the trainer's own step ahead of time (timed), then runs 1 + warmup + steps real steps
-  on real batches of config.data.dir.
+def synthetic_batch(config) -> dict:
+  """One fixed batch of tokens drawn uniformly from the vocabulary (the MaxText peer's synthetic
+  data): no document boundaries, the same batch every step."""
+  t = config.train
+  rng = np.random.default_rng(config.seed)
+  windows = rng.integers(1, config.model.vocab_size, (t.batch_size, t.seq_len + 1), dtype=np.int32)
+  return pipeline.windows_to_batch(windows, eod_id=0)
 
-  Reports the first `warmup` steps after the first (routing still settling from its init) and the
-  `steps` after them separately: dropless cost follows the load imbalance (MaxVio)."""
-  s = setup(config, devices=jax.devices()[:1])
+
+def bench_batches(config, n: int, synthetic: bool) -> list:
+  """n host batches: config.data.dir's first n, or the synthetic batch n times."""
+  if synthetic:
+    return [synthetic_batch(config)] * n
   ensure_data(config)
   t = config.train
   data = pipeline.train_iterator(pipeline.train_dataset(
       config.data.dir, seq_len=t.seq_len, batch_size=t.batch_size, seed=config.seed))
-  batches = [to_global(next(data), s.batch_sharding) for _ in range(warmup + steps + 1)]
+  return [next(data) for _ in range(n)]
+
+
+def run_steps(config, steps: int, warmup: int, synthetic: bool = False) -> dict:
+  """Compiles the trainer's own step ahead of time (timed), then runs 1 + warmup + steps real steps
+  on real batches of config.data.dir (`synthetic`: one fixed random batch, no data read).
+
+  Reports the first `warmup` steps after the first (routing still settling from its init) and the
+  `steps` after them separately: dropless cost follows the load imbalance (MaxVio)."""
+  s = setup(config, devices=jax.devices()[:1])
+  t = config.train
+  batches = [to_global(b, s.batch_sharding) for b in bench_batches(config, warmup + steps + 1, synthetic)]
   state = init_state(s)
   batch_spec = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding) for k, v in batches[0].items()}
   start = time.perf_counter()
@@ -165,69 +186,40 @@ def compile_seconds(config, num_layers: int) -> float:
   return time.perf_counter() - start
 
 
-def time_fn(fn, *args, repeats: int = 10) -> float:
-  jax.block_until_ready(fn(*args))
-  start = time.perf_counter()
-  for _ in range(repeats):
-    out = fn(*args)
-  jax.block_until_ready(out)
-  return (time.perf_counter() - start) / repeats
+def router_label(force_balance: bool) -> str:
+  return 'forced balance' if force_balance else 'real'
 
 
-def moe_layer_ratio(config, num_experts: int, repeats: int = 10) -> dict:
-  """Forward+backward time of one MoE layer (routed + shared experts) over a dense SwiGLU with the
-  same active FLOPs (ffn = (top_k + shared) * expert_ffn_dim), on the same tokens, in the config's
-  compute dtype (float32 master weights cast as in the model), dispatch chosen for the platform."""
-  config.model.num_experts, config.model.dispatch = num_experts, 'auto'
-  m = ModelConfig.from_config(config.model)
-  mesh = sharding.make_mesh({'data': 1, 'expert': 1}, jax.devices()[:1])
-  B, T, D = config.train.batch_size, config.train.seq_len, m.d_model
-  key = jax.random.key(0)
-  p_moe = init_params(model.moe_specs(m), key)
-  p_dense = init_params(model.swiglu_specs(D, (m.top_k + m.num_shared_experts) * m.expert_ffn_dim, m), key)
-  x_BTD = jax.random.normal(key, (B, T, D)).astype(precision.compute_dtype(m))
-  bias = jnp.zeros((num_experts,))
-
-  def moe_loss(p, x):
-    y, aux = model.moe_ffn(model.cast_params(p, m), bias, x, m, mesh, ())
-    return jnp.sum(jnp.square(y.astype(jnp.float32))), aux.load_E
-
-  def dense_loss(p, x):
-    return jnp.sum(jnp.square(swiglu(model.cast_params(p, m), x).astype(jnp.float32)))
-
-  moe_step = jax.jit(jax.grad(moe_loss, argnums=(0, 1), has_aux=True))
-  dense_step = jax.jit(jax.grad(dense_loss, argnums=(0, 1)))
-  t_moe = time_fn(moe_step, p_moe, x_BTD, repeats=repeats)
-  t_dense = time_fn(dense_step, p_dense, x_BTD, repeats=repeats)
-  load = np.asarray(moe_step(p_moe, x_BTD)[1])
-  dispatch = moe.resolve_dispatch('auto', platform_name(), 1, precision.fp8_mlp(m))
-  return {'moe_ms': t_moe * 1e3, 'dense_ms': t_dense * 1e3, 'ratio': t_moe / t_dense,
-          'maxvio': float((load.max() - load.mean()) / load.mean()), 'tokens': B * T,
-          'dispatch': dispatch}
-
-
-# --- sections: each returns its markdown lines ---
-
-def section_throughput(plan: Plan, steps: int, warmup: int, prec: str) -> list:
+def section_throughput(plan: Plan, steps: int, warmup: int, prec: str, balances: tuple, synthetic: bool,
+                       rows: list) -> list:
   c = prepare(load_config(plan.speed_bar), prec)
+  data = 'one fixed random batch' if synthetic else f'batches of {c.data.dir}'
   lines = [f'## Speed bar: {plan.speed_bar} ({describe(c.model, c.train.batch_size, c.train.seq_len)})', '',
-           '| routed experts | dispatch | steady step (ms) | steady tokens/s | steady MFU | steady MaxVio '
-           '| early tokens/s | early MaxVio | dropped |',
-           '|---|---|---|---|---|---|---|---|---|']
+           f'Data: {data}. Router "forced balance": its choice replaced by a balanced assignment '
+           '(model.router.force_balance), so dispatch is timed apart from what the router learns.', '',
+           '| routed experts | router | dispatch | steady step (ms) | steady tokens/s | steady MFU '
+           '| steady MaxVio | early tokens/s | early MaxVio | dropped |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for E in plan.speed_bar_experts:
-    for dispatch in ('dropless', 'capacity'):
-      c = prepare(load_config(plan.speed_bar), prec)
-      c.model.num_experts, c.model.dispatch = E, dispatch
-      r = run_steps(c, steps, warmup)
-      e = r['early'] or r
-      cf = f' {c.model.capacity_factor:g}' if dispatch == 'capacity' else ''
-      lines.append(f'| {E} | {dispatch}{cf} | {r["step_ms"]:.0f} | {r["tokens_per_sec"]:,.0f} | '
-                   f'{r["mfu"]:.1%} | {r["maxvio"]:.2f} | {e["tokens_per_sec"]:,.0f} | {e["maxvio"]:.2f} | '
-                   f'{r["dropped_frac"]:.2%} |')
-      print(lines[-1], flush=True)
+    for force_balance in balances:
+      for dispatch in ('dropless', 'capacity'):
+        c = prepare(load_config(plan.speed_bar), prec)
+        c.model.num_experts, c.model.dispatch = E, dispatch
+        c.model.router.force_balance = force_balance
+        r = run_steps(c, steps, warmup, synthetic)
+        e = r['early'] or r
+        cf = f' {c.model.capacity_factor:g}' if dispatch == 'capacity' else ''
+        lines.append(f'| {E} | {router_label(force_balance)} | {dispatch}{cf} | {r["step_ms"]:.0f} | '
+                     f'{r["tokens_per_sec"]:,.0f} | {r["mfu"]:.1%} | {r["maxvio"]:.2f} | '
+                     f'{e["tokens_per_sec"]:,.0f} | {e["maxvio"]:.2f} | {r["dropped_frac"]:.2%} |')
+        rows.append({'section': 'throughput', 'experts': E, 'dispatch': dispatch,
+                     'force_balance': force_balance, 'synthetic': synthetic,
+                     'tokens_per_s': r['tokens_per_sec'], 'step_ms': r['step_ms'], 'mfu': r['mfu'],
+                     'maxvio': r['maxvio'], 'dropped_frac': r['dropped_frac']})
+        print(lines[-1], flush=True)
 
   c = prepare(load_config(plan.default), prec)
-  r = run_steps(c, steps, warmup)
+  r = run_steps(c, steps, warmup, synthetic)
   lines += ['', f'## {plan.default} (the `make train` model: '
             f'{describe(c.model, c.train.batch_size, c.train.seq_len)})', '',
             '| step (ms) | tokens/s | MFU | first step incl. compile (s) |', '|---|---|---|---|',
@@ -280,7 +272,7 @@ def section_compile(plan: Plan, prec: str) -> list:
   return lines
 
 
-def section_moe_ratio(plan: Plan, prec: str, quick: bool) -> list:
+def section_moe_ratio(plan: Plan, prec: str, quick: bool, balances: tuple, rows: list) -> list:
   c = prepare(load_config(plan.speed_bar), prec)
   m, t = c.model, c.train
   lines = ['## MoE layer cost over a dense MLP with the same active FLOPs', '',
@@ -288,14 +280,24 @@ def section_moe_ratio(plan: Plan, prec: str, quick: bool) -> list:
            f'{m.num_shared_experts} shared expert(s) of FFN {m.expert_ffn_dim}, d_model {m.d_model}, '
            f'{t.batch_size * t.seq_len:,} tokens, freshly initialised router, {m.precision}) over a dense '
            f'SwiGLU of FFN {m.top_k + m.num_shared_experts} x {m.expert_ffn_dim} on the same tokens. '
-           f'top_k stays {m.top_k} as the routed experts grow, so active FLOPs stay equal.', '',
-           '| routed experts | dispatch | MoE layer (ms) | dense MLP (ms) | ratio | MaxVio of the batch |',
-           '|---|---|---|---|---|---|']
+           f'top_k stays {m.top_k} as the routed experts grow, so active FLOPs stay equal. The floor, '
+           'measured in the same run: the same expert einsums on rows already sorted by expert and '
+           'perfectly balanced ([E, T*K/E, D], one batched einsum per projection) plus the shared '
+           'expert, with no router, sort, gather or combine; "floor ratio" = floor / dense, and '
+           '"ratio / floor" is what routing and dispatch cost over it. Each time is the best of 3 '
+           'rounds that time the three in turn. Router "forced balance": model.router.force_balance.', '',
+           '| routed experts | router | dispatch | MoE layer (ms) | dense MLP (ms) | floor (ms) | ratio '
+           '| floor ratio | ratio / floor | MaxVio of the batch |',
+           '|---|---|---|---|---|---|---|---|---|---|']
   for E in plan.moe_experts:
-    r = moe_layer_ratio(prepare(load_config(plan.speed_bar), prec), E, repeats=2 if quick else 10)
-    lines.append(f'| {E} | {r["dispatch"]} | {r["moe_ms"]:.1f} | {r["dense_ms"]:.1f} | {r["ratio"]:.2f} | '
-                 f'{r["maxvio"]:.2f} |')
-    print(lines[-1], flush=True)
+    for force_balance in balances:
+      r = moe_layer_ratio(prepare(load_config(plan.speed_bar), prec), E, force_balance,
+                          repeats=2 if quick else 10)
+      lines.append(f'| {E} | {router_label(force_balance)} | {r["dispatch"]} | {r["moe_ms"]:.1f} | '
+                   f'{r["dense_ms"]:.1f} | {r["floor_ms"]:.1f} | {r["ratio"]:.2f} | {r["floor_ratio"]:.2f} | '
+                   f'{r["ratio"] / r["floor_ratio"]:.2f} | {r["maxvio"]:.2f} |')
+      rows.append({'section': 'moe_ratio', 'experts': E, 'force_balance': force_balance, **r})
+      print(lines[-1], flush=True)
   return lines
 
 
@@ -337,7 +339,7 @@ def section_mfu_1b(plan: Plan, prec: str, quick: bool, steps: int, shape: str) -
   return lines
 
 
-def header(argv, prec: str, quick: bool, steps: int, warmup: int) -> list:
+def header(argv, prec: str, quick: bool, steps: int, warmup: int, synthetic: bool) -> list:
   d = jax.devices()[0]
   rule = ("each config's own policy" if prec == 'config' else prec if prec != 'auto' else
           'fp32 on CPU (its peak below is float32), bf16 (or the config\'s fp8) elsewhere')
@@ -348,8 +350,8 @@ def header(argv, prec: str, quick: bool, steps: int, warmup: int) -> list:
       f'--out=docs/perf.md) at commit `{provenance.commit()}` on {datetime.date.today()}, on one {d.platform.upper()} device '
       f'(`{d.device_kind}`, {jax.device_count()} on the host) of a {platform.processor() or platform.machine()} '
       f'host with {os.cpu_count()} cores, jax {jax.__version__}. Precision: {rule}. '
-      f'Throughput: the trainer\'s own jitted step (AdamW, bias balancing on) on real batches of the '
-      f'Shakespeare corpus; "steady" = {steps} steps after the first {warmup} steps past the first '
+      f'Throughput: the trainer\'s own jitted step (AdamW, bias balancing on) on '
+      f'{"one fixed random batch repeated (--synthetic)" if synthetic else "real batches of the Shakespeare corpus"}; "steady" = {steps} steps after the first {warmup} steps past the first '
       f'step, "early" = those {warmup} steps (the router still settles from its init, so dropless '
       f'dispatch pays for the imbalance). MaxVio = mean over the steps of the max over layers of '
       f'(max - mean)/mean expert load. MFU uses active-parameter FLOPs and a peak of '
@@ -357,7 +359,22 @@ def header(argv, prec: str, quick: bool, steps: int, warmup: int) -> list:
   if quick:
     lines += [f'**Quick mode**: every section runs {SMOKE} shapes with {steps} step(s); this file checks '
               'that the report builds and holds no figures to quote.', '']
-  return lines
+  return lines + PROFILE_HOWTO
+
+
+PROFILE_HOWTO = [
+    '## Reading a profile', '',
+    'To see where a step\'s time goes, train with `--config.train.profile_steps=A,B`: the trainer '
+    'writes a jax.profiler trace of steps A to B into `WORKDIR/profile/plugins/profile/<run>/` '
+    '(`*.xplane.pb`). Open it with `xprof --logdir=WORKDIR/profile` or `tensorboard '
+    '--logdir=WORKDIR/profile` (Profile tab, tensorboard-plugin-profile). In the trace viewer each '
+    'step is one `jit_train_step` execution; on CPU the XLA ops run on the host thread rows, on GPU / '
+    'TPU on the device rows. The op profile (or "HLO op stats") ranks the compiled ops by self time: '
+    'a `fusion` is a group XLA fused, named after its root op, and `dot` / `convolution` / '
+    'custom-call GEMMs are the matmuls that carry the FLOPs. Time in gathers, scatters, sorts, '
+    '`dynamic-update-slice` and copies is the MoE dispatch\'s overhead (permute and unpermute); time '
+    'between steps with no op running is the host (data, Python). Take A past the first step so '
+    'compilation is not in the window.', '']
 
 
 def define_flags():
@@ -375,6 +392,11 @@ def define_flags():
   flags.DEFINE_string('shape_1b', 'auto', "batch x seq_len of the 1B-class step: 'auto' = 1x512 on CPU, "
                       "4x4096 elsewhere; or e.g. 2x1024.")
   flags.DEFINE_integer('steps_1b', 2, 'Timed steps of the 1B-class config (after one untimed).')
+  flags.DEFINE_bool('synthetic', False, 'Throughput on one fixed random batch repeated (as the MaxText '
+                    'peer times it) instead of Shakespeare batches.')
+  flags.DEFINE_bool('force_balance', False, 'Add rows with the router\'s choice replaced by a balanced '
+                    'assignment (model.router.force_balance) beside the real-router rows, in the '
+                    'throughput and MoE-ratio sections.')
 
 
 def main(argv):
@@ -389,24 +411,36 @@ def main(argv):
   plan = QUICK if quick else FULL
   steps, warmup = (2, 1) if quick else (f.steps, f.warmup)
   steps_1b = 1 if quick else f.steps_1b
+  balances = (False, True) if f.force_balance else (False,)
+  rows = []
   run = {
-      'throughput': lambda: section_throughput(plan, steps, warmup, prec),
+      'throughput': lambda: section_throughput(plan, steps, warmup, prec, balances, f.synthetic, rows),
       'scaling': lambda: section_scaling(plan, prec),
       'compile': lambda: section_compile(plan, prec),
-      'moe_ratio': lambda: section_moe_ratio(plan, prec, quick),
+      'moe_ratio': lambda: section_moe_ratio(plan, prec, quick, balances, rows),
       'mfu_1b': lambda: section_mfu_1b(plan, prec, quick, steps_1b, f.shape_1b),
       'memory': lambda: memory.report().rstrip('\n').split('\n'),
   }
-  lines = header(sys.argv[1:], prec, quick, steps, warmup)
+  lines = header(sys.argv[1:], prec, quick, steps, warmup, f.synthetic)
   for name in SECTIONS:
     if name not in sections:
       continue
     start = time.perf_counter()
     lines += run[name]() + ['']
     print(f'[{name}: {time.perf_counter() - start:.0f} s]', flush=True)
-    with open(f.out, 'w') as out:   # after every section: a late failure keeps the rest
-      out.write('\n'.join(lines))
-  print(f'wrote {f.out}')
+    write_report(f.out, lines, rows)   # after every section: a late failure keeps the rest
+  print(f'wrote {f.out} and {json_path(f.out)}')
+
+
+def json_path(out: str) -> str:
+  return os.path.splitext(out)[0] + '.json'
+
+
+def write_report(out: str, lines: list, rows: list):
+  with open(out, 'w') as f:
+    f.write('\n'.join(lines))
+  with open(json_path(out), 'w') as f:
+    json.dump(rows, f, indent=1)
 
 
 if __name__ == '__main__':

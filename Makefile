@@ -103,3 +103,4 @@ clean:
 
 ablate-balancing: data
 	$(STUDY) --study=experiments/studies/balancing.py --out=results/balancing.md
+	$(PY) -m moejax.tools.bench --sections=controllers --out=results/balancing_speedbar.md

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The heading each section starts its table(s) under.
 HEADINGS = {
     'throughput': ('## Speed bar', '## experiments/smoke.py (the `make train` model'),
+    'controllers': ('## Router controllers on the speed bar',),
     'scaling': ('## Step-time scaling',),
     'compile': ('## Compile time of the train step',),
     'moe_ratio': ('## MoE layer cost over a dense MLP',),
@@ -29,7 +30,7 @@ HEADINGS = {
     'memory': ('## Memory per device',),
 }
 # Columns that hold words; every other cell must be a finite number (commas, %, 'x' between two).
-TEXT_COLUMNS = {'dispatch', 'router', 'precision', 'config', 'params total / active', 'mesh', 'remat'}
+TEXT_COLUMNS = {'dispatch', 'router', 'controller', 'precision', 'config', 'params total / active', 'mesh', 'remat'}
 NUMBER = re.compile(r'-?[\d,]*\.?\d+%?( x -?[\d,]*\.?\d+)?')
 
 

@@ -4,7 +4,8 @@ sequence length and depth, compile time, a 1B-class step, and the memory table (
 `python -m moejax.tools.bench --out=docs/perf.md [--sections=throughput,scaling,...] [--quick]
 [--synthetic] [--force_balance]` also writes the rows of the throughput and MoE-ratio tables to the
 report's name with .json (a list of dicts: section, experts, dispatch, force_balance, and
-tokens_per_s or ratio and floor_ratio).
+tokens_per_s or ratio and floor_ratio). `--sections=controllers` (not in the default list; `make
+ablate-balancing` runs it) times the speed-bar step with each router controller.
 
 All figures in one report come from one run on one device of one machine (the first of
 `jax.devices()`, so the same command runs on CPU, GPU or TPU); compare them as ratios, not across
@@ -36,7 +37,8 @@ from moejax.model_config import ModelConfig
 from moejax.tools import memory, provenance
 from moejax.tools.moe_ratio import moe_layer_ratio, time_fn  # noqa: F401 (time_fn: for bench_eval)
 
-SECTIONS = ('throughput', 'scaling', 'compile', 'moe_ratio', 'mfu_1b', 'memory')
+SECTIONS = ('throughput', 'controllers', 'scaling', 'compile', 'moe_ratio', 'mfu_1b', 'memory')
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != 'controllers')   # that one: make ablate-balancing
 
 GiB = 2 ** 30
 
@@ -228,6 +230,35 @@ def section_throughput(plan: Plan, steps: int, warmup: int, prec: str, balances:
   return lines
 
 
+CONTROLLERS = ('bias', 'quantile', 'smebu')   # model.router.balancer
+
+
+def section_controllers(plan: Plan, steps: int, warmup: int, prec: str, rows: list) -> list:
+  """The speed-bar step with each router controller (dropless, real batches): dispatch cost follows
+  the load imbalance the controller leaves (make ablate-balancing)."""
+  c = prepare(load_config(plan.speed_bar), prec)
+  lines = [f'## Router controllers on the speed bar: {plan.speed_bar} '
+           f'({describe(c.model, c.train.batch_size, c.train.seq_len)})', '',
+           f'Dropless dispatch on batches of {c.data.dir}, from a fresh init: "early" = the {warmup} steps '
+           f'after the first, "steady" = the {steps} after them. The config\'s own controller is '
+           f'{c.model.router.balancer!r}.', '',
+           '| routed experts | controller | steady tokens/s | steady MaxVio | early tokens/s | early MaxVio |',
+           '|---|---|---|---|---|---|']
+  for E in plan.speed_bar_experts:
+    for balancer in CONTROLLERS:
+      c = prepare(load_config(plan.speed_bar), prec)
+      c.model.num_experts, c.model.dispatch, c.model.router.balancer = E, 'dropless', balancer
+      r = run_steps(c, steps, warmup, False)
+      e = r['early'] or r
+      lines.append(f'| {E} | {balancer} | {r["tokens_per_sec"]:,.0f} | {r["maxvio"]:.2f} | '
+                   f'{e["tokens_per_sec"]:,.0f} | {e["maxvio"]:.2f} |')
+      rows.append({'section': 'controllers', 'experts': E, 'dispatch': 'dropless', 'balancer': balancer,
+                   'force_balance': False, 'tokens_per_s': r['tokens_per_sec'], 'maxvio': r['maxvio'],
+                   'early_tokens_per_s': e['tokens_per_sec'], 'early_maxvio': e['maxvio']})
+      print(lines[-1], flush=True)
+  return lines
+
+
 def section_scaling(plan: Plan, prec: str) -> list:
   """Step time of the default config against sequence length (tokens per batch fixed) and depth."""
   base = prepare(load_config(plan.default), prec)
@@ -381,7 +412,7 @@ def define_flags():
   """The CLI (defined only when run as a program, so the module imports beside other tools)."""
   flags.DEFINE_string('out', 'docs/perf.md', 'Markdown report to write (rewritten after each section, '
                       'holding only the sections run).')
-  flags.DEFINE_list('sections', list(SECTIONS), f'Sections to run, in this order: {SECTIONS}.')
+  flags.DEFINE_list('sections', list(DEFAULT_SECTIONS), f'Sections to run, in this order: {SECTIONS}.')
   flags.DEFINE_bool('quick', False, 'Smoke-model shapes and a few steps in every section.')
   flags.DEFINE_integer('steps', 10, 'Timed steps per throughput figure.')
   flags.DEFINE_integer('warmup', 40, 'Steps after the first timed separately (the router settles).')
@@ -415,6 +446,7 @@ def main(argv):
   rows = []
   run = {
       'throughput': lambda: section_throughput(plan, steps, warmup, prec, balances, f.synthetic, rows),
+      'controllers': lambda: section_controllers(plan, steps, warmup, prec, rows),
       'scaling': lambda: section_scaling(plan, prec),
       'compile': lambda: section_compile(plan, prec),
       'moe_ratio': lambda: section_moe_ratio(plan, prec, quick, balances, rows),

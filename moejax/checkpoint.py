@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 
+import jax
 import orbax.checkpoint as ocp
 
 
@@ -30,8 +31,25 @@ def manager(workdir: str, max_to_keep: int, async_save: bool) -> ocp.CheckpointM
                                options=options, item_names=('state', 'data'))
 
 
+def _is_empty(tree) -> bool:
+  leaves = jax.tree.leaves(tree)
+  return bool(leaves) and all(getattr(l, 'size', 1) == 0 for l in leaves)
+
+
+def saved_items(state: dict) -> dict:
+  """The state items a checkpoint holds: all but those of zero-size arrays only (a model without MoE
+  layers has a [0, E] router state), which orbax cannot save and restore re-creates empty."""
+  return {k: v for k, v in state.items() if not _is_empty(v)}
+
+
+def _with_empty_items(state: dict, abstract_state: dict) -> dict:
+  import jax.numpy as jnp
+  empty = lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding)
+  return {k: state[k] if k in state else jax.tree.map(empty, abstract_state[k]) for k in abstract_state}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict, force: bool = False):
-  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+  mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(saved_items(state)),
                                           data=ocp.args.JsonSave(data_state)), force=force)
 
 
@@ -45,19 +63,18 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
   data = mngr.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))['data']
   if not (isinstance(data, dict) and data.get(PARAMS_ONLY)):
     restored = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
-    return restored['state'], restored['data']
+        state=ocp.args.StandardRestore(saved_items(abstract_state)), data=ocp.args.JsonRestore()))
+    return _with_empty_items(restored['state'], abstract_state), restored['data']
   if tx is None:
     raise ParamsOnly(f'checkpoint step {step} holds parameters only (imported from '
                      f'{data.get("imported_from")}); restore it with the optimizer (tx=) to make its state')
-  import jax
-  abstract = {k: v for k, v in abstract_state.items() if k != 'opt_state'}
+  abstract = {k: v for k, v in saved_items(abstract_state).items() if k != 'opt_state'}
   state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=abstract, partial_restore=True,
       restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))))['state']
   shardings = jax.tree.map(lambda a: a.sharding, abstract_state['opt_state'])
   state['opt_state'] = jax.jit(tx.init, out_shardings=shardings)(state['params'])
-  return {k: state[k] for k in abstract_state}, data
+  return _with_empty_items(state, abstract_state), data
 
 
 def restore_intact(mngr: ocp.CheckpointManager, abstract_state, log=print, before: int | None = None,

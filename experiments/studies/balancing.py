@@ -237,7 +237,7 @@ def plot(runs, path):
   stem = os.path.splitext(path)[0]
   lines = [f'![held-out loss and MaxVio]({os.path.basename(path)})', '']
   for r in runs.values():
-    out = report.report(r.workdir)
+    out, _ = report.report(r.workdir)   # (its folder, the held-out line)
     for kind in ('expert_load', 'expert_health'):
       src = os.path.join(out, f'{kind}.png')
       if os.path.exists(src):   # drawn when the run logged them

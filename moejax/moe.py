@@ -129,16 +129,25 @@ def _row_assignments(row_A, num_rows: int):
       jnp.arange(A, dtype=jnp.int32), mode='drop')[:num_rows]
 
 
+def _layout_operands(layout, x_TD, K: int, local_A, valid_A, rank_A, count_E, ws):
+  """What both passes of one dropless layout start from: row_A, a_R (the assignment in each row), the
+  groups' expert (or None), the rows x_NZD and the weights per group (a copy per block in the
+  fallback for heavy imbalance)."""
+  row_A, N, Z, expert_N = _dropless_rows(layout, local_A, valid_A, rank_A, count_E, ws[0].shape[0])
+  if expert_N is not None:
+    ws = tuple(w[expert_N] for w in ws)
+  a_R = _row_assignments(row_A, N * Z)
+  x_NZD = _take(x_TD, a_R // K).reshape(N, Z, -1)   # a_R = A -> token T: out of range -> zeros
+  return row_A, a_R, expert_N, x_NZD, ws
+
+
 def _dropless_fwd_rows(layout, einsum, x_TD, weight_TK, local_A, valid_A, rank_A, count_E, wg, wu, wd):
   """Forward of one layout. Returns y_TD and the residuals in assignment space (o_AD, g_AF, u_AF), whose
   shapes do not depend on the layout, so `lax.switch` branches share them."""
   T, K = weight_TK.shape
-  E = wg.shape[0]
-  row_A, N, Z, expert_N = _dropless_rows(layout, local_A, valid_A, rank_A, count_E, E)
-  if expert_N is not None:   # one weight copy per block (the fallback for heavy imbalance)
-    wg, wu, wd = wg[expert_N], wu[expert_N], wd[expert_N]
-  a_R = _row_assignments(row_A, N * Z)
-  x_NZD = _take(x_TD, a_R // K).reshape(N, Z, -1)   # a_R = A -> token T: out of range -> zeros
+  row_A, _, _, x_NZD, (wg, wu, wd) = _layout_operands(layout, x_TD, K, local_A, valid_A, rank_A, count_E,
+                                                      (wg, wu, wd))
+  N, Z = x_NZD.shape[:2]
   g_NZF = einsum('nzd,ndf->nzf', x_NZD, wg)
   u_NZF = einsum('nzd,ndf->nzf', x_NZD, wu)
   o_NZD = einsum('nzf,nfd->nzd', jax.nn.silu(g_NZF) * u_NZF, wd)
@@ -155,15 +164,11 @@ def _dropless_bwd_rows(layout, einsum, x_TD, weight_TK, local_A, valid_A, rank_A
   T, K = weight_TK.shape
   E = wg.shape[0]
   o_AD, g_AF, u_AF = res
-  row_A, N, Z, expert_N = _dropless_rows(layout, local_A, valid_A, rank_A, count_E, E)
-  if expert_N is not None:
-    wg_, wu_, wd_ = wg[expert_N], wu[expert_N], wd[expert_N]
-  else:
-    wg_, wu_, wd_ = wg, wu, wd
+  row_A, a_R, expert_N, x_NZD, (wg_, wu_, wd_) = _layout_operands(layout, x_TD, K, local_A, valid_A, rank_A,
+                                                                 count_E, (wg, wu, wd))
+  N, Z = x_NZD.shape[:2]
   dweight_TK = jnp.einsum('tkd,td->tk', o_AD.reshape(T, K, -1), dy_TD).astype(weight_TK.dtype)
   do_AD = (weight_TK.astype(dy_TD.dtype)[:, :, None] * dy_TD[:, None, :]).reshape(T * K, -1)
-  a_R = _row_assignments(row_A, N * Z)
-  x_NZD = _take(x_TD, a_R // K).reshape(N, Z, -1)
   do_NZD, g_NZF, u_NZF = (_take(a, a_R).reshape(N, Z, -1) for a in (do_AD, g_AF, u_AF))
   sg_NZF = jax.nn.silu(g_NZF)
   dwd = einsum('nzf,nzd->nfd', sg_NZF * u_NZF, do_NZD)

@@ -78,8 +78,28 @@ def attention_elements(cfg, name: str, seq_len: int, tp: int) -> tuple[float, fl
   return estimate(cfg.attn, seq_len, tp)
 
 
-def ffn_elements(cfg, kind: str, tp: int, compute_bytes: int) -> tuple[float, float]:
-  """(all saved elements, matmul outputs) per token of one FFN (see module doc)."""
+def dispatch_rows(cfg, tokens: int, mesh_sizes: dict, platform: str) -> float:
+  """Rows per routed assignment in the largest buffers of the MoE layer's backward: 1 for the grouped
+  matmuls; the capacity factor for the capacity dispatches; for 'dropless', its largest static layout,
+  because the branches of its `lax.switch` share one allocation sized for the largest branch."""
+  from moejax import moe
+  ep = mesh_sizes.get('expert', 1)
+  name = moe.resolve_dispatch(cfg.dispatch.name, platform, ep)
+  E, K = cfg.num_experts, cfg.top_k
+  if name in ('capacity', 'capacity_a2a'):
+    return moe.capacity(tokens, K, E, cfg.dispatch.capacity_factor) * E / (tokens * K)
+  if name != 'dropless':
+    return 1.0
+  T, E_local = tokens * ep, E // ep   # expert parallelism gathers the group's tokens
+  rows = []
+  for kind, Z in moe.dropless_layouts(T, K, E, E_local):
+    rows.append(E_local * Z if kind == 'capacity' else (T * K + E_local * (Z - 1) + Z - 1) // Z * Z)
+  return max(rows) / (tokens * K)
+
+
+def ffn_elements(cfg, kind: str, tp: int, compute_bytes: int, rows: float = 1.0) -> tuple[float, float]:
+  """(all saved elements, matmul outputs) per token of one FFN (see module doc); `rows`: the
+  dispatched rows per assignment (c in the module doc)."""
   D = cfg.d_model
   if kind == 'dense':
     F = cfg.dense_ffn_dim / tp
@@ -87,30 +107,34 @@ def ffn_elements(cfg, kind: str, tp: int, compute_bytes: int) -> tuple[float, fl
   F, K, S = cfg.expert_ffn_dim / tp, cfg.top_k, cfg.num_shared_experts
   E = cfg.router.num_routed
   f32 = 4 / compute_bytes
-  routed = K * (2 * D + 3 * F)
+  routed = K * rows * (2 * D + 3 * F)
   shared = 3 * S * F
   return 2 * D + routed + shared + 2 * E * f32, 2 * S * F + (D if S else 0) + E * f32
 
 
-def activation_bytes(config, mesh_sizes: dict) -> int:
-  """Estimated activation bytes per device of one train step (formula in the module doc)."""
+def activation_bytes(config, mesh_sizes: dict, platform: str | None = None) -> int:
+  """Estimated activation bytes per device of one train step (formula in the module doc) on
+  `platform` (the default backend when None; it picks the 'auto' dispatch)."""
   m, t = ModelConfig.from_config(config.model), config.train
   b = jnp.dtype(precision.compute_dtype(m)).itemsize
   tp = mesh_sizes.get('tensor', 1)
   tokens = tokens_per_device(config, mesh_sizes)
-  layers = []
+  rows = dispatch_rows(m, tokens, mesh_sizes, platform or jax.default_backend()) if m.num_moe_layers else 1.0
+  layers, backward = [], []
   for i, name in enumerate(m.layer_attentions):
     attn, attn_dots = attention_elements(m, name, t.seq_len, tp)
     ffn, ffn_dots = ffn_elements(m, m.layer_kinds[i], tp, b)
+    padding = ffn_elements(m, m.layer_kinds[i], tp, b, rows)[0] - ffn   # the dispatch's extra rows
     if m.block == 'scmoe' and m.layer_kinds[i] == 'moe':   # second attention and two dense FFNs
       d, d_dots = ffn_elements(m, 'dense', tp, b)
       attn, attn_dots, ffn, ffn_dots = 2 * attn, 2 * attn_dots, ffn + 2 * d, ffn_dots + 2 * d_dots
     layers.append((attn + ffn, attn_dots + ffn_dots))
+    backward.append(2 * (attn + ffn) + padding)
   head = 2 * m.d_model + 3 * m.vocab_size / tp * 4 / b
   L, D = len(layers), m.d_model
-  # the backward of one block holds its residuals and their gradients at once; the head's
-  # transient (logits) is live at another time
-  transient = max(2 * max(a for a, _ in layers), head)
+  # the backward of one block holds its residuals and their gradients at once, and the padding rows
+  # of the dispatch's largest buffers once; the head's transient (logits) is live at another time
+  transient = max(max(backward), head)
   if m.remat == 'none':
     saved = sum(a for a, _ in layers)
   elif m.remat == 'full':
@@ -120,8 +144,8 @@ def activation_bytes(config, mesh_sizes: dict) -> int:
   return int(tokens * (saved + transient) * b)
 
 
-def memory(config, mesh_sizes: dict) -> Memory:
-  return Memory(**state_bytes(config, mesh_sizes), activations=activation_bytes(config, mesh_sizes),
+def memory(config, mesh_sizes: dict, platform: str | None = None) -> Memory:
+  return Memory(**state_bytes(config, mesh_sizes), activations=activation_bytes(config, mesh_sizes, platform),
                 tokens_per_device=tokens_per_device(config, mesh_sizes))
 
 

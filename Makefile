@@ -44,7 +44,7 @@ test: setup
 	$(CPU_MESH) $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile tests
 
 test-slow: data
-	$(CPU_MESH) $(PY) -m pytest -q -m slow tests
+	$(CPU_MESH) $(PY) -m pytest -q -m slow -n 2 --dist loadfile tests
 
 bench: data
 	$(PY) -m moejax.tools.bench --force_balance --out=docs/perf.md

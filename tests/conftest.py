@@ -7,10 +7,20 @@ this module (pytest imports conftest.py before the test modules).
 promotion in `moejax/attention.py` (rms_norm: `y * scale`, [..., D] * [D]) and `moejax/moe.py`
 (route: `scores_TE + bias_E`, [T, E] + [E]), so 'raise' makes every forward pass fail.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the session: most of a tiny test's time is XLA compiling the
+# same train step again (in each test, xdist worker and `python -m moejax.train` subprocess). The
+# controller makes it fresh (workers and subprocesses inherit the variable) and removes it at exit.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='moejax-test-jax-cache-')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0.5')
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

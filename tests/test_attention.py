@@ -535,7 +535,13 @@ HF_OPTIONS = dict(qkv_bias=True, qk_norm=True, qk_norm_scope='projection', rope_
                   yarn_factor=4.0, yarn_original_max_len=4)
 
 
-@pytest.mark.parametrize('attention,attn', [(name, {}) for name in ATTENTIONS] + [('gqa', HF_OPTIONS)],
+# gqa and mla in the fast run (~10 s each); the other types' sharded cases in the slow run (each is
+# also checked against its naive reference, with documents, on one device)
+FAST_SHARDED = ('gqa', 'mla')
+
+
+@pytest.mark.parametrize('attention,attn', [pytest.param(name, {}, marks=() if name in FAST_SHARDED else pytest.mark.slow)
+                                            for name in ATTENTIONS] + [pytest.param('gqa', HF_OPTIONS, marks=pytest.mark.slow)],
                          ids=list(ATTENTIONS) + ['gqa_hf_options'])
 def test_attention_type_sharded_over_tensor_data_fsdp_equals_one_device_with_documents_masked(attention, attn):
   cfg, p, bias, batch = sharded_problem(attention, **attn)

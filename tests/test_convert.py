@@ -215,6 +215,7 @@ def _scratch_run(w: Path, **model):
   return config
 
 
+@pytest.mark.slow   # a training run, export and re-import (~15 s); the interop acceptance check exports too
 def test_a_run_trained_from_scratch_exports_as_deepseek_v3_and_imports_back_to_the_same_state(tmp_path):
   from moejax import sample
   _scratch_run(tmp_path / 'w', num_layers=3, num_dense_layers=1, num_shared_experts=1)

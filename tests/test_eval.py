@@ -124,6 +124,7 @@ def test_cli_prints_a_line_per_task_and_writes_json(workdir, tmp_path):
   assert bad.returncode == 2 and bad.stderr.count('\n') == 1 and 'nope.jsonl' in bad.stderr
 
 
+@pytest.mark.slow   # lm-eval's harness end to end (~20 s); the eval acceptance check runs it too
 def test_lm_eval_harness_backend_agrees_with_moejax_eval_on_a_local_yaml_task(workdir, tmp_path):
   rng = np.random.default_rng(0)
   words = 'thou art the king of all my love and night doth fall upon the sea'.split()
@@ -150,6 +151,7 @@ def test_lm_eval_harness_backend_agrees_with_moejax_eval_on_a_local_yaml_task(wo
   assert harness['acc,none'] == pytest.approx(ours['acc'])
 
 
+@pytest.mark.slow   # lm-eval's request types (~40 s); the eval acceptance check drives the harness too
 def test_lm_eval_model_requests_are_scored_by_the_scorer(workdir, scorer):
   from lm_eval.api.instance import Instance
   from moejax.lm_eval import MoejaxLM

@@ -92,6 +92,7 @@ def test_a_damaged_latest_checkpoint_is_named_and_the_run_goes_on_from_the_previ
   assert [got[s] for s in (4, 7, 8, 9)] == [want[s] for s in (4, 7, 8, 9)]
 
 
+@pytest.mark.slow   # three runs (~30 s); speedrun-2's acceptance check covers the corrupt-checkpoint fallback
 def test_with_no_intact_checkpoint_the_run_says_so_and_does_not_start_over(tmp_path):
   run = tmp_path / 'run'
   _train(run, '--config.train.steps=6', *CKPT)
@@ -105,6 +106,7 @@ def test_with_no_intact_checkpoint_the_run_says_so_and_does_not_start_over(tmp_p
   assert max(r['step'] for r in runs.train_records(run)) == 6                   # nothing rewritten
 
 
+@pytest.mark.slow   # 80 steps until collapse (~50 s); speedrun-3's acceptance check runs it too
 def test_a_router_driven_to_collapse_stops_with_exit_3_before_saving_the_collapsed_state(tmp_path):
   run = tmp_path / 'col'
   proc = _run(run, '--config.train.steps=80', '--config.train.log_every=5', '--config.checkpoint.every=5',

@@ -64,7 +64,8 @@ def reference_run(attention):
 
 # ----------------------------------------------------------------------------- meshes
 
-@pytest.mark.parametrize('mesh_name', ['data8', 'data2_expert4', 'expert8'])
+# data8 (~35 s) in the slow run: data2_expert4 and test_layouts' fsdp8 shard the batch axes too
+@pytest.mark.parametrize('mesh_name', [pytest.param('data8', marks=pytest.mark.slow), 'data2_expert4', 'expert8'])
 def test_loss_and_grads_on_sharded_mesh_equal_single_device(mesh_name):
   """Params placed by their logical axes (experts split over 'expert'), batch over data x expert."""
   cfg, p, bias, batch, (loss1, aux1, g1) = reference_run('gqa')
@@ -123,7 +124,7 @@ def test_bf16_precision_gives_finite_loss_close_to_fp32():
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(g16))   # grads in the params' dtype
 
 
-@pytest.mark.parametrize('remat', ['full', 'dots'])
+@pytest.mark.parametrize('remat', ['full', pytest.param('dots', marks=pytest.mark.slow)])
 def test_remat_policy_gives_same_loss_and_grads_as_none(remat):
   cfg, p, bias, batch, (loss1, _, g1) = reference_run('gqa')
   loss, _, g = loss_and_grads(model_cfg(remat=remat), 'single', p, bias, batch)

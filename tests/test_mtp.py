@@ -91,7 +91,8 @@ def lib_mtp_losses(params, h_BTD, batch, bias_KE, cfg):
 
 # ----------------------------------------------------------------------------- forward and gradient
 
-@pytest.mark.parametrize('last', ['moe', 'dense'])
+# the MoE case (~12 s) in the slow run; the dense case runs the same module code
+@pytest.mark.parametrize('last', [pytest.param('moe', marks=pytest.mark.slow), 'dense'])
 def test_mtp_losses_and_grads_equal_naive_loop_over_depths(last):
   """Every depth's cross-entropy, and the gradients of their weighted mean w.r.t. every parameter
   and the decoder output h, as a per-sequence loop over depths on the truncated sequences."""
@@ -228,6 +229,7 @@ def test_depth_not_below_seq_len_is_refused_naming_depth():
 
 # ----------------------------------------------------------------------------- training
 
+@pytest.mark.slow   # train steps with MTP (~11 s); the naive-reference test checks the losses and gradients
 def test_train_steps_with_mtp_report_falling_mtp_losses_and_move_their_router_bias():
   """A few jitted train steps on one batch (tiny model, one device): the step reports mtp_loss, each
   depth's loss and lambda, the modules' loss falls, and their MoE router bias leaves zero."""

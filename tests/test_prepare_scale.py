@@ -218,6 +218,7 @@ def _cli(*args, env=None):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+@pytest.mark.slow   # a killed and resumed prepare (~10 s); the corpus acceptance check covers it
 def test_kill_9_mid_run_then_the_same_command_gives_identical_shards(corpus, tmp_path):
   common = (f"--raw={corpus['raw']}", f"--tokenizer={corpus['tok']}", '--dedup=minhash',
             '--shard_tokens=20000', '--workers=2')
@@ -250,6 +251,7 @@ echo "Submitted batch job $((n+100))"
 '''
 
 
+@pytest.mark.slow   # a fake Slurm's array jobs (~8 s)
 def test_slurm_executor_submits_dependent_array_jobs_that_prepare_the_same_data(corpus, tmp_path):
   bin_dir, jobs = tmp_path / 'bin', tmp_path / 'jobs'
   bin_dir.mkdir()

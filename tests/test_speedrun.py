@@ -19,6 +19,7 @@ def smoke_rules(monkeypatch, prepared_smoke_data):
   monkeypatch.setenv('XLA_FLAGS', '')   # the training subprocess on one CPU device: it compiles faster
 
 
+@pytest.mark.slow   # a full speedrun (~60 s); speedrun-1's acceptance check runs one too
 def test_a_run_that_reaches_the_target_stops_there_and_adds_an_entry_fastest_first(smoke_rules, tmp_path):
   results = tmp_path / 'results'
   board = {'rules': speedrun.rules_record(speedrun.heldout_fingerprint('data/smoke/prepared')),
@@ -40,6 +41,7 @@ def test_a_run_that_reaches_the_target_stops_there_and_adds_an_entry_fastest_fir
   assert '`default`' in rows[0] and '`slow`' in rows[1]
 
 
+@pytest.mark.slow   # a full speedrun (~50 s); speedrun-1's acceptance check runs one too
 def test_a_run_that_misses_the_target_adds_no_entry(smoke_rules, tmp_path, monkeypatch):
   monkeypatch.setattr(speedrun, 'TARGET_LOSS', 1.0)
   with pytest.raises(speedrun.SpeedrunError, match=r'above the target 1.0: no entry'):

@@ -83,6 +83,7 @@ def test_resume_from_checkpoint_reproduces_uninterrupted_losses_and_logs_each_st
   assert sorted(loads) == list(range(1, 9)), loads
 
 
+@pytest.mark.slow   # two more runs (~35 s); the sharding-invariance acceptance check covers it
 def test_restore_onto_different_mesh_continues_with_close_losses(run_a, run_b4, tmp_path):
   """4 steps on data=8 x expert=1, then resumed to 6 on data=2 x expert=4.
 
@@ -146,6 +147,7 @@ def test_steps_between_log_steps_train_exactly_as_logged_ones(run_a, tmp_path):
 # ----------------------------------------------------------------------------- SIGTERM
 
 
+@pytest.mark.slow   # a run killed mid-way and resumed (~20 s); the SIGTERM acceptance check covers it
 def test_sigterm_saves_checkpoint_at_last_logged_step_exits_zero_and_resumes(tmp_path):
   workdir = tmp_path / 'sigterm'
   flags = ['--config.train.log_every=1', '--config.checkpoint.every=100000']
@@ -301,6 +303,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow   # two jax.distributed processes (~55 s); the multi-host acceptance check runs them too
 def test_two_processes_of_four_devices_reproduce_one_process_of_eight(run_a, tmp_path):
   """2 processes x 4 CPU devices on localhost (jax.distributed, gloo collectives), each reading its
   half of every batch, give run_a's losses (1 process x 8 devices, same mesh data=8) and write one

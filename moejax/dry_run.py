@@ -8,7 +8,7 @@ the first field that cannot work (the CLI prints it as one line, `error: ...`, a
 config is checked as training checks it (moejax.validate), except for the prepared data, which need
 not be on disk: the report lists the inputs (data dirs, task files) a run would read and whether
 they are there. The state's bytes are exact for the shardings, computed on a
-`jax.sharding.AbstractMesh` (moejax.device_memory); the activations are the estimate of
+`jax.sharding.AbstractMesh` (moejax.footprint); the activations are the estimate of
 moejax/tools/memory.py. XLA's own temporaries (all-gathered weights, exchange buffers) come on top.
 
 num_devices=None: this process's devices when the mesh fits them, else the fewest the mesh's fixed
@@ -20,14 +20,14 @@ import sys
 
 import jax
 
-from moejax import device_memory, flops, moe
+from moejax import flops, footprint, moe
 from moejax.errors import ConfigError
 from moejax.model_config import ModelConfig
 from moejax.model import model_specs
 from moejax.params import count
 from moejax.validate import validate
 
-GiB = device_memory.GiB
+GiB = footprint.GiB
 
 
 def default_num_devices(config) -> tuple[int, str]:
@@ -74,10 +74,10 @@ def dry_run(config, num_devices: int | None = None) -> str:
     raise ConfigError(f'num_devices: must be a positive integer, got {num_devices!r}')
   sizes = validate(config, num_devices, check_data=False)
   inputs = _inputs(config)
-  mem = device_memory.memory(config, sizes)
+  mem = footprint.memory(config, sizes)
   m = ModelConfig.from_config(config.model)
   t = config.train
-  total, active = count(model_specs(m)), device_memory.active_params(config.model)
+  total, active = count(model_specs(m)), footprint.active_params(config.model)
   L, dense = m.num_layers, m.num_layers - m.num_moe_layers
   experts = (f'{m.num_experts} routed experts top-{m.top_k} + {m.num_shared_experts} shared, '
              f'expert FFN {m.expert_ffn_dim}' if L > dense else 'no MoE layers')

@@ -7,7 +7,7 @@ decoding (one query per row) always runs the XLA path.
 Axis letters: B batch, T positions, D model, H query heads, G key-value heads, N head dim,
 R rope dim, C latent rank.
 """
-from moejax.attention import fused
+import moejax.attention.fused as fused   # the module, not the package (which imports this one)
 from moejax.attention.core import (Attention, cache_write, causal_softmax_attention,
                                    decode_softmax_attention, ring_attention, ring_cache,
                                    scale_heads, sliding_window_attention, softmax_probs)

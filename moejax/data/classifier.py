@@ -144,35 +144,32 @@ def read_labels(path: str) -> dict[str, float]:
 
 
 def cmd_train(a) -> int:
-  from moejax.data import judge, sources
+  from moejax.data import sources
   if not 0 < a.held_out < 1:
-    raise judge.JudgeError(f'--held_out must be in (0, 1), got {a.held_out}')
+    raise ClassifierError(f'--held_out must be in (0, 1), got {a.held_out}')
   try:
     labels = read_labels(a.labels)
     raw = [r for spec in a.raw for r in spec.split(',') if r]
     texts = {}
-    for doc_id, text in judge.originals(raw, judge.read_options(a)):
+    for doc_id, text in sources.originals(raw, sources.read_options(a)):
       if doc_id in labels:
         texts[doc_id] = text
-  except (ClassifierError, sources.SourceError) as e:
-    raise judge.JudgeError(str(e)) from None
+  except sources.SourceError as e:
+    raise ClassifierError(str(e)) from None
   missing = [d for d in labels if d not in texts]
   if missing:
-    raise judge.JudgeError(f'--labels: {len(missing)} of {len(labels)} labels are for documents '
-                           f'not in --raw (e.g. {missing[0]!r}); label this corpus or pass the '
-                           'corpus the labels came from')
+    raise ClassifierError(f'--labels: {len(missing)} of {len(labels)} labels are for documents '
+                          f'not in --raw (e.g. {missing[0]!r}); label this corpus or pass the '
+                          'corpus the labels came from')
   ids = sorted(labels)
   y = np.array([labels[d] for d in ids])
   perm = np.random.default_rng(a.seed).permutation(len(ids))
   n_test = max(1, round(a.held_out * len(ids)))
   if len(ids) - n_test < 2:
-    raise judge.JudgeError(f'--labels: {len(ids)} labels are too few to train and hold some out')
+    raise ClassifierError(f'--labels: {len(ids)} labels are too few to train and hold some out')
   test, train = perm[:n_test], perm[n_test:]
   features = tuple(f for f in a.features.split(',') if f)
-  try:
-    m = fit([texts[ids[i]] for i in train], y[train], features, 1 << a.hash_bits)
-  except ClassifierError as e:
-    raise judge.JudgeError(str(e)) from None
+  m = fit([texts[ids[i]] for i in train], y[train], features, 1 << a.hash_bits)
   held = metrics(y[test], m.score([texts[ids[i]] for i in test]), a.threshold)
   m.info.update(held_out=held, labels=os.path.abspath(a.labels), num_labels=len(ids),
                 num_train=len(train), seed=a.seed, threshold=a.threshold)

@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from moejax.data import chat, jsonl_log, sources
+from moejax.data import chat, classifier, jsonl_log, scoring, shards, sources
 
 PROMPT_DIR = Path(__file__).parent / 'prompts'
 DEFAULT_PROMPT = PROMPT_DIR / 'fineweb_edu.txt'
@@ -62,21 +62,6 @@ def load_prompt(path: str | Path | None) -> str:
   if PLACEHOLDER not in text:
     raise JudgeError(f'--prompt: {path} has no {PLACEHOLDER} placeholder for the document')
   return text
-
-
-def read_options(a) -> sources.ReadOptions:
-  return sources.ReadOptions(text_field=a.text_field, id_field=a.id_field,
-                             split_headings=not a.no_split, variant_regex=a.variant_regex)
-
-
-def originals(raw: list[str], opts: sources.ReadOptions):
-  """(id, text) of every original document in the inputs, first occurrence of an id only."""
-  seen = set()
-  for url in sources.expand(raw):
-    for r in sources.records(url, opts):
-      if r.variant == sources.ORIGINAL and r.id not in seen:
-        seen.add(r.id)
-        yield r.id, r.text
 
 
 def sample(docs, n: int, seed: int) -> list[tuple[str, str]]:
@@ -143,7 +128,7 @@ def cmd_label(a) -> int:
   prompt = load_prompt(a.prompt)
   raw = [r for spec in a.raw for r in spec.split(',') if r]
   try:
-    docs = sample(originals(raw, read_options(a)), a.sample, a.seed)
+    docs = sample(sources.originals(raw, sources.read_options(a)), a.sample, a.seed)
   except sources.SourceError as e:
     raise JudgeError(str(e)) from None
   if not docs:
@@ -181,7 +166,6 @@ def add_read_flags(p):
 
 
 def parser() -> argparse.ArgumentParser:
-  from moejax.data import classifier, scoring
   p = argparse.ArgumentParser(prog='python -m moejax.data.judge', description=__doc__.splitlines()[0])
   sub = p.add_subparsers(dest='cmd', required=True)
   lab = sub.add_parser('label', help='grade a sample with an LLM judge')
@@ -211,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
   a = parser().parse_args(argv)
   try:
     return a.fn(a)
-  except JudgeError as e:
+  except (JudgeError, classifier.ClassifierError, shards.DataError, sources.SourceError) as e:
     print(f'judge {a.cmd}: error: {e}', file=sys.stderr)
     return 2
 

@@ -35,30 +35,12 @@ from pathlib import Path
 
 from moejax.data import sources
 from moejax.data.chat import ChatError as ReplyError, reply_text   # one reader of chat replies
+from moejax.data.rephrase_stage import chunks   # one chunker for both paths
 
 STYLE_DIR = Path(__file__).parent / 'prompts' / 'rephrase'
 # Styles are prompt files (the system message): prompts/rephrase/<style>.txt, or --style=path/x.txt.
 STYLES = {p.stem: p.read_text(encoding='utf-8').strip() for p in sorted(STYLE_DIR.glob('*.txt'))}
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-def chunks(text: str, max_chars: int) -> list[str]:
-  """Greedy paragraph-aligned chunks of at most max_chars (long paragraphs are cut)."""
-  out, cur = [], ''
-  for para in text.split('\n\n'):
-    while len(para) > max_chars:
-      if cur:
-        out.append(cur)
-        cur = ''
-      out.append(para[:max_chars])
-      para = para[max_chars:]
-    if cur and len(cur) + 2 + len(para) > max_chars:
-      out.append(cur)
-      cur = ''
-    cur = f'{cur}\n\n{para}' if cur else para
-  if cur.strip():
-    out.append(cur)
-  return out
 
 
 class Client:

@@ -28,10 +28,28 @@ from pathlib import Path
 from datatrove.pipeline.base import PipelineStep
 
 from moejax.data import chat, executors, jsonl_log, sources
-from moejax.data.rephrase import chunks
 
 CONTEXT_NOTE = ('\n\nThe text to rewrite continues the passage below. It is context only: do not '
                 'rewrite or repeat it.\n<<<\n{context}\n>>>')
+
+
+def chunks(text: str, max_chars: int) -> list[str]:
+  """Greedy paragraph-aligned chunks of at most max_chars (long paragraphs are cut)."""
+  out, cur = [], ''
+  for para in text.split('\n\n'):
+    while len(para) > max_chars:
+      if cur:
+        out.append(cur)
+        cur = ''
+      out.append(para[:max_chars])
+      para = para[max_chars:]
+    if cur and len(cur) + 2 + len(para) > max_chars:
+      out.append(cur)
+      cur = ''
+    cur = f'{cur}\n\n{para}' if cur else para
+  if cur.strip():
+    out.append(cur)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)

@@ -206,12 +206,7 @@ def cmd_score(a) -> int:
   engine = executors.EngineOptions(kind=a.executor, workers=a.workers, verbose=a.verbose,
                                    slurm_partition=a.slurm_partition, slurm_time=a.slurm_time,
                                    slurm_args=a.slurm_args)
-  try:
-    msg = score(a.data, a.model_dir, engine)
-  except (classifier.ClassifierError, shards.DataError) as e:
-    from moejax.data.judge import JudgeError
-    raise JudgeError(str(e)) from None
-  print(msg)
+  print(score(a.data, a.model_dir, engine))   # ClassifierError / DataError: one line (judge.main)
   return 0
 
 

@@ -244,3 +244,19 @@ def read_documents(specs: list[str], *, split_headings: bool = True, variant_reg
     if doc.variant_names[0] != ORIGINAL:
       doc.variant_names[0] = f'{doc.variant_names[0]} (as original)'
   return list(docs.values())
+
+
+def read_options(a) -> ReadOptions:
+  """The ReadOptions of a command's --text_field, --id_field, --no_split and --variant_regex flags."""
+  return ReadOptions(text_field=a.text_field, id_field=a.id_field,
+                     split_headings=not a.no_split, variant_regex=a.variant_regex)
+
+
+def originals(raw: list[str], opts: ReadOptions):
+  """(id, text) of every original document in the inputs, first occurrence of an id only."""
+  seen = set()
+  for url in expand(raw):
+    for r in records(url, opts):
+      if r.variant == ORIGINAL and r.id not in seen:
+        seen.add(r.id)
+        yield r.id, r.text

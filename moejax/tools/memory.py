@@ -28,7 +28,7 @@ rows once, B = max (2 (A + F) + P)):
 Tensor parallelism splits the heads and hidden units of A and F (not D) over `tensor`. The
 formula is checked against XLA's buffer assignment for a small model in tests/test_memory.py.
 
-The computation lives in moejax/device_memory.py (core: moejax.dry_run reports it for any config);
+The computation lives in moejax/footprint.py (core: moejax.dry_run reports it for any config);
 this module re-exports it and writes the table.
 """
 import importlib.util
@@ -36,7 +36,7 @@ import importlib.util
 from absl import app, flags
 
 from moejax import model, sharding
-from moejax.device_memory import (GiB, Memory, abstract_mesh, activation_bytes, active_params,  # noqa: F401
+from moejax.footprint import (GiB, Memory, abstract_mesh, activation_bytes, active_params,  # noqa: F401
                                   attention_elements, ffn_elements, leaf_bytes, memory, state_bytes,
                                   tokens_per_device, tree_bytes)
 from moejax.model_config import ModelConfig

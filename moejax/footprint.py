@@ -91,10 +91,7 @@ def dispatch_rows(cfg, tokens: int, mesh_sizes: dict, platform: str) -> float:
   if name != 'dropless':
     return 1.0
   T, E_local = tokens * ep, E // ep   # expert parallelism gathers the group's tokens
-  rows = []
-  for kind, Z in moe.dropless_layouts(T, K, E, E_local):
-    rows.append(E_local * Z if kind == 'capacity' else (T * K + E_local * (Z - 1) + Z - 1) // Z * Z)
-  return max(rows) / (tokens * K)
+  return max(moe.layout_rows(l, T * K, E_local) for l in moe.dropless_layouts(T, K, E, E_local)) / (tokens * K)
 
 
 def ffn_elements(cfg, kind: str, tp: int, compute_bytes: int, rows: float = 1.0) -> tuple[float, float]:

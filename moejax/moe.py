@@ -106,6 +106,15 @@ def _take(x_ND, idx_M):
   return jnp.take(x_ND, idx_M, axis=0, mode='fill', fill_value=0)
 
 
+def layout_rows(layout, num_assignments: int, num_local: int) -> int:
+  """Rows of a static dropless layout: E*C for ('capacity', C); for ('blocks', Z), enough Z-row blocks
+  for every assignment plus each expert's last partial block."""
+  kind, Z = layout
+  if kind == 'capacity':
+    return num_local * Z
+  return (num_assignments + num_local * (Z - 1) + Z - 1) // Z * Z
+
+
 def _dropless_rows(layout, local_A, valid_A, rank_A, count_E, num_experts: int):
   """Where a dropless layout puts each assignment: (row_A, groups N, rows per group Z, expert of each
   group, or None when group n is expert n). row_A = N*Z marks an assignment with no row (not local)."""
@@ -116,7 +125,7 @@ def _dropless_rows(layout, local_A, valid_A, rank_A, count_E, num_experts: int):
     return jnp.where(valid_A, local_A * Z + rank_A, E * Z), E, Z, None
   padded_E = (count_E + Z - 1) // Z * Z
   end_E = jnp.cumsum(padded_E)
-  N = (A + E * (Z - 1) + Z - 1) // Z
+  N = layout_rows(layout, A, E) // Z
   row_A = jnp.where(valid_A, (end_E - padded_E)[local_A] + rank_A, N * Z)
   expert_N = jnp.minimum(jnp.searchsorted(end_E, jnp.arange(N) * Z, side='right'), E - 1)
   return row_A, N, Z, expert_N
